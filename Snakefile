@@ -1,0 +1,22 @@
+# distributed-downloader: a server-friendly, resumable bulk image downloader.
+# Stages: initialize -> profile_servers -> schedule/download (one MPI job per round) -> verify -> tools.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/initialize.smk"
+include: "rules/profile.smk"
+include: "rules/download.smk"
+include: "rules/verify.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

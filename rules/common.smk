@@ -1,0 +1,67 @@
+# Paths from the validated config, input functions, wildcard constraints.
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+SCRIPTS_DIR = Path(workflow.basedir) / "workflow_scripts"
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))
+# Jobs (script:, the MPI worker) import the package even without `pip install`.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+
+from distributed_downloader import config as dd_config
+
+try:
+    config.update(dd_config.validate(config))
+except dd_config.ConfigError as error:
+    raise WorkflowError(f"invalid configuration: {error}")
+
+PATHS = dd_config.paths(config)
+ROUNDS = config["downloader_parameters"]["num_downloads"]
+PYTHON = sys.executable
+# The original's environment variables, for user scripts inside jobs.
+os.environ.update(dd_config.environment(config, os.environ.get("CONFIG_PATH")))
+
+
+wildcard_constraints:
+    round=r"\d+",
+
+
+def urls_manifest():
+    return str(PATHS.urls_manifest)
+
+
+def schedule_file(round_no):
+    return str(PATHS.schedules / f"round_{round_no}.json")
+
+
+def round_done(round_no):
+    return str(PATHS.state / f"download_round_{round_no}.done")
+
+
+def log_file(name):
+    return str(PATHS.logs / f"{name}.log")
+
+
+def schedule_inputs(wildcards):
+    """Round r is planned from the profiles and, after round 1, from the end of round r-1."""
+    round_no = int(wildcards.round)
+    inputs = {"manifest": urls_manifest(), "profiles": str(PATHS.profiles_table)}
+    if round_no > 1:
+        inputs["previous"] = round_done(round_no - 1)
+    return inputs
+
+
+def download_tasks():
+    params = config["downloader_parameters"]
+    return params["max_nodes"] * params["workers_per_node"]
+
+
+def verification_report():
+    return str(PATHS.reports / "verification.json")
+
+
+def get_final_output():
+    return [verification_report()]

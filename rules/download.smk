@@ -1,0 +1,31 @@
+rule schedule:
+    input:
+        unpack(schedule_inputs),
+    output:
+        schedule_file("{round}"),
+    log:
+        log_file("schedule_round_{round}"),
+    params:
+        stage="schedule",
+    script:
+        "../workflow_scripts/run_stage.py"
+
+
+# One MPI job per round. Images go to an undeclared store (per-batch files + completion markers
+# that the worker skips on rerun); only the small round marker is a declared output.
+rule download:
+    input:
+        schedule=schedule_file("{round}"),
+    output:
+        round_done("{round}"),
+    log:
+        log_file("download_round_{round}"),
+    threads: 1
+    resources:
+        nodes=config["downloader_parameters"]["max_nodes"],
+        tasks=download_tasks(),
+        cpus_per_task=config["downloader_parameters"]["cpu_per_worker"],
+        mpi="mpiexec",
+    shell:
+        "{resources.mpi} -n {resources.tasks} {PYTHON:q} {SCRIPTS_DIR:q}/download_worker.py"
+        " {input.schedule:q} {output:q} > {log:q} 2>&1"

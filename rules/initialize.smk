@@ -1,0 +1,11 @@
+rule initialize:
+    input:
+        config["path_to_input"],
+    output:
+        urls_manifest(),
+    log:
+        log_file("initialize"),
+    params:
+        stage="initialize",
+    script:
+        "../workflow_scripts/run_stage.py"

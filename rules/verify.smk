@@ -1,0 +1,13 @@
+rule verify:
+    input:
+        done=round_done(ROUNDS),
+        manifest=urls_manifest(),
+    output:
+        json=verification_report(),
+        csv=str(PATHS.reports / "server_summary.csv"),
+    log:
+        log_file("verify"),
+    params:
+        stage="verify",
+    script:
+        "../workflow_scripts/run_stage.py"

@@ -1,0 +1,335 @@
+"""Tests for the loopback image farm (distributed_downloader.testserver). Loopback traffic only."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from distributed_downloader.testserver import (
+    CONTENT_TYPES,
+    MODES,
+    HostSpec,
+    ImageFarm,
+    max_requests_in_window,
+    render_image,
+)
+from PIL import Image
+
+TIMEOUT = 5.0  # per request; keeps every test bounded
+SMALL = "w=64&h=48"  # small images keep the suite fast
+ROBOTS = "User-agent: *\nDisallow: /private/\n"
+
+
+@pytest.fixture(scope="module")
+def farm() -> Iterator[ImageFarm]:
+    hosts = [HostSpec("h1"), HostSpec("h2", robots_txt=ROBOTS), HostSpec("h3")]
+    with ImageFarm(hosts, seed=7) as running:
+        yield running
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        yield s
+
+
+def get(session: requests.Session, url: str) -> requests.Response:
+    return session.get(url, timeout=TIMEOUT)
+
+
+def decode(body: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(body))
+    image.load()
+    return image
+
+
+def test_hosts_are_distinct_loopback_addresses(farm: ImageFarm, session: requests.Session) -> None:
+    hosts = [url.split("//")[1].split(":")[0] for url in farm.base_urls]
+    assert hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    for index in range(3):
+        assert get(session, farm.url(index, "/status/200")).status_code == 200
+
+
+@pytest.mark.parametrize("ext", sorted(CONTENT_TYPES))
+def test_every_extension_decodes_and_matches_expected(
+    farm: ImageFarm, session: requests.Session, ext: str
+) -> None:
+    path = f"/img/cat.{ext}?w=80&h=60"
+    response = get(session, farm.url(0, path))
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == CONTENT_TYPES[ext]
+    assert int(response.headers["Content-Length"]) == len(response.content)
+    assert response.content == farm.expected_bytes(path)
+    assert decode(response.content).size == (80, 60)
+
+
+def test_default_size_is_640x480(farm: ImageFarm, session: requests.Session) -> None:
+    assert decode(get(session, farm.url(0, "/img/default.jpg")).content).size == (640, 480)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_modes_decode_with_their_property(farm: ImageFarm, session: requests.Session, mode: str) -> None:
+    path = f"/img/variant.{MODES[mode]}?mode={mode}&{SMALL}"
+    response = get(session, farm.url(1, path))
+    assert response.status_code == 200
+    assert response.content == farm.expected_bytes(path)
+    image = decode(response.content)
+    checks = {
+        "cmyk": lambda: image.mode == "CMYK",
+        "progressive": lambda: bool(image.info.get("progressive")),
+        "exif6": lambda: image.getexif().get(0x0112) == 6,
+        "rgba": lambda: image.mode == "RGBA" and image.getchannel("A").getextrema() == (128, 128),
+        "i16": lambda: image.mode.startswith("I") and image.getextrema()[1] > 255,
+        "palette": lambda: image.mode == "P" and "transparency" in image.info,
+        "anim": lambda: getattr(image, "n_frames", 1) == 2,
+    }
+    assert checks[mode]()
+
+
+def test_same_key_identical_different_keys_differ(farm: ImageFarm, session: requests.Session) -> None:
+    first = get(session, farm.url(0, f"/img/a.png?{SMALL}")).content
+    again = get(session, farm.url(2, f"/img/a.png?{SMALL}")).content  # every host serves the same space
+    other = get(session, farm.url(0, f"/img/b.png?{SMALL}")).content
+    assert first == again
+    assert first != other
+
+
+def test_bytes_survive_cache_eviction_and_depend_on_seed(farm: ImageFarm) -> None:
+    paths = [f"/img/k.{ext}?{SMALL}" for ext in CONTENT_TYPES]
+    paths += [f"/img/k.{ext}?mode={mode}&{SMALL}" for mode, ext in MODES.items()]
+    before = [farm.expected_bytes(p) for p in paths]
+    render_image.cache_clear()
+    assert [farm.expected_bytes(p) for p in paths] == before
+    reseeded = ImageFarm(1, seed=farm.seed + 1)  # expected_bytes needs no running server
+    assert reseeded.expected_bytes(paths[0]) != before[0]
+
+
+def test_unknown_query_params_do_not_change_bytes(farm: ImageFarm, session: requests.Session) -> None:
+    plain = get(session, farm.url(0, f"/img/q.jpg?{SMALL}")).content
+    busted = get(session, farm.url(0, f"/img/q.jpg?{SMALL}&1625090991&utm=x")).content
+    assert plain == busted == farm.expected_bytes(f"/img/q.jpg?1625090991&{SMALL}")
+
+
+def test_alias_serves_the_img_bytes(farm: ImageFarm, session: requests.Session) -> None:
+    alias = get(session, farm.url(1, f"/alias/dup.webp?{SMALL}"))
+    assert alias.status_code == 200
+    assert alias.content == get(session, farm.url(0, f"/img/dup.webp?{SMALL}")).content
+
+
+def test_free_form_image_paths(farm: ImageFarm, session: requests.Session) -> None:
+    path = "/photos/140038152/original.jpeg?1625090991"
+    response = get(session, farm.url(0, path))
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert response.content == farm.expected_bytes(path)
+    assert response.content != farm.expected_bytes("/photos/140038153/original.jpeg")
+    decode(response.content)
+
+
+@pytest.mark.parametrize("code", [403, 404, 410, 500])
+def test_status_route(farm: ImageFarm, session: requests.Session, code: int) -> None:
+    response = get(session, farm.url(0, f"/status/{code}"))
+    assert response.status_code == code
+    assert response.text
+
+
+def test_bad_or_unknown_requests(farm: ImageFarm, session: requests.Session) -> None:
+    assert get(session, farm.url(0, "/img/x.jpg?w=0")).status_code == 400
+    assert get(session, farm.url(0, "/img/x.jpg?mode=rgba")).status_code == 400  # rgba is png-only
+    assert get(session, farm.url(0, "/status/abc")).status_code == 400
+    assert get(session, farm.url(0, "/no/such/thing")).status_code == 404
+    with pytest.raises(ValueError):
+        farm.expected_bytes("/status/404")
+
+
+def test_flaky_fails_n_times_then_serves(farm: ImageFarm, session: requests.Session) -> None:
+    url = farm.url(0, f"/flaky/2/f.jpg?{SMALL}")
+    responses = [get(session, url) for _ in range(3)]
+    assert [r.status_code for r in responses] == [503, 503, 200]
+    assert responses[0].headers["Retry-After"] == "1"
+    assert responses[2].content == farm.expected_bytes(f"/img/f.jpg?{SMALL}")
+
+
+def test_truncated_serves_half(farm: ImageFarm, session: requests.Session) -> None:
+    full = farm.expected_bytes(f"/img/t.png?{SMALL}")
+    response = get(session, farm.url(0, f"/truncated/t.png?{SMALL}"))
+    assert response.status_code == 200
+    assert response.content == full[: len(full) // 2]
+    assert int(response.headers["Content-Length"]) == len(full) // 2
+
+
+def test_html_route_lies_about_its_type(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, "/html/page.jpg"))
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert response.content.lstrip().lower().startswith(b"<!doctype html")
+
+
+def test_robots_txt(farm: ImageFarm, session: requests.Session) -> None:
+    assert get(session, farm.url(1, "/robots.txt")).text == ROBOTS
+    assert get(session, farm.url(0, "/robots.txt")).status_code == 404
+
+
+def test_head_has_headers_but_no_body(farm: ImageFarm, session: requests.Session) -> None:
+    response = session.head(farm.url(0, f"/img/h.gif?{SMALL}"), timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert int(response.headers["Content-Length"]) == len(farm.expected_bytes(f"/img/h.gif?{SMALL}"))
+    assert response.content == b""
+
+
+def test_keep_alive_reuses_the_connection(farm: ImageFarm) -> None:
+    address, port = farm.base_urls[0].split("//")[1].split(":")
+    connection = http.client.HTTPConnection(address, int(port), timeout=TIMEOUT)
+    try:
+        bodies = []
+        for _ in range(2):
+            connection.request("GET", f"/img/ka.bmp?{SMALL}")
+            response = connection.getresponse()
+            assert response.getheader("Connection") == "keep-alive"
+            bodies.append(response.read())
+            sock = connection.sock
+        assert sock is connection.sock and bodies[0] == bodies[1]
+    finally:
+        connection.close()
+
+
+def test_slow_route_delays_then_serves(farm: ImageFarm, session: requests.Session) -> None:
+    start = time.monotonic()
+    response = get(session, farm.url(0, f"/slow/0.3/s.jpg?{SMALL}"))
+    assert time.monotonic() - start >= 0.3
+    assert response.content == farm.expected_bytes(f"/img/s.jpg?{SMALL}")
+
+
+def test_stats_count_requests(farm: ImageFarm, session: requests.Session) -> None:
+    farm.reset_stats()
+    session.headers["User-Agent"] = "farm-test/1.0"
+    for path in (f"/img/st.jpg?{SMALL}", "/status/404", "/robots.txt", f"/img/st2.jpg?{SMALL}"):
+        get(session, farm.url(2, path))
+    stats = farm.stats(2)
+    assert stats.requests == 4
+    assert stats.by_status == {200: 2, 404: 2}
+    assert stats.user_agents == {"farm-test/1.0"}
+    assert stats.max_in_flight == 1
+    assert max_requests_in_window(stats.request_times, window=60.0) == 4
+
+
+def test_max_requests_in_window() -> None:
+    assert max_requests_in_window([]) == 0
+    assert max_requests_in_window([5.0]) == 1
+    times = [0.0, 0.5, 0.99, 1.0, 1.49, 3.0]
+    assert max_requests_in_window(times) == 4  # [0.5, 0.99, 1.0, 1.49]; 0.0 and 1.0 are a full second apart
+    assert max_requests_in_window(list(reversed(times))) == 4
+    assert max_requests_in_window(times, window=0.1) == 2
+
+
+def test_rate_limit_returns_429_with_retry_after() -> None:
+    with ImageFarm([HostSpec("limited", rate_limit=5, burst=5)]) as farm, requests.Session() as session:
+        responses = [get(session, farm.url(0, "/img/r.jpg?w=8&h=8")) for _ in range(30)]
+        statuses = [r.status_code for r in responses]
+        assert statuses[:5] == [200] * 5  # the burst
+        assert 429 in statuses
+        assert statuses.count(200) < 15
+        for response in responses:
+            if response.status_code == 429:
+                assert int(response.headers["Retry-After"]) >= 1
+        stats = farm.stats(0)
+        assert stats.requests == 30 and stats.by_status[429] == statuses.count(429)
+
+
+def test_robots_is_exempt_from_rate_limit_and_limits_are_advertised() -> None:
+    spec = HostSpec("adv", rate_limit=2, burst=2, advertise_limits=True, robots_txt="")
+    with ImageFarm([spec]) as farm, requests.Session() as session:
+        assert [get(session, farm.url(0, "/robots.txt")).status_code for _ in range(5)] == [200] * 5
+        first = get(session, farm.url(0, "/status/200"))
+        assert first.headers["RateLimit-Policy"] == "2;w=1"
+        assert first.headers["X-RateLimit-Limit"] == "2"
+        assert first.headers["X-RateLimit-Remaining"] == "1"
+        assert farm.stats(0).requests == 6
+
+
+def test_max_connections_rejects_with_503() -> None:
+    with ImageFarm([HostSpec("narrow", max_connections=1)]) as farm:
+
+        def fetch(_: int) -> requests.Response:
+            return requests.get(farm.url(0, "/slow/0.5/c.jpg?w=8&h=8"), timeout=TIMEOUT)
+
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(fetch, range(3)))
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 503 in statuses
+        assert all(r.headers["Retry-After"] == "1" for r in responses if r.status_code == 503)
+        assert farm.stats(0).max_in_flight >= 2
+
+
+def test_latency_is_added() -> None:
+    with ImageFarm([HostSpec("far", latency=0.2)]) as farm:
+        start = time.monotonic()
+        assert requests.get(farm.url(0, "/status/200"), timeout=TIMEOUT).status_code == 200
+        assert time.monotonic() - start >= 0.2
+
+
+def test_faults_are_deterministic_per_path_and_attempt() -> None:
+    def statuses() -> list[int]:
+        with ImageFarm([HostSpec("faulty", fault_rate=0.5)], seed=3) as farm, requests.Session() as session:
+            return [get(session, farm.url(0, "/img/z.jpg?w=8&h=8")).status_code for _ in range(16)]
+
+    first = statuses()
+    assert set(first) == {200, 500}
+    assert statuses() == first
+
+
+def test_stop_is_quick_idempotent_and_frees_the_port() -> None:
+    farm = ImageFarm(1).start()
+    address, port = farm.base_urls[0].split("//")[1].split(":")
+    session = requests.Session()
+    assert get(session, farm.url(0, "/status/200")).status_code == 200  # leaves an idle keep-alive socket
+    slow = threading.Thread(target=lambda: _swallow(farm.url(0, "/slow/20/x.jpg")), daemon=True)
+    slow.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    farm.stop()
+    assert time.monotonic() - start < 1.0
+    farm.stop()  # idempotent
+    slow.join(TIMEOUT)
+    assert not slow.is_alive()
+    session.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, int(port)), timeout=TIMEOUT).close()
+    with socket.socket() as sock:  # a restarted server (SO_REUSEADDR, like http.server) can bind again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, int(port)))
+
+
+def _swallow(url: str) -> None:
+    with contextlib.suppress(requests.RequestException):  # stop() drops the connection; that is the point
+        requests.get(url, timeout=TIMEOUT)
+
+
+def test_cli_serves_until_sigterm() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "workflow_scripts")}
+    command = [sys.executable, "-m", "distributed_downloader.testserver", "--hosts", "2", "--seed", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        urls = [process.stdout.readline().strip() for _ in range(2)]
+        assert [u.rsplit(":", 1)[0] for u in urls] == ["http://127.0.0.2", "http://127.0.0.3"]
+        response = requests.get(urls[1] + "/img/cli.png?w=8&h=8", timeout=TIMEOUT)
+        assert response.content == ImageFarm(1, seed=1).expected_bytes("/img/cli.png?w=8&h=8")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=TIMEOUT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,164 @@
+"""Load, validate and complete a run's configuration; derive paths; export the original's env vars."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "config" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that fills in `default` values while it walks the instance."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Mapping, instance: Any, schema: Mapping) -> Any:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as handle:
+        return yaml.safe_load(handle)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        return f"unknown key under '{key}': {error.message}"
+    if error.validator == "required":
+        return f"missing key under '{key}': {error.message}"
+    return f"config key '{key}': {error.message}"
+
+
+def validate(raw: Mapping) -> dict:
+    """Validate a config mapping, fill defaults, resolve aliases. Raises ConfigError naming the key."""
+    config = copy.deepcopy(dict(raw))
+    if "path_to_output" not in config and "path_to_output_folder" in config:
+        config["path_to_output"] = config["path_to_output_folder"]
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("; ".join(_describe(e) for e in errors))
+    if "path_to_output" not in config:
+        raise ConfigError("missing key 'path_to_output' (or 'path_to_output_folder')")
+    params = config["downloader_parameters"]
+    timeout = params["timeout"]
+    if not isinstance(timeout, dict):
+        timeout = {"connect": timeout, "read": timeout, "total": timeout * 3}
+    params["timeout"] = {"connect": 10.0, "read": 20.0, "total": 60.0, **timeout}
+    if params["max_rate_limit"] < params["default_rate_limit"]:
+        raise ConfigError("config key 'downloader_parameters.max_rate_limit' must be >= default_rate_limit")
+    return config
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read a YAML config file and validate it."""
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return validate(raw)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every location a run reads or writes, derived from the config."""
+
+    output: Path
+    urls: Path
+    images: Path
+    schedules: Path
+    logs: Path
+    profiles_table: Path
+    ignored_table: Path
+    rejected_table: Path
+    tools: Path
+    reports: Path
+    staging: Path  # same filesystem as images: temp files renamed into place
+
+    @property
+    def urls_manifest(self) -> Path:
+        return self.urls / "_manifest.json"
+
+    @property
+    def robots(self) -> Path:
+        return self.output / "robots"
+
+    @property
+    def state(self) -> Path:
+        """Small files Snakemake tracks (round markers)."""
+        return self.output / "state"
+
+    def batch_urls(self, server: str, partition: int) -> Path:
+        return self.urls / f"server_name={server}" / f"partition_id={partition}" / "urls.parquet"
+
+    def batch_images(self, server: str, partition: int) -> Path:
+        return self.images / f"server_name={server}" / f"partition_id={partition}"
+
+
+def paths(config: Mapping) -> Paths:
+    out = Path(config["path_to_output"]).absolute()
+    structure = config["output_structure"]
+    return Paths(
+        output=out,
+        urls=out / structure["urls_folder"],
+        images=out / structure["images_folder"],
+        schedules=out / structure["schedules_folder"],
+        logs=out / structure["logs_folder"],
+        profiles_table=out / structure["profiles_table"],
+        ignored_table=out / structure["ignored_table"],
+        rejected_table=out / structure["rejected_table"],
+        tools=out / structure["tools_folder"],
+        reports=out / structure["reports_folder"],
+        staging=out / ".staging",
+    )
+
+
+def environment(config: Mapping, config_path: str | None = None) -> dict[str, str]:
+    """The original tool's environment variables, for user scripts run inside jobs."""
+    env: dict[str, str] = {
+        "PATH_TO_INPUT": str(config["path_to_input"]),
+        "PATH_TO_OUTPUT": str(config["path_to_output"]),
+    }
+    if config_path:
+        env["CONFIG_PATH"] = str(config_path)
+    for key, value in config["output_structure"].items():
+        env[f"OUTPUT_{key.upper()}"] = str(value)
+    for section, prefix in (("downloader_parameters", "DOWNLOADER_"), ("tools_parameters", "TOOLS_")):
+        for key, value in config[section].items():
+            if isinstance(value, dict):
+                for sub, subvalue in value.items():
+                    env[f"{prefix}{key.upper()}_{sub.upper()}"] = str(subvalue)
+            else:
+                env[f"{prefix}{key.upper()}"] = str(value)
+    return env
+
+
+def dump(config: Mapping, path: Path) -> None:
+    """Write the completed config (what jobs read back) atomically."""
+    from distributed_downloader.store import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(config), sort_keys=True))

@@ -1,0 +1,46 @@
+"""Error codes written to ``errors.parquet`` and the exceptions that carry them.
+
+Positive codes are HTTP statuses. Negative codes are ours; they are part of the
+data format (SPEC §2) and must never be renumbered.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    NETWORK = -1  # connection refused/reset, DNS failure, broken body
+    IMAGE_DECODE = -2  # body is not a decodable image (HTML, truncated, corrupt)
+    TIMEOUT = -3  # connect, read or total-time timeout
+    TOO_LARGE = -4  # body over max_image_bytes
+    TOO_MANY_PIXELS = -5  # over max_image_pixels (decompression-bomb guard)
+    ROBOTS_DISALLOWED = -6  # refused by the server's robots.txt
+    X_ROBOTS_TAG = -7  # opted out by an X-Robots-Tag header (noai, noimageai, ...)
+    PRIVATE_ADDRESS = -8  # URL or redirect resolves to a private/loopback/link-local address
+    REDIRECT = -9  # redirect loop or too many redirects
+    SERVER_IGNORED = -10  # server on the ignored list (unreachable at profiling, or the user's list)
+    RETRIES_EXHAUSTED = -11  # transient failures in every round
+    PROTOCOL = -12  # malformed HTTP response (bad Content-Length, bad encoding)
+
+
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({ErrorCode.NETWORK, ErrorCode.TIMEOUT})
+
+
+def is_transient(code: int) -> bool:
+    """Whether a URL that failed with ``code`` deserves another try in a later round."""
+    return code in TRANSIENT_HTTP or code in TRANSIENT_CODES
+
+
+class DownloadError(Exception):
+    """A URL's failure, carried to the error row as (code, message)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+class ImageError(DownloadError):
+    """The body could not be turned into a stored image."""

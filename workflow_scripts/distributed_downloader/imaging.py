@@ -1,0 +1,294 @@
+"""Turn a downloaded body into the stored image: decode, orient, normalise to RGB, downscale, encode.
+
+``process_image`` is the hot path (called from many threads on ~200M images), so it never touches
+global Pillow state, decodes JPEGs at a reduced DCT scale when possible, and resizes the small
+image before applying the EXIF orientation.  Everything that is not a good image becomes an
+``ImageError`` with a negative code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from distributed_downloader.errors import ErrorCode, ImageError
+from PIL import ExifTags, Image
+
+IMAGE_FORMATS = ("jpeg", "webp", "png", "raw_bgr")
+
+# Input formats we accept.  An explicit list keeps plugins without a magic number (TGA, ...)
+# from "decoding" random bytes, and limits the parsers exposed to untrusted data.
+# (The JPEG opener also yields MPO, the multi-picture JPEG many cameras write.)
+# Pillow registers its plugins lazily; doing it once here avoids the first calls racing to do it and
+# lets us drop formats this Pillow build lacks (Image.open raises KeyError on unknown names).
+Image.init()
+INPUT_FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP") if f in Image.OPEN)
+
+_WHITE = (255, 255, 255)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# EXIF orientation -> the transpose that makes the image upright (same table as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+
+# Spend at least this much resolution margin in reduce() before the final LANCZOS pass (Pillow's
+# ``reducing_gap``): the box-reduced intermediate stays >= 2x the target, so the result is within a
+# fraction of a dB of a full LANCZOS resize at a fraction of the cost.
+_REDUCING_GAP = 2.0
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    image_size: int = 720  # longer side after resize (only downscale)
+    image_format: str = "jpeg"  # one of IMAGE_FORMATS
+    jpeg_quality: int = 90  # also used as webp quality
+    max_image_pixels: int = 178_956_970  # decompression-bomb guard: width*height cap, checked from the header
+
+    def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [0, 100], got {self.jpeg_quality}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    original_size: tuple[int, int]  # (height, width) of the decoded original (after EXIF orientation)
+    resized_size: tuple[int, int]  # (height, width) of the stored image
+    image: bytes  # stored bytes, encoded per image_format
+    hashsum_original: str  # md5 hex of the downloaded bytes
+    hashsum_resized: str  # md5 hex of `image`
+
+
+def target_size(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(height, width) after a downscale-only resize so that the longer side is ``image_size``.
+
+    The shorter side is scaled with the same factor, rounded (Python ``round``) and kept >= 1.
+    Sizes already within ``image_size`` are returned unchanged.
+    """
+    if height < 1 or width < 1 or image_size < 1:
+        raise ValueError(f"sizes must be positive, got {height}x{width} -> {image_size}")
+    longer = max(height, width)
+    if longer <= image_size:
+        return height, width
+    if height >= width:
+        return image_size, max(1, round(width * image_size / height))
+    return max(1, round(height * image_size / width)), image_size
+
+
+def _md5(data: bytes) -> str:
+    # Content fingerprint, not a security feature (keeps FIPS-mode Pythons happy).
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1..8); 1 when absent or when the EXIF block is unreadable."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # corrupt EXIF must not cost us an otherwise good image
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit int) grayscale -> 8-bit ``L`` by scaling, not clipping; keeps a tRNS key as alpha."""
+    arr = np.asarray(img)
+    wide = np.clip(arr.astype(np.int64), 0, 65535)
+    gray = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # round(v * 255 / 65535)
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        alpha = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def _normalise(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> ``RGB`` or ``L`` (8-bit); transparency is composited on white.
+
+    ``L`` is kept as is so that the resize works on one channel; callers convert it to RGB after.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = _sixteen_bit_to_l(img)
+    if img.mode in _ALPHA_MODES or img.has_transparency_data:
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, (0, 0), rgba)  # alpha blend: a*c + (1-a)*255
+        return background
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode in ("1", "F"):
+        return img.convert("L")
+    return img.convert("RGB")  # CMYK, YCbCr, P, LAB, HSV, ...
+
+
+def _downscale(
+    img: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None
+) -> Image.Image:
+    """LANCZOS resize to ``size`` (w, h) with integer box reduce() first for large factors."""
+    if img.size == size and box is None:
+        return img
+    return img.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def resize_image(img: Image.Image, image_size: int) -> Image.Image:
+    """Downscale-only resize of an RGB image so that its longer side is ``image_size``.
+
+    Uses reduce() (box average) for large integer factors, then LANCZOS.  Returns ``img`` itself
+    when it is already small enough.
+    """
+    width, height = img.size
+    th, tw = target_size(height, width, image_size)
+    if (th, tw) == (height, width):
+        return img
+    return _downscale(img, (tw, th))
+
+
+def encode_image(img: Image.Image, settings: ImageSettings) -> bytes:
+    """Encode an RGB image per ``settings.image_format``; other modes are normalised to RGB first."""
+    if img.mode != "RGB":
+        img = _normalise(img).convert("RGB")
+    fmt = settings.image_format
+    if fmt == "raw_bgr":
+        return np.asarray(img, dtype=np.uint8)[:, :, ::-1].tobytes()
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.save(buf, "JPEG", quality=settings.jpeg_quality, optimize=False)
+    elif fmt == "webp":
+        img.save(buf, "WEBP", quality=settings.jpeg_quality, method=4)
+    elif fmt == "png":
+        img.save(buf, "PNG", compress_level=6)
+    else:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {fmt!r}")
+    return buf.getvalue()
+
+
+def _open(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Identify the image and enforce the pixel cap from the header, before any pixel is decoded."""
+    if not data:
+        raise ImageError(ErrorCode.IMAGE_DECODE, "empty body")
+    try:
+        img = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own (global) guard fired first; it is only ever stricter than 2x its limit.
+        raise ImageError(ErrorCode.TOO_MANY_PIXELS, f"decompression bomb guard: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            ErrorCode.IMAGE_DECODE, f"not a supported image (body starts with {data[:16]!r})"
+        ) from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"image has an empty size {width}x{height}")
+    if width * height > max_image_pixels:
+        raise ImageError(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_image_pixels}",
+        )
+    return img
+
+
+def _process(data: bytes, settings: ImageSettings) -> ProcessedImage:
+    img = _open(data, settings.max_image_pixels)
+    width, height = img.size  # the true size: draft() below changes img.size
+    th, tw = target_size(height, width, settings.image_size)  # in stored (pre-orientation) axes
+    box: tuple[float, float, float, float] | None = None
+    if (th, tw) != (height, width):
+        # JPEG only (a no-op returning None elsewhere): libjpeg decodes at 1/2, 1/4 or 1/8 scale while
+        # staying >= the target; box maps the (rounded-up) scaled image back onto the exact original area.
+        drafted = img.draft("RGB", (tw, th))
+        if drafted is not None:
+            box = drafted[1]
+    img.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays False)
+    orientation = _orientation(img)
+
+    out = _normalise(img)
+    if (th, tw) != (height, width):
+        out = _downscale(out, (tw, th), box)
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    if orientation != 1:
+        # Orient last: transposing the small image is cheaper than the full-size one.
+        out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    if orientation in _SWAPS_AXES:
+        height, width = width, height
+
+    encoded = encode_image(out, settings)
+    return ProcessedImage(
+        original_size=(height, width),
+        resized_size=(out.height, out.width),
+        image=encoded,
+        hashsum_original=_md5(data),
+        hashsum_resized=_md5(encoded),
+    )
+
+
+def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
+    """Decode, orient, normalise, resize and encode a downloaded body.
+
+    Raises ``ImageError`` (and nothing else) with ``TOO_MANY_PIXELS`` for images over
+    ``settings.max_image_pixels`` and ``IMAGE_DECODE`` for anything that is not a good image.
+    """
+    try:
+        return _process(data, settings)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # e.g. a GIF frame or TIFF tile larger than the header said
+        raise ImageError(ErrorCode.TOO_MANY_PIXELS, f"decompression bomb guard: {exc}") from None
+    except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, zlib.error, MemoryError...
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_stored_image(
+    image: bytes, resized_size: tuple[int, int] | list[int], image_format: str
+) -> Image.Image:
+    """Decode a stored image back to an RGB ``PIL.Image`` (inverse of ``encode_image``).
+
+    ``resized_size`` is the row's (height, width); raw_bgr bytes are reshaped with it and encoded
+    formats must match it.  Raises ``ImageError(IMAGE_DECODE)`` on corrupt data or a size mismatch.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    try:
+        height, width = (int(v) for v in resized_size)
+    except (TypeError, ValueError):
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"bad resized_size {resized_size!r}") from None
+    if height < 1 or width < 1:
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"bad resized_size {resized_size!r}")
+
+    if image_format == "raw_bgr":
+        expected = height * width * 3
+        if len(image) != expected:
+            raise ImageError(
+                ErrorCode.IMAGE_DECODE,
+                f"raw_bgr has {len(image)} bytes, expected {expected} for {height}x{width}x3",
+            )
+        return Image.frombytes("RGB", (width, height), image, "raw", "BGR")
+
+    try:
+        img = Image.open(io.BytesIO(image), formats=(image_format.upper(),))
+        if img.size != (width, height):  # checked before decoding any pixel
+            raise ImageError(
+                ErrorCode.IMAGE_DECODE,
+                f"stored {image_format} is {img.height}x{img.width}, row says {height}x{width}",
+            )
+        img.load()
+        return img if img.mode == "RGB" else _normalise(img).convert("RGB")
+    except ImageError:
+        raise
+    except Exception as exc:  # corrupt stored bytes of any kind
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"{type(exc).__name__}: {exc}") from None

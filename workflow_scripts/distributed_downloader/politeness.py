@@ -1,0 +1,251 @@
+"""Per-server politeness: an adaptive pacing rate, Retry-After, rate-limit headers, robots.txt.
+
+A server's budget is split into lanes (see schedule.py); one lane is driven by exactly one rank,
+and each lane's controller never exceeds its share, so the server's total across all ranks and
+nodes stays within the server's limit. Everything here takes an injected clock.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+import threading
+import time
+import urllib.robotparser
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+CONGESTION_STATUSES = frozenset({429, 503})
+MAX_PAUSE = 600.0  # never trust a Retry-After longer than this; the lane is re-tried next round instead
+
+
+def parse_retry_after(value: str | None, now_epoch: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now_epoch = time.time() if now_epoch is None else now_epoch
+    return max(0.0, when.timestamp() - now_epoch)
+
+
+_POLICY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*;\s*w\s*=\s*(\d+(?:\.\d+)?)")
+
+
+def advertised_rate(headers: Mapping[str, str]) -> float | None:
+    """Requests/second a server announces: RateLimit-Policy (`10;w=1`), X-RateLimit-Limit (+ window)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    policy = lower.get("ratelimit-policy")
+    if policy:
+        for part in policy.split(","):
+            match = _POLICY.match(part)
+            if match and float(match.group(2)) > 0:
+                return float(match.group(1)) / float(match.group(2))
+    limit = lower.get("x-ratelimit-limit")
+    if limit:
+        try:
+            quota = float(limit.split(",")[0].split(";")[0])
+        except ValueError:
+            return None
+        window = 1.0
+        match = re.search(r"w\s*=\s*(\d+(?:\.\d+)?)", limit)
+        if match:
+            window = float(match.group(1))
+        elif lower.get("x-ratelimit-window", "").strip().replace(".", "", 1).isdigit():
+            window = float(lower["x-ratelimit-window"])
+        return quota / window if window > 0 else None
+    return None
+
+
+def exhausted_pause(headers: Mapping[str, str]) -> float | None:
+    """Seconds until the quota resets when a server says none is left (Remaining: 0)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    remaining = lower.get("ratelimit-remaining") or lower.get("x-ratelimit-remaining")
+    reset = lower.get("ratelimit-reset") or lower.get("x-ratelimit-reset")
+    if remaining is None or reset is None:
+        return None
+    try:
+        if float(remaining.split(",")[0]) > 0:
+            return None
+        value = float(reset.split(",")[0])
+    except ValueError:
+        return None
+    # X-RateLimit-Reset is often an epoch time rather than seconds left.
+    if value > 1e9:
+        value -= time.time()
+    return max(0.0, min(value, MAX_PAUSE))
+
+
+@dataclass
+class LaneLimits:
+    start_rate: float
+    ceiling: float  # this lane's share of the server's max rate
+    max_connections: int  # this lane's share of the server's connections
+    decrease: float = 0.5  # multiplicative decrease on congestion (the original's rate_multiplier)
+    floor: float = 1 / 30
+
+
+class RateController:
+    """Adaptive pacing for one lane.
+
+    - Pacing: request starts are spaced at least 1/rate apart (no bursts).
+    - Slow start: while no congestion was seen, the rate grows x1.5 per second of saturated use.
+    - Congestion (429/503, a 403 burst): the rate drops to the last congestion-free level times the
+      decrease factor, at most once per second; growth then goes additive and slows near the level
+      where congestion happened, so steady state sits just below the server's real limit.
+    - Retry-After / quota exhausted: no request starts before the given time.
+    - Advertised limits (RateLimit-Policy, X-RateLimit-Limit) cap the rate directly.
+    """
+
+    def __init__(self, limits: LaneLimits, clock: Clock = time.monotonic, share: float = 1.0) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.share = share  # this lane's fraction of the server (1/lanes)
+        self.rate = min(limits.start_rate, limits.ceiling)
+        self.ceiling = limits.ceiling
+        self.slow_start = True
+        self.congestion_rate: float | None = None
+        self.paused_until = 0.0
+        self.next_start = 0.0
+        self.last_decrease = -math.inf
+        self.epoch_start = clock()
+        self.epoch_sent = 0
+        self.epoch_congested = False
+        self.forbidden_streak = 0
+        self.in_flight = 0
+        self.latency = 0.0  # smoothed seconds per request
+        self.events = {"congestion": 0, "pauses": 0, "increases": 0}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sending
+
+    def concurrency_limit(self) -> int:
+        """Connections this lane may hold: enough for rate x latency (Little's law), within its share."""
+        needed = math.ceil(self.rate * max(self.latency, 0.05) * 1.5) + 1
+        return max(1, min(self.limits.max_connections, needed))
+
+    def reserve(self) -> float:
+        """Claim the next start slot; returns seconds to wait before sending (0 = now)."""
+        with self._lock:
+            now = self.clock()
+            self._roll_epoch(now)
+            start = max(now, self.next_start, self.paused_until)
+            self.next_start = start + 1.0 / self.rate
+            self.epoch_sent += 1
+            return start - now
+
+    # ------------------------------------------------------------------ feedback
+
+    def on_success(self, latency: float, headers: Mapping[str, str] | None = None) -> None:
+        with self._lock:
+            self.latency = latency if self.latency == 0 else 0.8 * self.latency + 0.2 * latency
+            self.forbidden_streak = 0
+            if headers:
+                self._apply_headers(headers)
+
+    def on_status(self, status: int, headers: Mapping[str, str], latency: float = 0.0) -> None:
+        with self._lock:
+            now = self.clock()
+            self._apply_headers(headers)
+            if status == 403:
+                self.forbidden_streak += 1
+                if self.forbidden_streak < 5:  # a lone 403 is a forbidden file, a burst is a ban
+                    return
+                self.forbidden_streak = 0
+            elif status not in CONGESTION_STATUSES:
+                return
+            pause = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
+            if pause is not None:
+                self._pause(now, min(pause, MAX_PAUSE))
+            self._decrease(now)
+
+    def on_network_error(self) -> None:
+        """Timeouts and resets: slow down gently (an overloaded server often looks like this)."""
+        with self._lock:
+            self._decrease(self.clock(), factor=0.8)
+
+    # ------------------------------------------------------------------ internals
+
+    def _pause(self, now: float, seconds: float) -> None:
+        if now + seconds > self.paused_until:
+            self.paused_until = now + seconds
+            self.events["pauses"] += 1
+
+    def _apply_headers(self, headers: Mapping[str, str]) -> None:
+        announced = advertised_rate(headers)
+        if announced is not None and announced > 0:
+            self.ceiling = min(self.limits.ceiling, announced * self.share)
+            self.rate = min(self.rate, self.ceiling)
+        pause = exhausted_pause(headers)
+        if pause:
+            self._pause(self.clock(), pause)
+
+    def _decrease(self, now: float, factor: float | None = None) -> None:
+        self.epoch_congested = True
+        if now - self.last_decrease < max(1.0, self.latency * 2):
+            return  # one reaction per congestion event, not per in-flight request
+        self.events["congestion"] += 1
+        self.last_decrease = now
+        self.congestion_rate = self.rate if self.congestion_rate is None else min(self.rate, max(self.congestion_rate, self.rate))
+        self.slow_start = False
+        multiplier = factor if factor is not None else 1.0 - self.limits.decrease
+        # Back off from the level that just failed, but not below what was safe before.
+        self.rate = max(self.limits.floor, self.rate * max(multiplier, 0.5 if factor is None else multiplier))
+        self.next_start = max(self.next_start, now + 1.0 / self.rate)
+
+    def _roll_epoch(self, now: float) -> None:
+        if now - self.epoch_start < 1.0:
+            return
+        elapsed = now - self.epoch_start
+        saturated = self.epoch_sent >= 0.8 * self.rate * elapsed and now >= self.paused_until
+        if saturated and not self.epoch_congested and self.rate < self.ceiling:
+            if self.slow_start:
+                self.rate = min(self.ceiling, self.rate * 1.5)
+            else:
+                # Additive increase, much slower just under the level that last failed.
+                near = self.congestion_rate is not None and self.rate >= 0.9 * self.congestion_rate
+                step = max(0.05, self.rate * (0.01 if near else 0.05))
+                self.rate = min(self.ceiling, self.rate + step)
+            self.events["increases"] += 1
+        self.epoch_start, self.epoch_sent, self.epoch_congested = now, 0, False
+
+
+class RobotsRules:
+    """robots.txt for one server, matched against our product token."""
+
+    def __init__(self, text: str | None, robots_token: str) -> None:
+        self.token = robots_token
+        self.parser: urllib.robotparser.RobotFileParser | None = None
+        if text:
+            self.parser = urllib.robotparser.RobotFileParser()
+            self.parser.parse(text.splitlines())
+
+    def allowed(self, url: str) -> bool:
+        return True if self.parser is None else self.parser.can_fetch(self.token, url)
+
+    def crawl_delay(self) -> float | None:
+        if self.parser is None:
+            return None
+        delay = self.parser.crawl_delay(self.token)
+        return float(delay) if delay is not None else None
+
+    def request_rate(self) -> float | None:
+        """Requests/second from Crawl-delay or Request-rate, the stricter one."""
+        rates = []
+        delay = self.crawl_delay()
+        if delay:
+            rates.append(1.0 / delay)
+        if self.parser is not None:
+            rr = self.parser.request_rate(self.token)
+            if rr is not None and rr.seconds > 0:
+                rates.append(rr.requests / rr.seconds)
+        return min(rates) if rates else None

@@ -1,0 +1,39 @@
+"""What `workflow_scripts/run_stage.py` runs inside a Snakemake `script:` job: log to the rule's
+log file, then call the stage named by the rule's `params.stage`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from distributed_downloader import stages
+
+
+def _logging_to(log_path: str | None, level: str) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def run(smk: Any) -> None:
+    config = smk.config
+    _logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
+    stage = smk.params.stage
+    try:
+        if stage == "initialize":
+            stages.initialize(config, Path(smk.output[0]))
+        elif stage == "profile_servers":
+            stages.profile_servers(config)
+        elif stage == "schedule":
+            stages.make_schedule(config, int(smk.wildcards.round), Path(smk.output[0]))
+        elif stage == "verify":
+            stages.verify_downloads(config, Path(smk.output.json), Path(smk.output.csv))
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+    except Exception:
+        logging.getLogger("distributed_downloader").exception("stage %s failed", stage)
+        raise

@@ -1,0 +1,117 @@
+"""Scheduling: which batches each round still has to do, and each server's lanes.
+
+A lane is one rank's exclusive share of a server: rate/lanes requests per second and
+connections/lanes connections. Lanes are handed to ranks by the download coordinator; since a
+lane has one owner at a time and the shares add up to the server's budget, the server's total
+rate and concurrency across all ranks and nodes never exceed its limit.
+Servers are ordered longest-first (remaining URLs / rate ceiling) so the slowest server starts first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from distributed_downloader.config import Paths
+from distributed_downloader.profiling import ServerProfile
+from distributed_downloader.store import valid_marker
+
+LANE_RATE_PER_CPU = 40.0  # requests/s one rank can decode and store per CPU (bench/ measures this)
+
+
+@dataclass
+class BatchWork:
+    partition_id: int
+    fingerprint: str
+    mode: str  # "full" | "retry" | "ignored"
+
+
+@dataclass
+class ServerWork:
+    server_name: str
+    lanes: int
+    start_rate: float  # whole-server requests/s to start with
+    max_rate: float  # whole-server ceiling
+    max_connections: int  # whole-server connections
+    urls_left: int
+    ignored_code: int = 0
+    ignored_reason: str = ""
+    batches: list[BatchWork] = field(default_factory=list)
+
+    @property
+    def estimated_seconds(self) -> float:
+        return 0.0 if self.ignored_code else self.urls_left / max(self.max_rate, 1e-9)
+
+
+def lanes_for(batches_left: int, max_rate: float, rules: Mapping, cpu_per_worker: int, ranks: int) -> int:
+    """How many ranks may share a server: by the original's schedule_rules, else by its rate ceiling."""
+    if batches_left <= 0:
+        return 0
+    if rules:
+        eligible = [int(v) for k, v in rules.items() if batches_left >= int(k)]
+        lanes = max(eligible) if eligible else 1
+    else:
+        lanes = math.ceil(max_rate / (LANE_RATE_PER_CPU * cpu_per_worker))
+    return max(1, min(lanes, batches_left, max(1, ranks)))
+
+
+def batch_mode(batch_dir: Path, fp: str, round_no: int, ignored: bool) -> str | None:
+    """What a batch needs in this round, or None when it is done."""
+    marker = valid_marker(batch_dir, fp)
+    if marker is None:
+        return "ignored" if ignored else "full"
+    if marker.transient > 0 and marker.round < round_no:
+        return "ignored" if ignored else "retry"
+    return None
+
+
+def build(
+    manifest: Mapping,
+    profiles: Mapping[str, ServerProfile],
+    paths: Paths,
+    config: Mapping,
+    round_no: int,
+) -> dict:
+    params = config["downloader_parameters"]
+    ranks = params["max_nodes"] * params["workers_per_node"]
+    servers: list[ServerWork] = []
+    for name, info in manifest["servers"].items():
+        profile = profiles[name]
+        work = ServerWork(
+            server_name=name,
+            lanes=0,
+            start_rate=profile.rate_limit,
+            max_rate=profile.max_rate,
+            max_connections=profile.max_connections,
+            urls_left=0,
+            ignored_code=profile.error_code,
+            ignored_reason=profile.reason,
+        )
+        for partition_id, fp in enumerate(info["fingerprints"]):
+            mode = batch_mode(paths.batch_images(name, partition_id), fp, round_no, bool(profile.error_code))
+            if mode is not None:
+                work.batches.append(BatchWork(partition_id, fp, mode))
+        if not work.batches:
+            continue
+        work.urls_left = sum(
+            min(manifest["batch_size"], info["urls"] - b.partition_id * manifest["batch_size"]) for b in work.batches
+        )
+        if not work.ignored_code:
+            work.lanes = lanes_for(len(work.batches), work.max_rate, config["schedule_rules"], params["cpu_per_worker"], ranks)
+        servers.append(work)
+    servers.sort(key=lambda s: (-s.estimated_seconds, s.server_name))
+    bound = max((s.estimated_seconds for s in servers), default=0.0)
+    return {
+        "round": round_no,
+        "num_rounds": params["num_downloads"],
+        "config": dict(config),
+        "servers": [asdict(s) for s in servers],
+        "totals": {
+            "servers": len(servers),
+            "batches": sum(len(s.batches) for s in servers),
+            "urls": sum(s.urls_left for s in servers),
+            "lower_bound_seconds": round(bound, 1),
+        },
+    }

@@ -1,0 +1,87 @@
+"""The stages as plain functions of the validated config: what each Snakemake rule calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from distributed_downloader import config as config_mod
+from distributed_downloader import inputs, partition, profiling, schedule, verify
+from distributed_downloader.fetch import FetchSettings
+from distributed_downloader.store import atomic_write_json
+
+log = logging.getLogger("distributed_downloader")
+
+
+def initialize(config: Mapping, manifest_out: Path) -> dict:
+    paths = config_mod.paths(config)
+    rows = inputs.rows(config["path_to_input"], config["initializer"], config.get("path_to_occurrences", ""))
+    result = partition.write_partitions(rows, paths.urls, paths.rejected_table, config["downloader_parameters"]["batch_size"])
+    summary = {
+        "input_rows": result.input_rows,
+        "rejected_rows": result.rejected_rows,
+        "servers": len(result.manifest["servers"]),
+        "batches": sum(len(s["fingerprints"]) for s in result.manifest["servers"].values()),
+    }
+    log.info("initialized: %s", summary)
+    if Path(manifest_out) != paths.urls_manifest:
+        atomic_write_json(Path(manifest_out), result.manifest)
+    return summary
+
+
+def profile_servers(config: Mapping) -> list[profiling.ServerProfile]:
+    paths = config_mod.paths(config)
+    params = config["downloader_parameters"]
+    manifest = partition.read_manifest(paths.urls)
+    settings = profiling.ProbeSettings(
+        fetch=FetchSettings.from_config(params),
+        default_rate=params["default_rate_limit"],
+        max_rate=params["max_rate_limit"],
+        max_connections=params["max_connections_per_server"],
+        respect_robots=params["respect_robots_txt"],
+    )
+    ignored = profiling.read_ignored_list(params["ignored_servers"])
+    results = profiling.profile_all(manifest, paths.urls, settings, ignored)
+    profiling.write_tables(results, paths.profiles_table, paths.ignored_table, paths.robots)
+    for profile, _ in results:
+        log.info(
+            "%s: %s, latency %.0f ms, start %.2f req/s, ceiling %.2f req/s%s",
+            profile.server_name,
+            "reachable" if profile.reachable else "unreachable",
+            profile.latency_ms,
+            profile.rate_limit,
+            profile.max_rate,
+            f" -- ignored: {profile.reason}" if profile.error_code else "",
+        )
+    return [p for p, _ in results]
+
+
+def make_schedule(config: Mapping, round_no: int, out: Path) -> dict:
+    paths = config_mod.paths(config)
+    manifest = partition.read_manifest(paths.urls)
+    profiles = profiling.read_profiles(paths.profiles_table)
+    plan = schedule.build(manifest, profiles, paths, config, round_no)
+    atomic_write_json(Path(out), plan)
+    log.info("round %d: %s", round_no, plan["totals"])
+    return plan
+
+
+def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
+    paths = config_mod.paths(config)
+    manifest = partition.read_manifest(paths.urls)
+    result = verify.verify_all(manifest, paths)
+    verify.write_reports(result, Path(json_out), Path(csv_out))
+    totals = result["totals"]
+    log.info(
+        "verified %d URLs of %d servers: %d successes, %d errors, %d input rows rejected",
+        totals["urls"], len(result["servers"]), totals["successes"], totals["errors"], result["rejected_rows"],
+    )
+    if not result["ok"]:
+        raise RuntimeError("verification failed:\n" + "\n".join(result["problems"][:50]))
+    return result
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

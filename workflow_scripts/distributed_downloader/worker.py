@@ -1,0 +1,248 @@
+"""The MPI download job of one round: `mpiexec|srun -n N python download_worker.py SCHEDULE DONE`.
+
+Rank 0 runs the coordinator in a thread beside its own worker loop; every rank (0 included)
+downloads. A rank's main loop is the only thread of that rank that talks MPI; lane threads
+report finished batches to it through a queue. MPI waits are polled with short sleeps because
+MPICH's blocking receives spin a core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+
+from distributed_downloader import config as config_mod
+from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.store import atomic_write_json, valid_marker
+
+TAG_REQUEST = 11
+TAG_REPLY = 12
+POLL_SECONDS = 0.005
+PROGRESS_SECONDS = 5.0
+
+log = logging.getLogger("distributed_downloader.worker")
+
+
+def _wait_for(comm, source: int, tag: int) -> object:  # noqa: ANN001 - mpi4py types
+    while not comm.Iprobe(source=source, tag=tag):
+        time.sleep(POLL_SECONDS)
+    return comm.recv(source=source, tag=tag)
+
+
+class CoordinatorThread(threading.Thread):
+    """Serves lane and batch requests of every rank until all have said goodbye."""
+
+    def __init__(self, comm, coordinator: Coordinator, progress_path: Path) -> None:  # noqa: ANN001
+        super().__init__(name="coordinator", daemon=True)
+        self.comm = comm
+        self.coordinator = coordinator
+        self.progress_path = progress_path
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from mpi4py import MPI
+
+        try:
+            goodbyes = 0
+            last_report = 0.0
+            status = MPI.Status()
+            while goodbyes < self.comm.Get_size():
+                if time.monotonic() - last_report > PROGRESS_SECONDS:
+                    self.report()
+                    last_report = time.monotonic()
+                if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status):
+                    time.sleep(POLL_SECONDS)
+                    continue
+                source = status.Get_source()
+                message = self.comm.recv(source=source, tag=TAG_REQUEST)
+                reply = self.handle(source, message)
+                if message["kind"] == "bye":
+                    goodbyes += 1
+                self.comm.send(reply, dest=source, tag=TAG_REPLY)
+            self.report()
+        except BaseException as exc:
+            self.error = exc
+            traceback.print_exc()
+            self.comm.Abort(2)
+
+    def handle(self, rank: int, message: Mapping) -> dict:
+        kind = message["kind"]
+        if kind == "lanes":
+            given = self.coordinator.request_lanes(rank, message["free"], set(message["held"]))
+            return {
+                "assignments": [{"lane": a.lane, "batch": a.batch} for a in given],
+                "exhausted": self.coordinator.exhausted,
+            }
+        if kind == "next":
+            return {"batch": self.coordinator.next_batch(message["server"], message["lane_index"], message["stats"])}
+        return {}
+
+    def report(self) -> None:
+        progress = self.coordinator.progress()
+        eta = "?" if progress["eta_s"] is None else f"{progress['eta_s']:.0f}s"
+        print(
+            f"[download] batches {progress['batches_done']}/{progress['batches_total']}"
+            f" | {progress['successes']} images ({progress['images_per_s']}/s)"
+            f" | {progress['bytes'] / 1e6:.1f} MB | servers active {progress['servers_active']}"
+            f" | given up {len(progress['servers_failed'])} | elapsed {progress['elapsed_s']:.0f}s | ETA {eta}",
+            flush=True,
+        )
+        atomic_write_json(self.progress_path, progress)
+
+
+class LaneThread(threading.Thread):
+    """Runs the batches the coordinator gives one lane, one after the other."""
+
+    def __init__(self, lane: Lane, events: queue.Queue) -> None:
+        super().__init__(name=f"lane-{lane.spec.key}", daemon=True)
+        self.lane = lane
+        self.inbox: queue.Queue[dict | None] = queue.Queue()
+        self.events = events
+
+    def run(self) -> None:
+        try:
+            while (batch := self.inbox.get()) is not None:
+                try:
+                    stats = self.lane.run_batch(batch["partition_id"], batch["fingerprint"], batch["mode"])
+                    self.events.put((self.lane.spec, stats.to_json(), None))
+                except BaseException as exc:
+                    self.events.put((self.lane.spec, None, exc))
+                    return
+        finally:
+            self.lane.close()
+
+
+def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> None:  # noqa: ANN001
+    """One rank's loop: ask for lanes while it has free slots, feed each lane its next batch."""
+    config = schedule["config"]
+    round_no = schedule["round"]
+    events: queue.Queue = queue.Queue()
+    lanes: dict[str, LaneThread] = {}
+    exhausted = False
+
+    def rpc(message: dict) -> dict:
+        comm.send(message, dest=0, tag=TAG_REQUEST)
+        return _wait_for(comm, 0, TAG_REPLY)  # type: ignore[return-value]
+
+    while True:
+        try:
+            spec, stats, error = events.get(timeout=0.05 if (lanes and not exhausted) or not lanes else 0.5)
+        except queue.Empty:
+            spec = None
+        while spec is not None:
+            if error is not None:
+                raise RuntimeError(f"lane {spec.key} failed") from error
+            log.info("batch done %s/%s: %s ok, %s errors in %.1fs", stats["server_name"], stats["partition_id"], stats["successes"], stats["errors"], stats["seconds"])
+            reply = rpc({"kind": "next", "server": spec.server_name, "lane_index": spec.lane_index, "stats": stats})
+            thread = lanes[spec.server_name]
+            thread.inbox.put(reply["batch"])
+            if reply["batch"] is None:
+                thread.join()
+                del lanes[spec.server_name]
+            try:
+                spec, stats, error = events.get_nowait()
+            except queue.Empty:
+                spec = None
+        if not exhausted and len(lanes) < slots:
+            reply = rpc({"kind": "lanes", "free": slots - len(lanes), "held": sorted(lanes)})
+            for assignment in reply["assignments"]:
+                lane_spec = LaneSpec(**assignment["lane"])
+                thread = LaneThread(Lane(lane_spec, config, paths, round_no), events)
+                lanes[lane_spec.server_name] = thread
+                thread.start()
+                thread.inbox.put(assignment["batch"])
+                log.info("lane %s (of %d) at %.2f req/s", lane_spec.key, lane_spec.lanes, lane_spec.start_rate / lane_spec.lanes)
+            exhausted = reply["exhausted"] and not reply["assignments"]
+            if not reply["assignments"] and not exhausted:
+                time.sleep(0.2)  # every server with work left has all its lanes taken
+        if exhausted and not lanes:
+            rpc({"kind": "bye"})
+            return
+
+
+def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
+    """Scheduled batches without a marker proving this round's work is in place."""
+    missing = []
+    for server in schedule["servers"]:
+        for batch in server["batches"]:
+            marker = valid_marker(paths.batch_images(server["server_name"], batch["partition_id"]), batch["fingerprint"])
+            if marker is None or (batch["mode"] != "full" and marker.round < schedule["round"]):
+                missing.append(f"{server['server_name']}/{batch['partition_id']}")
+    return missing
+
+
+def _setup_logging(paths: config_mod.Paths, round_no: int, rank: int, level: str) -> None:
+    log_dir = paths.logs / "download" / f"round_{round_no}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"rank_{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: download_worker.py SCHEDULE.json DONE_FILE", file=sys.stderr)
+        return 2
+    schedule_path, done_path = Path(args[0]), Path(args[1])
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    schedule = json.loads(schedule_path.read_text())
+    config = schedule["config"]
+    paths = config_mod.paths(config)
+    params = config["downloader_parameters"]
+    round_no = schedule["round"]
+    _setup_logging(paths, round_no, rank, params["logger_level"])
+    identity = {
+        "rank": rank,
+        "size": size,
+        "host": socket.gethostname(),
+        "node": os.environ.get("SLURMD_NODENAME", ""),
+        "pid": os.getpid(),
+        "thread_level": MPI.Query_thread(),
+    }
+    ranks = comm.gather(identity, root=0)
+    slots = max(1, params["threads_per_worker"] // 2)
+    coordinator_thread = None
+    if rank == 0:
+        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            print("MPI library lacks MPI_THREAD_MULTIPLE, which the coordinator needs", file=sys.stderr)
+            comm.Abort(3)
+        atomic_write_json(paths.state / f"round_{round_no}_ranks.json", ranks)
+        print(f"[download] round {round_no}: {size} ranks, {schedule['totals']['batches']} batches of "
+              f"{schedule['totals']['servers']} servers, lower bound {schedule['totals']['lower_bound_seconds']}s", flush=True)
+        coordinator = Coordinator(schedule, decrease=params["rate_multiplier"])
+        coordinator_thread = CoordinatorThread(comm, coordinator, paths.state / f"round_{round_no}_progress.json")
+        coordinator_thread.start()
+    try:
+        run_rank(comm, schedule, paths, slots)
+    except BaseException:
+        log.exception("rank %d failed", rank)
+        traceback.print_exc()
+        comm.Abort(1)
+    if rank == 0:
+        assert coordinator_thread is not None
+        coordinator_thread.join()
+        atomic_write_json(paths.state / f"round_{round_no}_batches.json", coordinator_thread.coordinator.batch_stats)
+    comm.Barrier()
+    if rank == 0:
+        missing = unfinished_batches(schedule, paths)
+        if missing:
+            print(f"[download] {len(missing)} batches unfinished, e.g. {missing[:5]}", file=sys.stderr)
+            return 1
+        atomic_write_json(done_path, {"round": round_no, "ranks": size, "progress": coordinator_thread.coordinator.progress()})
+    return 0
