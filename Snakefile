@@ -1,12 +1,14 @@
 # distributed-downloader: a server-friendly, resumable bulk image downloader.
 # Stages: initialize -> profile_servers -> schedule/download (one MPI job per round) -> verify -> tools.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "rules/common.smk"

@@ -274,6 +274,11 @@ all_idle() {
     [[ $(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l) -eq $n ]]
 }
 
+sched_ran() {
+    [[ $(sdiag 2>/dev/null | awk '/Main schedule statistics/ { m = 1 }
+        m && /Total cycles:/ { print $3; exit }') -ge 1 ]]
+}
+
 # Are all our daemons alive (for a no-op re-run of `up`)?
 all_alive() {
     local n=$1 k
@@ -341,6 +346,9 @@ cmd_up() {
         /usr/sbin/slurmd -N "node$k"
     done
     wait_for 60 "all $n node(s) idle" all_idle "$n"
+    # slurmctld's main scheduler first runs ~3 s after start; until then a new
+    # batch job waits (and `sbatch --wait` then sleeps 10 s instead of 2 s).
+    wait_for 30 "first scheduler cycle" sched_ran
     log "cluster up: $n node(s) x $c cpus, bring-up $(elapsed "$t0") s"
     sinfo
 }

@@ -23,6 +23,7 @@ from pathlib import Path
 from distributed_downloader import config as config_mod
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.schedule import batch_mode
 from distributed_downloader.store import atomic_write_json, valid_marker
 
 TAG_REQUEST = 11
@@ -170,6 +171,21 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
             return
 
 
+def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
+    """The schedule minus batches already done (a rerun of a killed round skips them)."""
+    servers = []
+    for server in schedule["servers"]:
+        batches = []
+        for batch in server["batches"]:
+            folder = paths.batch_images(server["server_name"], batch["partition_id"])
+            mode = batch_mode(folder, batch["fingerprint"], schedule["round"], bool(server["ignored_code"]))
+            if mode is not None:
+                batches.append({**batch, "mode": mode})
+        if batches:
+            servers.append({**server, "batches": batches})
+    return {**schedule, "servers": servers}
+
+
 def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     """Scheduled batches without a marker proving this round's work is in place."""
     missing = []
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(paths.state / f"round_{round_no}_ranks.json", ranks)
         print(f"[download] round {round_no}: {size} ranks, {schedule['totals']['batches']} batches of "
               f"{schedule['totals']['servers']} servers, lower bound {schedule['totals']['lower_bound_seconds']}s", flush=True)
-        coordinator = Coordinator(schedule, decrease=params["rate_multiplier"])
+        coordinator = Coordinator(remaining_work(schedule, paths), decrease=params["rate_multiplier"])
         coordinator_thread = CoordinatorThread(comm, coordinator, paths.state / f"round_{round_no}_progress.json")
         coordinator_thread.start()
     try:

@@ -1,0 +1,54 @@
+"""Checks shared by the end-to-end tests: read the dataset back and compare with expectations."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from distributed_downloader.store import ERROR_SCHEMA, SUCCESS_SCHEMA
+
+SUCCESS_COLUMNS = [f.name for f in SUCCESS_SCHEMA]
+ERROR_COLUMNS = [f.name for f in ERROR_SCHEMA]
+
+
+def read_all(images: Path, name: str, columns: list[str] | None = None) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(glob.glob(str(images / "server_name=*" / "partition_id=*" / name))):
+        table = pq.read_table(path, columns=columns)
+        assert table.schema.names == (columns or (SUCCESS_COLUMNS if name.startswith("succ") else ERROR_COLUMNS))
+        rows.extend(table.to_pylist())
+    return rows
+
+
+def check_dataset(output: Path, expected: list, image_size: int = 720) -> dict:
+    """Every expected URL exactly once, successes with the right MD5s, errors with the right codes."""
+    images = output / "downloaded_images"
+    successes = read_all(images, "successes.parquet")
+    errors = read_all(images, "errors.parquet")
+    seen = Counter([r["uuid"] for r in successes] + [r["uuid"] for r in errors])
+    duplicated = [u for u, n in seen.items() if n > 1]
+    assert not duplicated, f"rows written twice: {duplicated[:5]}"
+    by_uuid = {r.uuid: r for r in expected}
+    assert set(seen) == set(by_uuid), f"missing {sorted(set(by_uuid) - set(seen))[:5]}, unexpected {sorted(set(seen) - set(by_uuid))[:5]}"
+    for row in successes:
+        want = by_uuid[row["uuid"]]
+        assert want.md5 is not None, f"{row['uuid']} should have failed with {want.error_code}"
+        assert row["hashsum_original"] == want.md5, row["identifier"]
+        assert row["hashsum_resized"] == hashlib.md5(row["image"]).hexdigest()
+        assert max(row["resized_size"]) <= image_size
+        assert len(row["original_size"]) == 2 and len(row["resized_size"]) == 2
+        assert row["identifier"] == want.identifier
+    for row in errors:
+        want = by_uuid[row["uuid"]]
+        assert want.error_code is not None, f"{row['identifier']} failed unexpectedly: {row['error_code']} {row['error_msg']}"
+        assert row["error_code"] == want.error_code, (row["identifier"], row["error_code"], row["error_msg"])
+    return {"successes": len(successes), "errors": len(errors), "error_rows": errors}
+
+
+def ranks_of(output: Path, round_no: int = 1) -> list[dict]:
+    return json.loads((output / "state" / f"round_{round_no}_ranks.json").read_text())

@@ -1,0 +1,159 @@
+"""The classic Python API and the Snakemake invocation shared with the CLI.
+
+`download_images()` / `apply_tools()` keep the original tool's entry points; both run this
+project's Snakemake workflow in-process through Snakemake's own argument parser and API, so
+profiles, `--forcerun` and dry-runs behave exactly as on the `snakemake` command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import yaml
+
+from distributed_downloader import config as config_mod
+
+REPO_ROOT = config_mod.REPO_ROOT
+SNAKEFILE = REPO_ROOT / "Snakefile"
+PATH_KEYS = ("path_to_input", "path_to_output", "path_to_output_folder", "path_to_occurrences")
+
+
+class WorkflowFailed(RuntimeError):
+    """A stage itself failed (error rows for URLs are not failures)."""
+
+
+def profile_dir(profile: str) -> str:
+    """A bundled profile by name (local, slurm), else the path or name as given."""
+    bundled = REPO_ROOT / "profiles" / profile
+    return str(bundled) if bundled.is_dir() else profile
+
+
+def resolved_config(config_path: str | os.PathLike, base: Path | None = None) -> dict:
+    """The user's config, validated, with relative paths made absolute against `base` (cwd)."""
+    base = Path.cwd() if base is None else base
+    with open(config_path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    for key in PATH_KEYS:
+        if raw.get(key):
+            raw[key] = str((base / raw[key]).absolute())
+    params = raw.get("downloader_parameters") or {}
+    if params.get("ignored_servers"):
+        params["ignored_servers"] = str((base / params["ignored_servers"]).absolute())
+    config_mod.validate(raw)  # fail early, naming the key, before Snakemake starts
+    return raw
+
+
+def write_run_config(config_path: str | os.PathLike) -> Path:
+    raw = resolved_config(config_path)
+    out = Path(raw.get("path_to_output") or raw["path_to_output_folder"])
+    target = out / ".run" / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from distributed_downloader.store import atomic_write_text
+
+    atomic_write_text(target, yaml.safe_dump(raw, sort_keys=False))
+    return target
+
+
+@contextlib.contextmanager
+def run_lock(output: Path) -> Iterator[bool]:
+    """An flock held for the whole run: tells whether another classic run is alive."""
+    (output / ".run").mkdir(parents=True, exist_ok=True)
+    with open(output / ".run" / "lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _other_snakemake_alive(workdir: Path) -> bool:
+    """Whether some other snakemake process works in `workdir` (its lock is then not stale)."""
+    import psutil
+
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] != me and "snakemake" in cmdline and proc.info["cwd"] == str(workdir):
+                return True
+        except (psutil.Error, TypeError):
+            continue
+    return False
+
+
+def snakemake_args(
+    run_config: Path,
+    profile: str = "local",
+    forcerun: Sequence[str] = (),
+    targets: Sequence[str] = (),
+    dryrun: bool = False,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    args = ["--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--profile", profile_dir(profile)]
+    args += ["--configfile", str(run_config)]
+    if forcerun:
+        args += ["--forcerun", *forcerun]
+    if dryrun:
+        args.append("--dry-run")
+    args += list(extra)
+    args += list(targets)
+    return args
+
+
+def run_snakemake(args: Sequence[str]) -> bool:
+    """Snakemake's own CLI path, in-process; returns success."""
+    from snakemake.cli import args_to_api, parse_args
+
+    cwd = os.getcwd()
+    try:
+        parser, parsed = parse_args(list(args))
+        return bool(args_to_api(parsed, parser))
+    finally:
+        os.chdir(cwd)
+
+
+def unlock_if_stale() -> None:
+    locks = REPO_ROOT / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(REPO_ROOT):
+        print("removing a stale Snakemake lock left by a killed run (snakemake --unlock)", file=sys.stderr)
+        run_snakemake(["--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--unlock"])
+
+
+def run_workflow(
+    config_path: str | os.PathLike,
+    profile: str = "local",
+    forcerun: Sequence[str] = (),
+    targets: Sequence[str] = (),
+    dryrun: bool = False,
+    extra: Sequence[str] = (),
+) -> bool:
+    run_config = write_run_config(config_path)
+    with run_lock(run_config.parent.parent) as alone:
+        if alone and not dryrun:
+            unlock_if_stale()
+        os.environ["CONFIG_PATH"] = str(Path(config_path).absolute())
+        return run_snakemake(snakemake_args(run_config, profile, forcerun, targets, dryrun, extra))
+
+
+def download_images(
+    config_path: str | os.PathLike,
+    *,
+    reset_batched: bool = False,
+    reset_profiled: bool = False,
+    profile: str = "local",
+    dryrun: bool = False,
+) -> None:
+    """Run initialize -> profile -> schedule/download rounds -> verify. Raises WorkflowFailed."""
+    forcerun = [r for r, on in (("initialize", reset_batched), ("profile_servers", reset_profiled)) if on]
+    if not run_workflow(config_path, profile, forcerun=forcerun, dryrun=dryrun):
+        raise WorkflowFailed("the download workflow failed; see the Snakemake output and logs_folder")
+
