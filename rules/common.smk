@@ -1,5 +1,4 @@
 # Paths from the validated config, input functions, wildcard constraints.
-import os
 import sys
 from pathlib import Path
 
@@ -8,8 +7,6 @@ from snakemake.exceptions import WorkflowError
 SCRIPTS_DIR = Path(workflow.basedir) / "workflow_scripts"
 if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
-# Jobs (script:, the MPI worker) import the package even without `pip install`.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
 
 from distributed_downloader import config as dd_config
 
@@ -21,8 +18,9 @@ except dd_config.ConfigError as error:
 PATHS = dd_config.paths(config)
 ROUNDS = config["downloader_parameters"]["num_downloads"]
 PYTHON = sys.executable
-# The original's environment variables, for user scripts inside jobs.
-os.environ.update(dd_config.environment(config, os.environ.get("CONFIG_PATH")))
+# PYTHONPATH (jobs import the package even without `pip install`) and the original's
+# environment variables (CONFIG_PATH, PATH_TO_INPUT, OUTPUT_*, DOWNLOADER_*, TOOLS_*) for jobs.
+dd_config.export_environment(config, SCRIPTS_DIR)
 
 
 wildcard_constraints:

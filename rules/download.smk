@@ -1,8 +1,11 @@
 rule schedule:
+    localrule: True
     input:
         unpack(schedule_inputs),
     output:
         schedule_file("{round}"),
+    conda:
+        "../envs/environment.yaml"
     log:
         log_file("schedule_round_{round}"),
     params:
@@ -18,8 +21,13 @@ rule download:
         schedule=schedule_file("{round}"),
     output:
         round_done("{round}"),
+    conda:
+        "../envs/environment.yaml"
     log:
         log_file("download_round_{round}"),
+    params:
+        python=PYTHON,
+        worker=str(SCRIPTS_DIR / "download_worker.py"),
     threads: 1
     resources:
         nodes=config["downloader_parameters"]["max_nodes"],
@@ -27,5 +35,5 @@ rule download:
         cpus_per_task=config["downloader_parameters"]["cpu_per_worker"],
         mpi="mpiexec",
     shell:
-        "{resources.mpi} -n {resources.tasks} {PYTHON:q} {SCRIPTS_DIR:q}/download_worker.py"
+        "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
         " {input.schedule:q} {output:q} > {log:q} 2>&1"

@@ -3,6 +3,8 @@ rule initialize:
         config["path_to_input"],
     output:
         urls_manifest(),
+    conda:
+        "../envs/environment.yaml"
     log:
         log_file("initialize"),
     params:

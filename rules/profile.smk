@@ -4,6 +4,8 @@ rule profile_servers:
     output:
         profiles=str(PATHS.profiles_table),
         ignored=str(PATHS.ignored_table),
+    conda:
+        "../envs/environment.yaml"
     log:
         log_file("profile_servers"),
     params:

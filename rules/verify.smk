@@ -5,6 +5,8 @@ rule verify:
     output:
         json=verification_report(),
         csv=str(PATHS.reports / "server_summary.csv"),
+    conda:
+        "../envs/environment.yaml"
     log:
         log_file("verify"),
     params:

@@ -34,7 +34,9 @@ def check_dataset(output: Path, expected: list, image_size: int = 720) -> dict:
     duplicated = [u for u, n in seen.items() if n > 1]
     assert not duplicated, f"rows written twice: {duplicated[:5]}"
     by_uuid = {r.uuid: r for r in expected}
-    assert set(seen) == set(by_uuid), f"missing {sorted(set(by_uuid) - set(seen))[:5]}, unexpected {sorted(set(seen) - set(by_uuid))[:5]}"
+    assert set(seen) == set(by_uuid), (
+        f"missing {sorted(set(by_uuid) - set(seen))[:5]}, unexpected {sorted(set(seen) - set(by_uuid))[:5]}"
+    )
     for row in successes:
         want = by_uuid[row["uuid"]]
         assert want.md5 is not None, f"{row['uuid']} should have failed with {want.error_code}"
@@ -45,7 +47,9 @@ def check_dataset(output: Path, expected: list, image_size: int = 720) -> dict:
         assert row["identifier"] == want.identifier
     for row in errors:
         want = by_uuid[row["uuid"]]
-        assert want.error_code is not None, f"{row['identifier']} failed unexpectedly: {row['error_code']} {row['error_msg']}"
+        assert want.error_code is not None, (
+            f"{row['identifier']} failed unexpectedly: {row['error_code']} {row['error_msg']}"
+        )
         assert row["error_code"] == want.error_code, (row["identifier"], row["error_code"], row["error_msg"])
     return {"successes": len(successes), "errors": len(errors), "error_rows": errors}
 

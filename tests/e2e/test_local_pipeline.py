@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from distributed_downloader import config as config_mod
 from distributed_downloader import demo
 from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.conftest import kill_group, run, snakemake_cmd
@@ -37,8 +38,11 @@ def test_pipeline_end_to_end(tmp_path: Path, farm: ImageFarm) -> None:
     verification = json.loads((output / "reports" / "verification.json").read_text())
     assert verification["ok"] and verification["totals"]["urls"] == len(rows)
     # Every request carried our User-Agent.
-    assert all(farm.stats(i).user_agents == {"distributed-downloader/1.0 (+https://github.com/Imageomics/distributed-downloader; bulk image research crawler)"} for i in range(3))
-    print(f"e2e: {len(rows)} URLs on 3 hosts in {wall:.1f}s: {result['successes']} successes, {result['errors']} errors")
+    user_agent = config_mod.load(config)["downloader_parameters"]["user_agent"]
+    assert all(farm.stats(i).user_agents == {user_agent} for i in range(3))
+    print(
+        f"e2e: {len(rows)} URLs on 3 hosts in {wall:.1f}s: {result['successes']} successes, {result['errors']} errors"
+    )
 
     # Nothing left: the plan is empty, and a rerun does no work.
     plan = run(snakemake_cmd(config, tmp_path, "-n"))
@@ -58,11 +62,18 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     with ImageFarm(hosts) as farm:
         rows = demo.demo_rows(farm, per_host=60, faults=False)
         config = demo.write_config(
-            tmp_path, demo.write_input(rows, tmp_path / "urls.csv"), batch_size=10, default_rate_limit=8, max_rate_limit=8
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=10,
+            default_rate_limit=8,
+            max_rate_limit=8,
         )
         output = tmp_path / "output"
         proc = subprocess.Popen(
-            snakemake_cmd(config, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            snakemake_cmd(config, tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 120
         try:
@@ -89,5 +100,7 @@ def test_kill_and_resume(tmp_path: Path) -> None:
         profile_requests = 6  # robots.txt and one probe per server
         redownloaded = requests_after - profile_requests - len(rows)
         in_flight_bound = 3 * 10  # one lane per server (its rate is below one lane's) x batch_size
-        print(f"kill at {done_at_kill}/{total_batches} batches, {requests_at_kill} requests; re-downloaded {redownloaded}")
+        print(
+            f"kill at {done_at_kill}/{total_batches} batches, {requests_at_kill} requests; re-downloaded {redownloaded}"
+        )
         assert 0 <= redownloaded <= in_flight_bound

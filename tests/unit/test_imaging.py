@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
+
 from distributed_downloader import imaging
 from distributed_downloader.errors import ErrorCode, ImageError
 from distributed_downloader.imaging import (
@@ -25,7 +27,6 @@ from distributed_downloader.imaging import (
     resize_image,
     target_size,
 )
-from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 
 # Source images are W x H = 240 x 160 and stored with a longer side of 100 -> (h, w) = (67, 100).
 SRC_W, SRC_H = 240, 160

@@ -113,22 +113,12 @@ def test_server_name_of_rejects_with_reason(scheme: str, authority: str, reason_
     assert reason_part in reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: inputs.server_name_of validates the port with str.isdigit(), which accepts Unicode digits "
-    "such as '²' that int() refuses: ValueError escapes instead of a rejection reason",
-)
 def test_server_name_of_rejects_unicode_digit_port_instead_of_crashing() -> None:
     name, reason = server_name_of("http", "example.com:²")
     assert name == ""
     assert "invalid port" in reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: inputs.add_server_names lets one URL with a Unicode-digit port ('http://h:²/') raise "
-    "ValueError, aborting the whole initialize instead of rejecting that row",
-)
 def test_unicode_digit_port_rejects_only_its_row() -> None:
     out = add_server_names(url_batch(["http://example.com/ok.jpg", "http://example.com:²/x.jpg"])).to_pylist()
     assert out[0]["server_name"] == "example.com"
@@ -136,11 +126,6 @@ def test_unicode_digit_port_rejects_only_its_row() -> None:
     assert out[1]["_reject"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: inputs.server_name_of accepts an empty IPv6 literal '[]' as server name '[]' "
-    "(the hex-digit check passes vacuously on an empty string)",
-)
 def test_server_name_of_rejects_empty_ipv6_literal() -> None:
     name, reason = server_name_of("http", "[]")
     assert name == ""
@@ -221,9 +206,7 @@ def test_generic_csv_rows_and_defaults(tmp_path: Path) -> None:
 
 def test_generic_tsv_by_extension_keeps_quotes_as_data(tmp_path: Path) -> None:
     path = tmp_path / "in.tsv"
-    path.write_text(
-        'identifier\tsource_id\ttitle\nhttp://a.org/1.jpg\t1\tHe said "hi\nhttp://a.org/2.jpg\t2\t"x, y"\n'
-    )
+    path.write_text('identifier\tsource_id\ttitle\nhttp://a.org/1.jpg\t1\tHe said "hi\nhttp://a.org/2.jpg\t2\t"x, y"\n')
     rows = read_rows(path)
     assert [r["title"] for r in rows] == ['He said "hi', '"x, y"']
     assert [r["source_id"] for r in rows] == ["1", "2"]
@@ -241,10 +224,7 @@ def test_txt_delimiter_is_sniffed(tmp_path: Path, delimiter: str, expected: str)
 
 def test_column_names_are_case_insensitive_in_any_order_with_extra_columns(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
-    path.write_text(
-        "TITLE,Extra,Source_ID,IDENTIFIER,License,UUID,SOURCE\n"
-        "t1,ignored,s1,http://a.org/1.jpg,L1,u1,S1\n"
-    )
+    path.write_text("TITLE,Extra,Source_ID,IDENTIFIER,License,UUID,SOURCE\nt1,ignored,s1,http://a.org/1.jpg,L1,u1,S1\n")
     rows = read_rows(path)
     assert rows == [
         {
@@ -301,9 +281,7 @@ def test_missing_input_path_and_empty_directory(tmp_path: Path) -> None:
 
 def test_missing_uuid_column_gives_deterministic_uuids(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
-    path.write_text(
-        "identifier,source_id\nhttp://a.org/1.jpg,s1\nhttp://a.org/2.jpg,s1\nhttp://a.org/1.jpg,s2\n"
-    )
+    path.write_text("identifier,source_id\nhttp://a.org/1.jpg,s1\nhttp://a.org/2.jpg,s1\nhttp://a.org/1.jpg,s2\n")
     first = [r["uuid"] for r in read_rows(path)]
     second = [r["uuid"] for r in read_rows(path)]
     assert first == second

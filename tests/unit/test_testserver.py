@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
+
 from distributed_downloader.testserver import (
     CONTENT_TYPES,
     MODES,
@@ -26,7 +28,6 @@ from distributed_downloader.testserver import (
     max_requests_in_window,
     render_image,
 )
-from PIL import Image
 
 TIMEOUT = 5.0  # per request; keeps every test bounded
 SMALL = "w=64&h=48"  # small images keep the suite fast
@@ -64,9 +65,7 @@ def test_hosts_are_distinct_loopback_addresses(farm: ImageFarm, session: request
 
 
 @pytest.mark.parametrize("ext", sorted(CONTENT_TYPES))
-def test_every_extension_decodes_and_matches_expected(
-    farm: ImageFarm, session: requests.Session, ext: str
-) -> None:
+def test_every_extension_decodes_and_matches_expected(farm: ImageFarm, session: requests.Session, ext: str) -> None:
     path = f"/img/cat.{ext}?w=80&h=60"
     response = get(session, farm.url(0, path))
     assert response.status_code == 200

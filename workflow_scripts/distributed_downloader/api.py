@@ -156,4 +156,3 @@ def download_images(
     forcerun = [r for r, on in (("initialize", reset_batched), ("profile_servers", reset_profiled)) if on]
     if not run_workflow(config_path, profile, forcerun=forcerun, dryrun=dryrun):
         raise WorkflowFailed("the download workflow failed; see the Snakemake output and logs_folder")
-

@@ -47,7 +47,9 @@ def classic(argv: list[str]) -> int:
 def status_main(argv: list[str]) -> int:
     from distributed_downloader import status
 
-    parser = argparse.ArgumentParser(prog="distributed_downloader status", description="Progress of a run, from its output folder alone")
+    parser = argparse.ArgumentParser(
+        prog="distributed_downloader status", description="Progress of a run, from its output folder alone"
+    )
     parser.add_argument("config")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
@@ -67,7 +69,9 @@ def install_profiles(argv: list[str]) -> int:
     import platformdirs
 
     parser = argparse.ArgumentParser(prog="distributed_downloader install-profiles")
-    parser.add_argument("--dest", default=platformdirs.user_config_dir("snakemake"), help="Snakemake's user profile dir")
+    parser.add_argument(
+        "--dest", default=platformdirs.user_config_dir("snakemake"), help="Snakemake's user profile dir"
+    )
     args = parser.parse_args(argv)
     dest = Path(args.dest)
     for source in sorted((api.REPO_ROOT / "profiles").iterdir()):

@@ -157,6 +157,14 @@ def environment(config: Mapping, config_path: str | None = None) -> dict[str, st
     return env
 
 
+def export_environment(config: Mapping, scripts_dir: Path) -> None:
+    """Set, in this process (and so in every job it starts), PYTHONPATH and the original's variables."""
+    current = os.environ.get("PYTHONPATH", "")
+    if str(scripts_dir) not in current.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(scripts_dir), current) if p)
+    os.environ.update(environment(config, os.environ.get("CONFIG_PATH")))
+
+
 def dump(config: Mapping, path: Path) -> None:
     """Write the completed config (what jobs read back) atomically."""
     from distributed_downloader.store import atomic_write_text

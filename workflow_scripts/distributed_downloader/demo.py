@@ -15,9 +15,18 @@ import yaml
 from distributed_downloader.testserver import ImageFarm
 
 FORMATS = [
-    ("jpg", ""), ("jpg", "progressive"), ("jpg", "cmyk"), ("jpg", "exif6"),
-    ("png", ""), ("png", "rgba"), ("png", "i16"), ("png", "palette"),
-    ("gif", "anim"), ("bmp", ""), ("tif", ""), ("webp", ""),
+    ("jpg", ""),
+    ("jpg", "progressive"),
+    ("jpg", "cmyk"),
+    ("jpg", "exif6"),
+    ("png", ""),
+    ("png", "rgba"),
+    ("png", "i16"),
+    ("png", "palette"),
+    ("gif", "anim"),
+    ("bmp", ""),
+    ("tif", ""),
+    ("webp", ""),
 ]
 
 
@@ -54,14 +63,16 @@ def write_input(rows: list[Expected], path: Path) -> Path:
         writer.writerow(["uuid", "identifier", "source_id", "license", "source", "title"])
         for i, row in enumerate(rows):
             licensed = i % 3 != 0
-            writer.writerow([
-                row.uuid,
-                row.identifier,
-                f"src-{i // 2}",
-                "CC-BY-4.0" if licensed else "",
-                "demo farm" if licensed else "",
-                f"demo image {i}" if licensed else "",
-            ])
+            writer.writerow(
+                [
+                    row.uuid,
+                    row.identifier,
+                    f"src-{i // 2}",
+                    "CC-BY-4.0" if licensed else "",
+                    "demo farm" if licensed else "",
+                    f"demo image {i}" if licensed else "",
+                ]
+            )
     return path
 
 
@@ -78,7 +89,11 @@ def write_config(folder: Path, input_path: Path, **downloader: object) -> Path:
         "timeout": {"connect": 5, "read": 5, "total": 20},
         **downloader,
     }
-    config = {"path_to_input": str(input_path), "path_to_output": str(folder / "output"), "downloader_parameters": params}
+    config = {
+        "path_to_input": str(input_path),
+        "path_to_output": str(folder / "output"),
+        "downloader_parameters": params,
+    }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -4,6 +4,7 @@ timeouts on connect, read and total time, a byte cap, and X-Robots-Tag opt-outs.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from distributed_downloader.errors import DownloadError, ErrorCode
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+COLON_DIRECTIVES = frozenset({"max-image-preview", "max-snippet", "max-video-preview", "unavailable_after"})
+_CRAWLER_NAME = re.compile(r"^[A-Za-z0-9._*-]+$")
 CHUNK_BYTES = 64 * 1024
 
 
@@ -84,7 +87,8 @@ def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+    # is_global also excludes shared address space (100.64/10, where cloud metadata can live).
+    return ip.is_global and not ip.is_multicast
 
 
 def check_host(host: str, port: int, allow_private: bool) -> None:
@@ -107,8 +111,10 @@ def x_robots_opt_out(values: list[str], robots_token: str) -> str | None:
         scope = None
         directives = value
         head, sep, rest = value.partition(":")
-        if sep and head.strip() and " " not in head.strip() and head.strip().lower() not in OPT_OUT_DIRECTIVES:
-            scope, directives = head.strip().lower(), rest
+        name = head.strip().lower()
+        # "googlebot: noindex" scopes the rules to a crawler; "max-image-preview:none" is a directive.
+        if sep and _CRAWLER_NAME.match(name) and name not in OPT_OUT_DIRECTIVES | COLON_DIRECTIVES:
+            scope, directives = name, rest
         if scope not in (None, "*", token):
             continue
         for directive in directives.replace(",", " ").split():
@@ -191,7 +197,9 @@ class ServerFetcher:
                 raise DownloadError(ErrorCode.X_ROBOTS_TAG, f"X-Robots-Tag: {directive}")
         declared = headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > self.settings.max_bytes:
-            raise DownloadError(ErrorCode.TOO_LARGE, f"Content-Length {declared} over the {self.settings.max_bytes}-byte cap")
+            raise DownloadError(
+                ErrorCode.TOO_LARGE, f"Content-Length {declared} over the {self.settings.max_bytes}-byte cap"
+            )
         body = self._read_body(response, deadline)
         return FetchResult(200, body, dict(headers), url, time.monotonic() - started)
 
@@ -202,7 +210,10 @@ class ServerFetcher:
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise DownloadError(ErrorCode.TIMEOUT, f"total time limit of {self.settings.total_timeout:g}s reached mid-body")
+                    raise DownloadError(
+                        ErrorCode.TIMEOUT,
+                        f"total time limit of {self.settings.total_timeout:g}s reached mid-body",
+                    )
                 # read1 returns after at most one socket read, so a trickling server cannot hold us past the deadline.
                 chunk = raw.read1(CHUNK_BYTES, decode_content=True)
                 if not chunk:
@@ -213,7 +224,7 @@ class ServerFetcher:
                 chunks.append(chunk)
         except DownloadError:
             raise
-        except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError) as exc:
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
             raise DownloadError(ErrorCode.TIMEOUT, f"read timeout mid-body: {_short(exc)}") from exc
         except urllib3.exceptions.DecodeError as exc:
             raise DownloadError(ErrorCode.PROTOCOL, f"bad content encoding: {_short(exc)}") from exc

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from distributed_downloader.inputs import (
     GBIF_UUID_NAMESPACE,
+    INVALID_COLUMN,
     _assemble,
     _column_map,
     _string_column,
@@ -21,6 +22,7 @@ from distributed_downloader.inputs import (
     columns_of,
     deterministic_uuid,
     raw_batches,
+    with_invalid_reason,
 )
 
 GBIF_REQUIRED = ("gbifid", "identifier")
@@ -63,15 +65,19 @@ def gbif_rows(path: str | Path, occurrences: str | Path = "") -> Iterator[pa.Rec
         gbif_id = _string_column(batch, mapping, "gbifid")
         keep = _is_still_image(_string_column(batch, mapping, "type"), _string_column(batch, mapping, "format"))
         keep = pc.and_(keep, pc.invert(_excluded(gbif_id, excluded)))
+        keep = pc.or_(keep, pc.not_equal(batch.column(INVALID_COLUMN), ""))  # unparseable lines are reported
         batch = batch.filter(keep)
         mapping = _column_map(batch.schema.names)
         gbif_id = _string_column(batch, mapping, "gbifid")
         identifier = _string_column(batch, mapping, "identifier")
         ids = pa.array(
-            [deterministic_uuid(GBIF_UUID_NAMESPACE, g, u) for g, u in zip(gbif_id.to_pylist(), identifier.to_pylist())],
+            [
+                deterministic_uuid(GBIF_UUID_NAMESPACE, g, u)
+                for g, u in zip(gbif_id.to_pylist(), identifier.to_pylist(), strict=True)
+            ],
             pa.string(),
         )
-        reject = pc.if_else(pc.equal(gbif_id, ""), "empty gbifID", "")
+        reject = with_invalid_reason(batch, pc.if_else(pc.equal(gbif_id, ""), "empty gbifID", ""))
         # `source` is usually empty in GBIF exports; the publisher names where the image comes from.
         source = _string_column(batch, mapping, "source")
         publisher = _string_column(batch, mapping, "publisher")

@@ -13,8 +13,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from distributed_downloader.errors import ErrorCode, ImageError
 from PIL import ExifTags, Image
+
+from distributed_downloader.errors import ErrorCode, ImageError
 
 IMAGE_FORMATS = ("jpeg", "webp", "png", "raw_bgr")
 
@@ -187,9 +188,7 @@ def _open(data: bytes, max_image_pixels: int) -> Image.Image:
         # Pillow's own (global) guard fired first; it is only ever stricter than 2x its limit.
         raise ImageError(ErrorCode.TOO_MANY_PIXELS, f"decompression bomb guard: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(
-            ErrorCode.IMAGE_DECODE, f"not a supported image (body starts with {data[:16]!r})"
-        ) from None
+        raise ImageError(ErrorCode.IMAGE_DECODE, f"not a supported image (body starts with {data[:16]!r})") from None
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(ErrorCode.IMAGE_DECODE, f"image has an empty size {width}x{height}")
@@ -253,9 +252,7 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         raise ImageError(ErrorCode.IMAGE_DECODE, f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_stored_image(
-    image: bytes, resized_size: tuple[int, int] | list[int], image_format: str
-) -> Image.Image:
+def decode_stored_image(image: bytes, resized_size: tuple[int, int] | list[int], image_format: str) -> Image.Image:
     """Decode a stored image back to an RGB ``PIL.Image`` (inverse of ``encode_image``).
 
     ``resized_size`` is the row's (height, width); raw_bgr bytes are reshaped with it and encoded

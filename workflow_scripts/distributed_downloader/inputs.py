@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import ipaddress
 import uuid as uuidlib
 import zipfile
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ UUID_NAMESPACE = uuidlib.UUID("6f1d3a2e-5b7c-4e8a-9d0f-2c4b6a8e1f3d")
 GBIF_UUID_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://www.gbif.org/multimedia")
 
 
+INVALID_COLUMN = "__invalid_row__"  # raw batches: why a line could not be parsed ('' if it could)
+
+
 class InputError(ValueError):
     """The input as a whole cannot be read (missing columns, unreadable file)."""
 
@@ -44,7 +48,9 @@ def input_files(path: str | Path) -> list[Path]:
         return [root]
     if root.is_dir():
         files = sorted(
-            p for p in root.rglob("*") if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
         )
         if not files:
             raise InputError(f"input directory {root} holds no data files")
@@ -105,24 +111,54 @@ def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
         raise InputError(f"{path}: empty file or no header line")
     convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header}, strings_can_be_null=False)
     # TSV (GBIF, Darwin Core archives) is written without quoting: a '"' is data there.
+    invalid: list[tuple[str, str]] = []
+
+    def keep_invalid(row: pacsv.InvalidRow) -> str:
+        # A malformed line is not dropped silently: it becomes a rejected row with its reason.
+        reason = f"line {row.number}: expected {row.expected_columns} fields, found {row.actual_columns}"
+        invalid.append((reason, (row.text or "")[:MAX_URL_LENGTH]))
+        return "skip"
+
     parse = pacsv.ParseOptions(
         delimiter=delimiter,
         quote_char='"' if delimiter == "," else False,
         newlines_in_values=delimiter == ",",
-        invalid_row_handler=lambda row: "skip",
+        invalid_row_handler=keep_invalid,
     )
     read = pacsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False)
     with _open_binary(path) as handle:
         stream = pacsv.open_csv(handle, read_options=read, parse_options=parse, convert_options=convert)
-        yield from stream
+        for batch in stream:
+            yield _with_invalid(batch, [""] * batch.num_rows)
+            if invalid:
+                yield _invalid_batch(batch.schema, invalid)
+                invalid.clear()
+        if invalid:
+            yield _invalid_batch(stream.schema, invalid)
+
+
+def _with_invalid(batch: pa.RecordBatch, reasons: list[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [*batch.columns, pa.array(reasons, pa.string())], names=[*batch.schema.names, INVALID_COLUMN]
+    )
+
+
+def _invalid_batch(schema: pa.Schema, invalid: list[tuple[str, str]]) -> pa.RecordBatch:
+    """The unparseable lines as rows: the line's text in `identifier` (if there is one), the reason flagged."""
+    columns = []
+    for name in schema.names:
+        is_identifier = name.strip().lstrip("\ufeff").lower() == "identifier"
+        columns.append(pa.array([text if is_identifier else "" for _, text in invalid], pa.string()))
+    return _with_invalid(pa.RecordBatch.from_arrays(columns, names=schema.names), [reason for reason, _ in invalid])
 
 
 def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
     parquet = pq.ParquetFile(path)
     for batch in parquet.iter_batches(batch_size=65536):
-        yield pa.RecordBatch.from_arrays(
+        strings = pa.RecordBatch.from_arrays(
             [pc.cast(col, pa.string()) for col in batch.columns], names=batch.schema.names
         )
+        yield _with_invalid(strings, [""] * batch.num_rows)
 
 
 def raw_batches(path: str | Path) -> Iterator[pa.RecordBatch]:
@@ -168,6 +204,12 @@ def deterministic_uuid(namespace: uuidlib.UUID, *parts: str) -> str:
     return str(uuidlib.uuid5(namespace, "\x1f".join(parts)))
 
 
+def with_invalid_reason(batch: pa.RecordBatch, reject: pa.Array) -> pa.Array:
+    """A parse failure of the line wins over any other reason."""
+    invalid = batch.column(INVALID_COLUMN)
+    return pc.if_else(pc.not_equal(invalid, ""), invalid, reject)
+
+
 def _fill_missing_text(column: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(column, ""), NOT_PROVIDED, column)
 
@@ -184,11 +226,14 @@ def generic_rows(path: str | Path) -> Iterator[pa.RecordBatch]:
             ids = _string_column(batch, mapping, "uuid")
         else:  # no uuid column: derive a stable one so reruns agree
             ids = pa.array(
-                [deterministic_uuid(UUID_NAMESPACE, s, u) for s, u in zip(source_id.to_pylist(), identifier.to_pylist())],
+                [
+                    deterministic_uuid(UUID_NAMESPACE, s, u)
+                    for s, u in zip(source_id.to_pylist(), identifier.to_pylist(), strict=True)
+                ],
                 pa.string(),
             )
         reject = pc.if_else(pc.equal(ids, ""), "empty uuid", "")
-        yield _assemble(ids, source_id, identifier, batch, mapping, reject)
+        yield _assemble(ids, source_id, identifier, batch, mapping, with_invalid_reason(batch, reject))
 
 
 def _assemble(
@@ -243,7 +288,7 @@ def server_name_of(scheme: str, authority: str) -> tuple[str, str]:
     host = host.lower().rstrip(".")
     if not host:
         return "", "URL has no host"
-    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+    if port and (not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
         return "", f"invalid port '{port}'"
     if not host.isascii():
         try:
@@ -251,7 +296,11 @@ def server_name_of(scheme: str, authority: str) -> tuple[str, str]:
         except UnicodeError:
             return "", "host is not a valid internationalised domain name"
     if host.startswith("["):
-        if any(c not in "0123456789abcdef:." for c in host[1:-1]):
+        try:
+            if "%" in host:  # a zone id names a local interface: never a server on the web
+                raise ValueError(host)
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
             return "", "malformed IPv6 host"
     elif host.startswith(".") or any(not (c.isalnum() or c in ".-_") for c in host):
         return "", "invalid characters in host"

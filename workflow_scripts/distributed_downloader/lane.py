@@ -131,7 +131,9 @@ class Lane:
             ),
             share=share,
         )
-        self.robots = RobotsRules(self._robots_text() if params["respect_robots_txt"] else None, self.fetch_settings.robots_token)
+        self.robots = RobotsRules(
+            self._robots_text() if params["respect_robots_txt"] else None, self.fetch_settings.robots_token
+        )
         self.fetcher: ServerFetcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         if not spec.ignored_code:
@@ -159,7 +161,9 @@ class Lane:
         started = time.monotonic()
         stats = BatchStats(self.spec.server_name, partition_id, mode)
         final_dir = self.paths.batch_images(self.spec.server_name, partition_id)
-        staging = self.paths.staging / f"round_{self.round_no}" / f"{self.spec.server_name}" / f"{partition_id}.{os.getpid()}"
+        staging = (
+            self.paths.staging / f"round_{self.round_no}" / f"{self.spec.server_name}" / f"{partition_id}.{os.getpid()}"
+        )
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         successes = StreamingParquet(staging / SUCCESSES_FILE, SUCCESS_SCHEMA)
@@ -170,7 +174,13 @@ class Lane:
             todo = self._carry_over(final_dir, urls, mode, successes, errors, stats)
             if mode == "ignored" or self.spec.ignored_code:
                 for item in todo:
-                    self._write_error(errors, stats, item, self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED), self.spec.ignored_reason or "server ignored")
+                    self._write_error(
+                        errors,
+                        stats,
+                        item,
+                        self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED),
+                        self.spec.ignored_reason or "server ignored",
+                    )
             else:
                 self._download(todo, successes, errors, stats)
             successes.commit()
@@ -236,7 +246,9 @@ class Lane:
 
     # ------------------------------------------------------------------ the download loop
 
-    def _download(self, todo: list[_Item], successes: StreamingParquet, errors: StreamingParquet, stats: BatchStats) -> None:
+    def _download(
+        self, todo: list[_Item], successes: StreamingParquet, errors: StreamingParquet, stats: BatchStats
+    ) -> None:
         assert self.pool is not None
         pending: deque[_Item] = deque(todo)
         results: queue.Queue[_Outcome] = queue.Queue()
@@ -248,7 +260,13 @@ class Lane:
                     self._write_error(errors, stats, item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
                     continue
                 if self.server_failed:
-                    self._write_error(errors, stats, item, int(ErrorCode.NETWORK), f"server given up after {self.failure_threshold} consecutive network failures")
+                    self._write_error(
+                        errors,
+                        stats,
+                        item,
+                        int(ErrorCode.NETWORK),
+                        f"server given up after {self.failure_threshold} consecutive network failures",
+                    )
                     continue
                 self.pool.submit(self._fetch_one, item, results)
                 in_flight += 1
@@ -262,7 +280,9 @@ class Lane:
         try:
             results.put(self._fetch_and_process(item))
         except BaseException as exc:  # never lose an item, whatever happened
-            results.put(_Outcome(item, code=int(ErrorCode.NETWORK), message=f"internal error: {type(exc).__name__}: {exc}"))
+            results.put(
+                _Outcome(item, code=int(ErrorCode.NETWORK), message=f"internal error: {type(exc).__name__}: {exc}")
+            )
 
     def _fetch_and_process(self, item: _Item) -> _Outcome:
         assert self.fetcher is not None
@@ -279,7 +299,12 @@ class Lane:
         except DownloadError as exc:
             if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
                 self.controller.on_network_error()
-            return _Outcome(item, code=exc.code, message=exc.message, status=-1 if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT) else 200)
+            return _Outcome(
+                item,
+                code=exc.code,
+                message=exc.message,
+                status=-1 if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT) else 200,
+            )
         finally:
             self.controller.in_flight -= 1
         self.controller.on_success(result.elapsed, result.headers)
@@ -304,7 +329,14 @@ class Lane:
         }
         return _Outcome(item, success=success, nbytes=len(result.body), status=200)
 
-    def _handle(self, outcome: _Outcome, pending: deque[_Item], successes: StreamingParquet, errors: StreamingParquet, stats: BatchStats) -> None:
+    def _handle(
+        self,
+        outcome: _Outcome,
+        pending: deque[_Item],
+        successes: StreamingParquet,
+        errors: StreamingParquet,
+        stats: BatchStats,
+    ) -> None:
         item = outcome.item
         if outcome.status:
             stats.requests += 1
@@ -314,7 +346,11 @@ class Lane:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.failure_threshold and not self.server_failed:
                 self.server_failed = True
-                log.warning("giving up on %s for this round after %d consecutive network failures", self.spec.server_name, self.consecutive_failures)
+                log.warning(
+                    "giving up on %s for this round after %d consecutive network failures",
+                    self.spec.server_name,
+                    self.consecutive_failures,
+                )
         elif outcome.status:
             self.consecutive_failures = 0
         if outcome.success is not None:

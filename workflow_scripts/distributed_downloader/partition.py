@@ -75,7 +75,7 @@ class ServerGrouper:
         values, counts = _run_lengths(names)
         start = 0
         urls = batch.select(list(inputs.URL_COLUMNS))
-        for name, count in zip(values, counts):
+        for name, count in zip(values, counts, strict=True):
             rows = self.servers[name]
             rows.memory.append(urls.slice(start, count))
             rows.memory_rows += count

@@ -195,7 +195,9 @@ class RateController:
             return  # one reaction per congestion event, not per in-flight request
         self.events["congestion"] += 1
         self.last_decrease = now
-        self.congestion_rate = self.rate if self.congestion_rate is None else min(self.rate, max(self.congestion_rate, self.rate))
+        self.congestion_rate = (
+            self.rate if self.congestion_rate is None else min(self.rate, max(self.congestion_rate, self.rate))
+        )
         self.slow_start = False
         multiplier = factor if factor is not None else 1.0 - self.limits.decrease
         # Back off from the level that just failed, but not below what was safe before.

@@ -78,7 +78,9 @@ def fetch_robots(fetcher: ServerFetcher, sample_url: str) -> tuple[str | None, s
     return result.body.decode("utf-8", errors="replace"), ""
 
 
-def probe_server(name: str, sample_url: str, batches: int, urls: int, settings: ProbeSettings) -> tuple[ServerProfile, str | None]:
+def probe_server(
+    name: str, sample_url: str, batches: int, urls: int, settings: ProbeSettings
+) -> tuple[ServerProfile, str | None]:
     """Profile one server; never raises. Returns the profile and its robots.txt text."""
     profile = ServerProfile(
         server_name=name,
@@ -101,7 +103,9 @@ def probe_server(name: str, sample_url: str, batches: int, urls: int, settings: 
         if settings.respect_robots:
             robots_text, reason = fetch_robots(fetcher, sample_url)
             if reason:
-                return replace(profile, reachable=True, reason=reason, error_code=int(ErrorCode.ROBOTS_DISALLOWED)), None
+                return replace(
+                    profile, reachable=True, reason=reason, error_code=int(ErrorCode.ROBOTS_DISALLOWED)
+                ), None
             rules = RobotsRules(robots_text, settings.fetch.robots_token)
             profile.robots_found = robots_text is not None
             robots_rate = rules.request_rate()
@@ -134,7 +138,9 @@ def probe_server(name: str, sample_url: str, batches: int, urls: int, settings: 
 
 
 def first_url(urls_folder: Path, server: str) -> str:
-    table = pq.read_table(urls_folder / f"server_name={server}" / "partition_id=0" / "urls.parquet", columns=["identifier"])
+    table = pq.read_table(
+        urls_folder / f"server_name={server}" / "partition_id=0" / "urls.parquet", columns=["identifier"]
+    )
     return table.column("identifier")[0].as_py()
 
 
@@ -163,7 +169,22 @@ def profile_all(
             info = servers[name]
             batches, urls = len(info["fingerprints"]), info["urls"]
             if name in user_ignored:
-                profile = ServerProfile(name, batches, urls, 0, 0, 0, 0, 0, False, 0, 0, False, "in the user's ignored_servers list", int(ErrorCode.SERVER_IGNORED))
+                profile = ServerProfile(
+                    name,
+                    batches,
+                    urls,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    False,
+                    0,
+                    0,
+                    False,
+                    "in the user's ignored_servers list",
+                    int(ErrorCode.SERVER_IGNORED),
+                )
                 jobs.append(((profile, None), None))
                 continue
             future = pool.submit(probe_server, name, first_url(urls_folder, name), batches, urls, settings)
@@ -171,7 +192,12 @@ def profile_all(
         return [done if future is None else future.result() for done, future in jobs]
 
 
-def write_tables(results: list[tuple[ServerProfile, str | None]], profiles_table: Path, ignored_table: Path, robots_dir: Path) -> None:
+def write_tables(
+    results: list[tuple[ServerProfile, str | None]],
+    profiles_table: Path,
+    ignored_table: Path,
+    robots_dir: Path,
+) -> None:
     columns = [f.name for f in fields(ServerProfile)]
     profiles = io.StringIO()
     writer = csv.DictWriter(profiles, fieldnames=columns, lineterminator="\n")
@@ -183,7 +209,13 @@ def write_tables(results: list[tuple[ServerProfile, str | None]], profiles_table
     for profile, robots_text in results:
         writer.writerow(asdict(profile))
         if profile.error_code:
-            ignored_writer.writerow({"server_name": profile.server_name, "reason": profile.reason, "error_code": profile.error_code})
+            ignored_writer.writerow(
+                {
+                    "server_name": profile.server_name,
+                    "reason": profile.reason,
+                    "error_code": profile.error_code,
+                }
+            )
         robots_path = robots_dir / f"{profile.server_name}.txt"
         if robots_text is not None:
             atomic_write_text(robots_path, robots_text)

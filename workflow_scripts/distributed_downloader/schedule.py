@@ -99,7 +99,9 @@ def build(
             min(manifest["batch_size"], info["urls"] - b.partition_id * manifest["batch_size"]) for b in work.batches
         )
         if not work.ignored_code:
-            work.lanes = lanes_for(len(work.batches), work.max_rate, config["schedule_rules"], params["cpu_per_worker"], ranks)
+            work.lanes = lanes_for(
+                len(work.batches), work.max_rate, config["schedule_rules"], params["cpu_per_worker"], ranks
+            )
         servers.append(work)
     servers.sort(key=lambda s: (-s.estimated_seconds, s.server_name))
     bound = max((s.estimated_seconds for s in servers), default=0.0)

@@ -18,7 +18,9 @@ log = logging.getLogger("distributed_downloader")
 def initialize(config: Mapping, manifest_out: Path) -> dict:
     paths = config_mod.paths(config)
     rows = inputs.rows(config["path_to_input"], config["initializer"], config.get("path_to_occurrences", ""))
-    result = partition.write_partitions(rows, paths.urls, paths.rejected_table, config["downloader_parameters"]["batch_size"])
+    result = partition.write_partitions(
+        rows, paths.urls, paths.rejected_table, config["downloader_parameters"]["batch_size"]
+    )
     summary = {
         "input_rows": result.input_rows,
         "rejected_rows": result.rejected_rows,
@@ -76,7 +78,11 @@ def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
     totals = result["totals"]
     log.info(
         "verified %d URLs of %d servers: %d successes, %d errors, %d input rows rejected",
-        totals["urls"], len(result["servers"]), totals["successes"], totals["errors"], result["rejected_rows"],
+        totals["urls"],
+        len(result["servers"]),
+        totals["successes"],
+        totals["errors"],
+        result["rejected_rows"],
     )
     if not result["ok"]:
         raise RuntimeError("verification failed:\n" + "\n".join(result["problems"][:50]))

@@ -37,7 +37,11 @@ def collect(paths: Paths) -> dict:
         done += row["done"]
         successes += row["successes"]
         errors += row["errors"]
-    rounds = sorted(int(p.stem.split("_")[-1]) for p in paths.state.glob("download_round_*.done")) if paths.state.is_dir() else []
+    rounds = (
+        sorted(int(p.stem.split("_")[-1]) for p in paths.state.glob("download_round_*.done"))
+        if paths.state.is_dir()
+        else []
+    )
     progress = {}
     for path in sorted(paths.state.glob("round_*_progress.json")) if paths.state.is_dir() else []:
         progress[path.name.split("_")[1]] = _json(path)
@@ -65,12 +69,14 @@ def render(status: Mapping, servers: int = 10) -> str:
         return "not initialized: run the workflow first"
     lines = [
         f"stage: {status['stage']}   rounds done: {status['rounds_done'] or '-'}",
-        f"input rows {status['input_rows']:,}  rejected {status['rejected_rows']:,}  URLs {status['urls']:,} on {status['servers']} servers",
+        f"input rows {status['input_rows']:,}  rejected {status['rejected_rows']:,}"
+        f"  URLs {status['urls']:,} on {status['servers']} servers",
         f"batches {status['batches_done']:,}/{status['batches_total']:,} done   "
         f"successes {status['successes']:,}  errors {status['errors']:,} ({status['errors_retryable']:,} retryable)",
     ]
     if status["verification_ok"] is not None:
-        lines.append(f"verification: {'OK, every URL accounted for exactly once' if status['verification_ok'] else 'PROBLEMS (see reports/verification.json)'}")
+        verdict = "OK, every URL accounted for exactly once" if status["verification_ok"] else "PROBLEMS (see reports)"
+        lines.append(f"verification: {verdict}")
     ranked = sorted(status["per_server"].items(), key=lambda kv: kv[1]["done"] - kv[1]["batches"])[:servers]
     lines.append("server                                   batches  done  successes  errors")
     for name, row in ranked:

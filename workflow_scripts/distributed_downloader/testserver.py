@@ -524,9 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(200, _body(host.seed, ref), CONTENT_TYPES[ref.ext])
 
-    def _reply(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def _reply(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         host = self.server.host
         host.record_status(status)
         self.send_response(status)

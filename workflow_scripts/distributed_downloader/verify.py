@@ -11,7 +11,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Paths
-from distributed_downloader.store import ERROR_SCHEMA, ERRORS_FILE, SUCCESS_SCHEMA, SUCCESSES_FILE, atomic_write_json, atomic_write_text, read_table, valid_marker
+from distributed_downloader.store import (
+    ERROR_SCHEMA,
+    ERRORS_FILE,
+    SUCCESS_SCHEMA,
+    SUCCESSES_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    read_table,
+    valid_marker,
+)
 
 
 def verify_batch(paths: Paths, server: str, partition_id: int, fp: str) -> dict:
@@ -77,7 +86,11 @@ def verify_all(manifest: Mapping, paths: Paths) -> dict:
 
 def write_reports(result: Mapping, json_path, csv_path) -> None:  # noqa: ANN001 - paths
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["server_name", "batches", "urls", "successes", "errors", "success_rate"], lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer,
+        fieldnames=["server_name", "batches", "urls", "successes", "errors", "success_rate"],
+        lineterminator="\n",
+    )
     writer.writeheader()
     for summary in result["servers"].values():
         writer.writerow(summary)

@@ -143,7 +143,14 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
         while spec is not None:
             if error is not None:
                 raise RuntimeError(f"lane {spec.key} failed") from error
-            log.info("batch done %s/%s: %s ok, %s errors in %.1fs", stats["server_name"], stats["partition_id"], stats["successes"], stats["errors"], stats["seconds"])
+            log.info(
+                "batch done %s/%s: %s ok, %s errors in %.1fs",
+                stats["server_name"],
+                stats["partition_id"],
+                stats["successes"],
+                stats["errors"],
+                stats["seconds"],
+            )
             reply = rpc({"kind": "next", "server": spec.server_name, "lane_index": spec.lane_index, "stats": stats})
             thread = lanes[spec.server_name]
             thread.inbox.put(reply["batch"])
@@ -162,7 +169,12 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
                 lanes[lane_spec.server_name] = thread
                 thread.start()
                 thread.inbox.put(assignment["batch"])
-                log.info("lane %s (of %d) at %.2f req/s", lane_spec.key, lane_spec.lanes, lane_spec.start_rate / lane_spec.lanes)
+                log.info(
+                    "lane %s (of %d) at %.2f req/s",
+                    lane_spec.key,
+                    lane_spec.lanes,
+                    lane_spec.start_rate / lane_spec.lanes,
+                )
             exhausted = reply["exhausted"] and not reply["assignments"]
             if not reply["assignments"] and not exhausted:
                 time.sleep(0.2)  # every server with work left has all its lanes taken
@@ -191,7 +203,9 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     missing = []
     for server in schedule["servers"]:
         for batch in server["batches"]:
-            marker = valid_marker(paths.batch_images(server["server_name"], batch["partition_id"]), batch["fingerprint"])
+            marker = valid_marker(
+                paths.batch_images(server["server_name"], batch["partition_id"]), batch["fingerprint"]
+            )
             if marker is None or (batch["mode"] != "full" and marker.round < schedule["round"]):
                 missing.append(f"{server['server_name']}/{batch['partition_id']}")
     return missing
@@ -239,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             print("MPI library lacks MPI_THREAD_MULTIPLE, which the coordinator needs", file=sys.stderr)
             comm.Abort(3)
         atomic_write_json(paths.state / f"round_{round_no}_ranks.json", ranks)
-        print(f"[download] round {round_no}: {size} ranks, {schedule['totals']['batches']} batches of "
-              f"{schedule['totals']['servers']} servers, lower bound {schedule['totals']['lower_bound_seconds']}s", flush=True)
+        print(
+            f"[download] round {round_no}: {size} ranks, {schedule['totals']['batches']} batches of "
+            f"{schedule['totals']['servers']} servers, lower bound {schedule['totals']['lower_bound_seconds']}s",
+            flush=True,
+        )
         coordinator = Coordinator(remaining_work(schedule, paths), decrease=params["rate_multiplier"])
         coordinator_thread = CoordinatorThread(comm, coordinator, paths.state / f"round_{round_no}_progress.json")
         coordinator_thread.start()
@@ -260,5 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"[download] {len(missing)} batches unfinished, e.g. {missing[:5]}", file=sys.stderr)
             return 1
-        atomic_write_json(done_path, {"round": round_no, "ranks": size, "progress": coordinator_thread.coordinator.progress()})
+        atomic_write_json(
+            done_path,
+            {"round": round_no, "ranks": size, "progress": coordinator_thread.coordinator.progress()},
+        )
     return 0

@@ -1,0 +1,82 @@
+"""The same workflow through profiles/slurm on a real Slurm cluster (2 nodes on this machine):
+sbatch per stage, `srun --mpi=pmi2` over the mpi4py worker, sacct for job status."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed_downloader import demo
+from distributed_downloader.testserver import HostSpec, ImageFarm
+from tests.conftest import kill_group, run, snakemake_cmd
+from tests.e2e.helpers import check_dataset, ranks_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+FAST_POLL = ["--slurm-init-seconds-before-status-checks", "1"]
+
+
+def slurm_cmd(config: Path, workdir: Path, *extra: str) -> list[str]:
+    return snakemake_cmd(config, workdir, *FAST_POLL, *extra, profile="slurm")
+
+
+def _squeue_jobs() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_slurm_two_nodes(tmp_path: Path, farm: ImageFarm, slurm_cluster: Path) -> None:
+    rows = demo.demo_rows(farm, per_host=30)
+    config = demo.write_config(tmp_path, demo.write_input(rows, tmp_path / "urls.csv"), max_nodes=2, workers_per_node=2)
+    started = time.monotonic()
+    run(slurm_cmd(config, tmp_path), timeout=900)
+    print(f"slurm e2e (2 nodes x 2 ranks): {time.monotonic() - started:.1f}s")
+    output = tmp_path / "output"
+    ranks = ranks_of(output)
+    assert [r["size"] for r in ranks] == [4] * 4, ranks
+    nodes = {r["node"] for r in ranks}
+    assert nodes == {"node1", "node2"}, f"ranks should span both nodes, got {ranks}"
+    print("rank placement:", [(r["rank"], r["node"]) for r in ranks])
+    result = check_dataset(output, rows)
+    assert result["successes"] == 90 and result["errors"] == 9
+
+
+def test_slurm_kill_and_resume(tmp_path: Path, slurm_cluster: Path) -> None:
+    """Kill Snakemake and scancel its jobs mid-download; the same command finishes the rest."""
+    hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(3)]
+    with ImageFarm(hosts) as farm:
+        rows = demo.demo_rows(farm, per_host=60, faults=False)
+        config = demo.write_config(
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=10,
+            default_rate_limit=6,
+            max_rate_limit=6,
+        )
+        output = tmp_path / "output"
+        proc = subprocess.Popen(
+            slurm_cmd(config, tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        markers = lambda: len(list((output / "downloaded_images").glob("*/*/_completed")))  # noqa: E731
+        try:
+            while markers() < 3 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+        finally:
+            kill_group(proc)
+            subprocess.run(["scancel", "--user", "root"], check=False)
+        done_at_kill = markers()
+        assert 0 < done_at_kill < 18, done_at_kill
+        for _ in range(100):  # the cancelled job's ranks are gone before we resume
+            if not _squeue_jobs():
+                break
+            time.sleep(0.2)
+        run(slurm_cmd(config, tmp_path, "--unlock"))
+        run(slurm_cmd(config, tmp_path), timeout=900)
+        check_dataset(output, rows)
+        print(f"slurm kill at {done_at_kill}/18 batches; resumed and completed")

@@ -1,0 +1,219 @@
+"""Tests for the download coordinator's bookkeeping (lanes, batches, progress), on real schedules."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from distributed_downloader import config as config_mod
+from distributed_downloader import inputs, partition, schedule
+from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.errors import ErrorCode
+from distributed_downloader.profiling import ServerProfile
+
+# server -> (urls, max_rate): with batch_size 2 and rate ceilings chosen so the
+# longest-first order is long.org, mid.org, short.org
+SERVERS = {"short.org": (2, 10.0), "long.org": (12, 1.0), "mid.org": (8, 2.0)}
+
+
+def build_schedule(
+    tmp_path: Path, servers: dict = SERVERS, rules: dict | None = None, ignored: tuple[str, ...] = ()
+) -> dict:
+    lines = ["uuid,identifier,source_id"]
+    for name, (count, _) in servers.items():
+        lines += [f"{name}-{i},http://{name}/{i}.jpg,s" for i in range(count)]
+    source = tmp_path / "in.csv"
+    source.write_text("\n".join(lines) + "\n")
+    cfg = config_mod.validate(
+        {
+            "path_to_input": str(source),
+            "path_to_output": str(tmp_path / "out"),
+            "schedule_rules": rules if rules is not None else {"1": 3},
+            "downloader_parameters": {"batch_size": 2, "max_nodes": 2, "workers_per_node": 2},
+        }
+    )
+    paths = config_mod.paths(cfg)
+    manifest = partition.write_partitions(inputs.rows(source), paths.urls, paths.rejected_table, 2).manifest
+    profiles = {}
+    for name, (count, rate) in servers.items():
+        code = int(ErrorCode.SERVER_IGNORED) if name in ignored else 0
+        profiles[name] = ServerProfile(
+            name,
+            -(-count // 2),
+            count,
+            1.0,
+            rate,
+            6,
+            10.0,
+            200,
+            False,
+            0.0,
+            0.0,
+            not code,
+            "ignored by test" if code else "",
+            code,
+        )
+    return schedule.build(manifest, profiles, paths, cfg, 1)
+
+
+def stats(urls: int = 2, successes: int = 1, size: int = 100, failed: bool = False) -> dict:
+    return {"urls": urls, "successes": successes, "bytes": size, "server_failed": failed}
+
+
+def test_longest_server_first_and_one_lane_per_server_per_request(tmp_path: Path) -> None:
+    plan = build_schedule(tmp_path)
+    assert [s["server_name"] for s in plan["servers"]] == ["long.org", "mid.org", "short.org"]
+    coord = Coordinator(plan, decrease=0.5)
+    got = coord.request_lanes(rank=0, free=10, held=set())
+    assert [a.lane["server_name"] for a in got] == ["long.org", "mid.org", "short.org"]
+    assert [a.batch["partition_id"] for a in got] == [0, 0, 0]
+    first = got[0].lane
+    assert first["lane_index"] == 0 and first["lanes"] == 3
+    assert first["start_rate"] == 1.0 and first["max_rate"] == 1.0 and first["max_connections"] == 6
+    assert first["decrease"] == 0.5 and first["ignored_code"] == 0
+
+
+def test_free_slots_limit_the_lanes_handed_out(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    got = coord.request_lanes(rank=0, free=1, held=set())
+    assert [a.lane["server_name"] for a in got] == ["long.org"]
+    assert coord.request_lanes(rank=1, free=0, held=set()) == []
+
+
+def test_never_more_lanes_than_allowed_and_never_a_held_server(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    held: dict[int, set[str]] = {r: set() for r in range(6)}
+    for rank in range(6):
+        for a in coord.request_lanes(rank, free=10, held=held[rank]):
+            assert a.lane["server_name"] not in held[rank]
+            held[rank].add(a.lane["server_name"])
+    lanes_open = Counter(name for names in held.values() for name in names)
+    # long.org: 6 batches, rule -> 3 lanes; mid.org: 4 batches -> 3 lanes; short.org: 1 batch -> 1 lane
+    assert lanes_open == {"long.org": 3, "mid.org": 3, "short.org": 1}
+    for name, state in coord.servers.items():
+        assert len(state.open_lanes) == lanes_open[name]
+        assert sorted(state.holders) == sorted(state.open_lanes)
+    assert coord.request_lanes(6, free=10, held=set()) == []  # every server at its lane limit
+
+
+def test_a_rank_is_not_given_a_server_it_already_holds(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    first = coord.request_lanes(0, free=1, held=set())
+    assert [a.lane["server_name"] for a in first] == ["long.org"]
+    again = coord.request_lanes(0, free=1, held={"long.org"})
+    assert [a.lane["server_name"] for a in again] == ["mid.org"]
+    other = coord.request_lanes(1, free=1, held=set())
+    assert [a.lane["server_name"] for a in other] == ["long.org"]
+    assert other[0].lane["lane_index"] == 1
+
+
+def test_next_batch_drains_the_server_then_closes_the_lane(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 1}), decrease=0.5)
+    (assignment,) = coord.request_lanes(0, free=1, held=set())
+    assert assignment.lane["server_name"] == "long.org"
+    seen = [assignment.batch["partition_id"]]
+    while (batch := coord.next_batch("long.org", 0, stats())) is not None:
+        seen.append(batch["partition_id"])
+    assert seen == [0, 1, 2, 3, 4, 5]
+    state = coord.servers["long.org"]
+    assert not state.open_lanes and not state.holders
+    assert state.done_batches == 6
+    # no batches left: the server is not handed out again
+    later = coord.request_lanes(1, free=5, held=set())
+    assert [a.lane["server_name"] for a in later] == ["mid.org", "short.org"]
+
+
+def test_closed_lane_index_is_reused(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 2}), decrease=0.5)
+    a0 = coord.request_lanes(0, free=1, held=set())[0]
+    a1 = coord.request_lanes(1, free=1, held=set())[0]
+    assert (a0.lane["server_name"], a1.lane["server_name"]) == ("long.org", "long.org")
+    assert {a0.lane["lane_index"], a1.lane["lane_index"]} == {0, 1}
+    state = coord.servers["long.org"]
+    state.pending.clear()  # pretend the rest went elsewhere: lane 0 closes on its next request
+    assert coord.next_batch("long.org", 0, stats()) is None
+    state.pending.append({"partition_id": 99, "fingerprint": "x", "mode": "full"})
+    (again,) = coord.request_lanes(2, free=1, held=set())
+    assert again.lane["server_name"] == "long.org" and again.lane["lane_index"] == 0
+
+
+def test_exhausted_finished_and_progress(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    assert coord.total_batches == 6 + 4 + 1
+    assert not coord.exhausted and not coord.finished
+    assert coord.progress()["eta_s"] is None
+    held: dict[int, set[str]] = {r: set() for r in range(4)}
+    lanes: list[tuple[str, int]] = []
+    for rank in range(4):
+        for a in coord.request_lanes(rank, free=3, held=held[rank]):
+            held[rank].add(a.lane["server_name"])
+            lanes.append((a.lane["server_name"], a.lane["lane_index"]))
+    reported = 0
+    while lanes:
+        name, index = lanes.pop(0)
+        failed = name == "short.org"
+        nxt = coord.next_batch(name, index, stats(urls=2, successes=2, size=10, failed=failed))
+        reported += 1
+        if nxt is not None:
+            lanes.append((name, index))
+        if coord.exhausted:
+            assert all(not s.pending for s in coord.servers.values())
+    assert coord.exhausted and coord.finished
+    assert reported == coord.total_batches == coord.done_batches
+    progress = coord.progress()
+    assert progress["batches_done"] == progress["batches_total"] == 11
+    assert progress["urls_done"] == 22
+    assert progress["successes"] == 22
+    assert progress["bytes"] == 110
+    assert progress["servers_active"] == 0
+    assert progress["servers_failed"] == ["short.org"]
+    assert progress["eta_s"] == 0.0
+
+
+def test_ignored_server_gets_exactly_one_lane(tmp_path: Path) -> None:
+    plan = build_schedule(tmp_path, rules={"1": 3}, ignored=("long.org",))
+    coord = Coordinator(plan, decrease=0.5)
+    names = []
+    for rank in range(4):
+        names += [a.lane["server_name"] for a in coord.request_lanes(rank, free=5, held=set())]
+    assert names.count("long.org") == 1
+    lane = next(s for s in plan["servers"] if s["server_name"] == "long.org")
+    assert lane["ignored_code"] == int(ErrorCode.SERVER_IGNORED)
+
+
+def test_random_interleavings_keep_the_invariants(tmp_path: Path) -> None:
+    """Ranks ask for lanes and finish batches in random order: every batch is handed out exactly once,
+    a server never has more lanes than allowed, a rank never holds two lanes of one server."""
+    plan = build_schedule(tmp_path, rules={"1": 2, "4": 3})
+    limits = {s["server_name"]: s["lanes"] for s in plan["servers"]}
+    expected = Counter((s["server_name"], b["partition_id"]) for s in plan["servers"] for b in s["batches"])
+    rng = random.Random(1234)
+    for _ in range(20):
+        coord = Coordinator(plan, decrease=0.5)
+        held: dict[int, dict[str, int]] = {r: {} for r in range(5)}  # rank -> server -> lane index
+        handed: Counter = Counter()
+        steps = 0
+        while not coord.finished:
+            steps += 1
+            assert steps < 1000
+            rank = rng.randrange(5)
+            if held[rank] and rng.random() < 0.6:
+                name = rng.choice(sorted(held[rank]))
+                batch = coord.next_batch(name, held[rank][name], stats())
+                if batch is None:
+                    del held[rank][name]
+                else:
+                    handed[(name, batch["partition_id"])] += 1
+            else:
+                for a in coord.request_lanes(rank, free=rng.randint(0, 3), held=set(held[rank])):
+                    name = a.lane["server_name"]
+                    assert name not in held[rank]
+                    held[rank][name] = a.lane["lane_index"]
+                    handed[(name, a.batch["partition_id"])] += 1
+            for name, limit in limits.items():
+                holders = [r for r in held if name in held[r]]
+                assert len(holders) <= max(1, limit)
+                assert len({held[r][name] for r in holders}) == len(holders)
+                assert len(coord.servers[name].open_lanes) == len(holders)
+        assert handed == expected
