@@ -90,7 +90,7 @@ class LaneLimits:
     start_rate: float
     ceiling: float  # this lane's share of the server's max rate
     max_connections: int  # this lane's share of the server's connections
-    decrease: float = 0.5  # multiplicative decrease on congestion (the original's rate_multiplier)
+    decrease: float = 0.3  # the rate is multiplied by (1 - decrease) on congestion (config: rate_multiplier)
     floor: float = 1 / 30
 
 
@@ -106,6 +106,12 @@ class RateController:
     - Advertised limits (RateLimit-Policy, X-RateLimit-Limit) cap the rate directly.
     """
 
+    SLOW_START_GROWTH = 1.5  # per saturated second, until the first congestion
+    NEAR = 0.9  # "near" the last failing level: from this fraction of it on, grow gently
+    GROWTH_FAR = 0.05  # per saturated second, far below the last failing level
+    GROWTH_NEAR = 0.01  # per probe, near it
+    PROBE_REQUESTS = 100  # requests between two probes near the last failing level
+
     def __init__(self, limits: LaneLimits, clock: Clock = time.monotonic, share: float = 1.0) -> None:
         self.limits = limits
         self.clock = clock
@@ -120,6 +126,7 @@ class RateController:
         self.epoch_start = clock()
         self.epoch_sent = 0
         self.epoch_congested = False
+        self.sent_since_increase = 0
         self.forbidden_streak = 0
         self.in_flight = 0
         self.latency = 0.0  # smoothed seconds per request
@@ -141,6 +148,7 @@ class RateController:
             start = max(now, self.next_start, self.paused_until)
             self.next_start = start + 1.0 / self.rate
             self.epoch_sent += 1
+            self.sent_since_increase += 1
             return start - now
 
     # ------------------------------------------------------------------ feedback
@@ -191,17 +199,14 @@ class RateController:
 
     def _decrease(self, now: float, factor: float | None = None) -> None:
         self.epoch_congested = True
-        if now - self.last_decrease < max(1.0, self.latency * 2):
+        if now - self.last_decrease < max(1.0, self.latency * 2, 2.0 / self.rate):
             return  # one reaction per congestion event, not per in-flight request
         self.events["congestion"] += 1
         self.last_decrease = now
-        self.congestion_rate = (
-            self.rate if self.congestion_rate is None else min(self.rate, max(self.congestion_rate, self.rate))
-        )
+        self.congestion_rate = self.rate  # the level that just failed: probe back towards it slowly
         self.slow_start = False
         multiplier = factor if factor is not None else 1.0 - self.limits.decrease
-        # Back off from the level that just failed, but not below what was safe before.
-        self.rate = max(self.limits.floor, self.rate * max(multiplier, 0.5 if factor is None else multiplier))
+        self.rate = max(self.limits.floor, self.rate * multiplier)
         self.next_start = max(self.next_start, now + 1.0 / self.rate)
 
     def _roll_epoch(self, now: float) -> None:
@@ -211,13 +216,22 @@ class RateController:
         saturated = self.epoch_sent >= 0.8 * self.rate * elapsed and now >= self.paused_until
         if saturated and not self.epoch_congested and self.rate < self.ceiling:
             if self.slow_start:
-                self.rate = min(self.ceiling, self.rate * 1.5)
+                self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH)
             else:
-                # Additive increase, much slower just under the level that last failed.
-                near = self.congestion_rate is not None and self.rate >= 0.9 * self.congestion_rate
-                step = max(0.05, self.rate * (0.01 if near else 0.05))
+                # Additive increase: brisk far below the level that last failed, gentle near it.
+                near = self.congestion_rate is not None and self.rate >= self.NEAR * self.congestion_rate
+                if near and self.sent_since_increase < self.PROBE_REQUESTS:
+                    # Near the level that failed, probe per so many requests, not per second, so a
+                    # slow server sees as few 429s per request as a fast one.
+                    self._close_epoch(now)
+                    return
+                step = max(0.02, self.rate * (self.GROWTH_NEAR if near else self.GROWTH_FAR))
                 self.rate = min(self.ceiling, self.rate + step)
             self.events["increases"] += 1
+            self.sent_since_increase = 0
+        self._close_epoch(now)
+
+    def _close_epoch(self, now: float) -> None:
         self.epoch_start, self.epoch_sent, self.epoch_congested = now, 0, False
 
 
