@@ -11,11 +11,15 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+report: "rules/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/initialize.smk"
 include: "rules/profile.smk"
 include: "rules/download.smk"
 include: "rules/verify.smk"
+include: "rules/report.smk"
 
 
 rule all:

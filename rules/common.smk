@@ -61,5 +61,9 @@ def verification_report():
     return str(PATHS.reports / "verification.json")
 
 
+def plot_file(name):
+    return str(PATHS.reports / "plots" / f"{name}.svg")
+
+
 def get_final_output():
-    return [verification_report()]
+    return [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")]

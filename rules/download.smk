@@ -36,4 +36,4 @@ rule download:
         mpi="mpiexec",
     shell:
         "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
-        " {input.schedule:q} {output:q} > {log:q} 2>&1"
+        " {input.schedule:q} {output:q} 2>&1 | tee {log:q}"

@@ -4,7 +4,9 @@ rule verify:
         manifest=urls_manifest(),
     output:
         json=verification_report(),
-        csv=str(PATHS.reports / "server_summary.csv"),
+        csv=report(
+            str(PATHS.reports / "server_summary.csv"), caption="report/summary.rst", category="Verification"
+        ),
     conda:
         "../envs/environment.yaml"
     log:

@@ -58,7 +58,14 @@ def build_schedule(
 
 
 def stats(urls: int = 2, successes: int = 1, size: int = 100, failed: bool = False) -> dict:
-    return {"urls": urls, "successes": successes, "bytes": size, "server_failed": failed}
+    return {
+        "urls": urls,
+        "processed": urls,
+        "successes": successes,
+        "new_successes": successes,
+        "bytes": size,
+        "server_failed": failed,
+    }
 
 
 def test_longest_server_first_and_one_lane_per_server_per_request(tmp_path: Path) -> None:

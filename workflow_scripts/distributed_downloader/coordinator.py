@@ -43,6 +43,8 @@ class Coordinator:
         self.done_batches = 0
         self.started = time.monotonic()
         self.batch_stats: list[dict] = []
+        self.live: dict[int, list[dict]] = {}  # rank -> its lanes' latest snapshots
+        self._congestion_seen: dict[str, int] = {}
 
     def _lane_limit(self, state: _ServerState) -> int:
         return max(1, state.info["lanes"]) if not state.info["ignored_code"] else 1
@@ -102,23 +104,43 @@ class Coordinator:
     def finished(self) -> bool:
         return self.done_batches >= self.total_batches
 
+    def update_live(self, rank: int, lanes: list[dict]) -> None:
+        self.live[rank] = lanes
+
+    def backing_off(self) -> list[str]:
+        """Servers pausing (Retry-After, quota) or that slowed down since the last look."""
+        names = set()
+        for lanes in self.live.values():
+            for lane in lanes:
+                key = f"{lane['server']}#{lane['lane']}"
+                if lane["paused_for"] > 0 or lane["congestion"] > self._congestion_seen.get(key, 0):
+                    names.add(lane["server"])
+                self._congestion_seen[key] = lane["congestion"]
+        return sorted(names)
+
     def progress(self) -> dict:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        urls = sum(s["urls"] for s in self.batch_stats)
-        successes = sum(s["successes"] for s in self.batch_stats)
-        rate = successes / elapsed
-        busy = [n for n, s in self.servers.items() if s.open_lanes]
-        remaining = self.total_batches - self.done_batches
-        eta = elapsed / self.done_batches * remaining if self.done_batches else None
+        live = [lane for lanes in self.live.values() for lane in lanes]
+        total_urls = sum(self._batch_urls(state) for state in self.servers.values()) or 1
+        urls = sum(s["processed"] for s in self.batch_stats) + sum(lane["done"] for lane in live)
+        successes = sum(s["new_successes"] for s in self.batch_stats) + sum(lane["successes"] for lane in live)
+        fraction = min(1.0, urls / total_urls)
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
         return {
             "batches_done": self.done_batches,
             "batches_total": self.total_batches,
             "urls_done": urls,
+            "urls_total": total_urls,
             "successes": successes,
-            "images_per_s": round(rate, 1),
-            "bytes": sum(s["bytes"] for s in self.batch_stats),
-            "servers_active": len(busy),
+            "images_per_s": round(successes / elapsed, 1),
+            "bytes": sum(s["bytes"] for s in self.batch_stats) + sum(lane["bytes"] for lane in live),
+            "servers_active": len({lane["server"] for lane in live}),
+            "servers_backing_off": self.backing_off(),
             "servers_failed": sorted(n for n, s in self.servers.items() if s.failed),
             "elapsed_s": round(elapsed, 1),
             "eta_s": None if eta is None else round(eta, 1),
         }
+
+    def _batch_urls(self, state: _ServerState) -> int:
+        """URLs this round tries for a server (remaining_work() counts them per batch as `todo`)."""
+        return sum(int(b.get("todo", 0)) for b in state.info["batches"])

@@ -39,6 +39,7 @@ from distributed_downloader.store import (
 )
 
 log = logging.getLogger(__name__)
+RATE_SAMPLE_SECONDS = 5.0
 
 
 @dataclass
@@ -64,6 +65,9 @@ class BatchStats:
     partition_id: int
     mode: str
     urls: int = 0
+    todo: int = 0  # URLs this round tries (the whole batch, or a retry's transient errors)
+    processed: int = 0  # of those, finished this round
+    new_successes: int = 0
     successes: int = 0
     errors: int = 0
     transient: int = 0
@@ -74,6 +78,8 @@ class BatchStats:
     seconds: float = 0.0
     rate_end: float = 0.0
     server_failed: bool = False
+    started_at: float = 0.0  # wall-clock epoch seconds
+    rate_samples: list = field(default_factory=list)  # [seconds since batch start, requests/s of this lane]
 
     def to_json(self) -> dict:
         data = dict(self.__dict__)
@@ -141,6 +147,7 @@ class Lane:
             self.pool = ThreadPoolExecutor(max_workers=connections, thread_name_prefix=f"fetch-{spec.server_name}")
         self.consecutive_failures = 0
         self.server_failed = False
+        self.current: BatchStats | None = None
 
     def _robots_text(self) -> str | None:
         path = self.paths.robots / f"{self.spec.server_name}.txt"
@@ -157,9 +164,25 @@ class Lane:
 
     # ------------------------------------------------------------------ one batch
 
+    def snapshot(self) -> dict:
+        """Live state for progress reports (read without locks: a slightly stale view is fine)."""
+        batch = self.current
+        return {
+            "server": self.spec.server_name,
+            "lane": self.spec.lane_index,
+            "rate": round(self.controller.rate, 2),
+            "paused_for": round(max(0.0, self.controller.paused_until - time.monotonic()), 1),
+            "congestion": self.controller.events["congestion"],
+            "done": 0 if batch is None else batch.processed,
+            "successes": 0 if batch is None else batch.new_successes,
+            "bytes": 0 if batch is None else batch.bytes,
+            "failed": self.server_failed,
+        }
+
     def run_batch(self, partition_id: int, fingerprint: str, mode: str) -> BatchStats:
         started = time.monotonic()
-        stats = BatchStats(self.spec.server_name, partition_id, mode)
+        stats = BatchStats(self.spec.server_name, partition_id, mode, started_at=round(time.time(), 3))
+        self.current = stats
         final_dir = self.paths.batch_images(self.spec.server_name, partition_id)
         staging = (
             self.paths.staging / f"round_{self.round_no}" / f"{self.spec.server_name}" / f"{partition_id}.{os.getpid()}"
@@ -172,6 +195,7 @@ class Lane:
             urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
             stats.urls = len(urls)
             todo = self._carry_over(final_dir, urls, mode, successes, errors, stats)
+            stats.todo = len(todo)
             if mode == "ignored" or self.spec.ignored_code:
                 for item in todo:
                     self._write_error(
@@ -195,8 +219,9 @@ class Lane:
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        stats.seconds = time.monotonic() - started
+        stats.seconds = round(time.monotonic() - started, 3)
         stats.rate_end = self.controller.rate
+        self.current = None
         stats.server_failed = self.server_failed
         return stats
 
@@ -253,7 +278,13 @@ class Lane:
         pending: deque[_Item] = deque(todo)
         results: queue.Queue[_Outcome] = queue.Queue()
         in_flight = 0
+        started = time.monotonic()
+        next_sample = started
         while pending or in_flight:
+            now = time.monotonic()
+            if now >= next_sample:  # the rate's trajectory, for the report
+                stats.rate_samples.append([round(now - started, 1), round(self.controller.rate, 3)])
+                next_sample = now + RATE_SAMPLE_SECONDS
             while pending and in_flight < self.controller.concurrency_limit():
                 item = pending.popleft()
                 if not self.robots.allowed(item.row["identifier"]):
@@ -356,6 +387,8 @@ class Lane:
         if outcome.success is not None:
             successes.append(outcome.success)
             stats.successes += 1
+            stats.new_successes += 1
+            stats.processed += 1
             return
         if is_transient(outcome.code) and item.attempt < self.max_retries and not self.server_failed:
             item.attempt += 1
@@ -374,6 +407,7 @@ class Lane:
             }
         )
         stats.errors += 1
+        stats.processed += 1
         stats.error_codes[int(code)] += 1
         if is_transient(code):
             stats.transient += 1

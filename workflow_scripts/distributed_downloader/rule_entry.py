@@ -32,6 +32,12 @@ def run(smk: Any) -> None:
             stages.profile_servers(config)
         elif stage == "schedule":
             stages.make_schedule(config, int(smk.wildcards.round), Path(smk.output[0]))
+        elif stage == "report_plots":
+            from distributed_downloader import config as config_mod
+            from distributed_downloader import plots
+
+            paths = config_mod.paths(config)
+            plots.make_all(Path(smk.input.verification), paths.state, paths.images, dict(smk.output.items()))
         elif stage == "verify":
             stages.verify_downloads(config, Path(smk.output.json), Path(smk.output.csv))
         else:

@@ -20,16 +20,19 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from distributed_downloader import config as config_mod
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.schedule import batch_mode
-from distributed_downloader.store import atomic_write_json, valid_marker
+from distributed_downloader.store import atomic_write_json, read_marker, valid_marker
 
 TAG_REQUEST = 11
 TAG_REPLY = 12
 POLL_SECONDS = 0.005
-PROGRESS_SECONDS = 5.0
+PROGRESS_SECONDS = 10.0  # a progress line this often: readable in a terminal and in Slurm logs
+STATUS_SECONDS = 2.0  # each rank reports its lanes' live state this often
 
 log = logging.getLogger("distributed_downloader.worker")
 
@@ -86,19 +89,42 @@ class CoordinatorThread(threading.Thread):
             }
         if kind == "next":
             return {"batch": self.coordinator.next_batch(message["server"], message["lane_index"], message["stats"])}
+        if kind == "status":
+            self.coordinator.update_live(rank, message["lanes"])
         return {}
 
     def report(self) -> None:
         progress = self.coordinator.progress()
-        eta = "?" if progress["eta_s"] is None else f"{progress['eta_s']:.0f}s"
-        print(
-            f"[download] batches {progress['batches_done']}/{progress['batches_total']}"
-            f" | {progress['successes']} images ({progress['images_per_s']}/s)"
-            f" | {progress['bytes'] / 1e6:.1f} MB | servers active {progress['servers_active']}"
-            f" | given up {len(progress['servers_failed'])} | elapsed {progress['elapsed_s']:.0f}s | ETA {eta}",
-            flush=True,
-        )
+        print(format_progress(progress), flush=True)
         atomic_write_json(self.progress_path, progress)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return f" ({shown}{', ...' if len(names) > most else ''})" if names else ""
+
+
+def format_progress(progress: Mapping) -> str:
+    """One plain line (no control characters): fine in a terminal, a log file and a Slurm log."""
+    elapsed = max(progress["elapsed_s"], 1e-9)
+    megabytes_per_s = progress["bytes"] / elapsed / 1e6
+    return (
+        f"[download] batches {progress['batches_done']:,}/{progress['batches_total']:,}"
+        f" | URLs {progress['urls_done']:,}/{progress['urls_total']:,}"
+        f" | {progress['successes']:,} images, {progress['images_per_s']:.1f}/s, {megabytes_per_s:.2f} MB/s"
+        f" | elapsed {_duration(progress['elapsed_s'])}, ETA {_duration(progress['eta_s'])}"
+        f" | servers {progress['servers_active']} active"
+        f", {len(progress['servers_backing_off'])} backing off{_names(progress['servers_backing_off'])}"
+        f", {len(progress['servers_failed'])} given up{_names(progress['servers_failed'])}"
+    )
 
 
 class LaneThread(threading.Thread):
@@ -130,6 +156,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
     events: queue.Queue = queue.Queue()
     lanes: dict[str, LaneThread] = {}
     exhausted = False
+    next_status = time.monotonic() + STATUS_SECONDS
 
     def rpc(message: dict) -> dict:
         comm.send(message, dest=0, tag=TAG_REQUEST)
@@ -179,8 +206,12 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
             if not reply["assignments"] and not exhausted:
                 time.sleep(0.2)  # every server with work left has all its lanes taken
         if exhausted and not lanes:
+            rpc({"kind": "status", "lanes": []})
             rpc({"kind": "bye"})
             return
+        if time.monotonic() >= next_status:
+            rpc({"kind": "status", "lanes": [thread.lane.snapshot() for thread in lanes.values()]})
+            next_status = time.monotonic() + STATUS_SECONDS
 
 
 def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
@@ -192,10 +223,19 @@ def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
             folder = paths.batch_images(server["server_name"], batch["partition_id"])
             mode = batch_mode(folder, batch["fingerprint"], schedule["round"], bool(server["ignored_code"]))
             if mode is not None:
-                batches.append({**batch, "mode": mode})
+                batches.append({**batch, "mode": mode, "todo": _todo(paths, server["server_name"], batch, mode)})
         if batches:
             servers.append({**server, "batches": batches})
     return {**schedule, "servers": servers}
+
+
+def _todo(paths: config_mod.Paths, server: str, batch: Mapping, mode: str) -> int:
+    """How many URLs the batch tries this round (for progress and ETA)."""
+    if mode == "retry":
+        marker = read_marker(paths.batch_images(server, batch["partition_id"]))
+        if marker is not None:
+            return marker.transient
+    return pq.ParquetFile(paths.batch_urls(server, batch["partition_id"])).metadata.num_rows
 
 
 def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:

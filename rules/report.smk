@@ -1,0 +1,16 @@
+rule report_plots:
+    input:
+        verification=verification_report(),
+        done=round_done(ROUNDS),
+    output:
+        throughput=report(plot_file("throughput"), caption="report/throughput.rst", category="Download"),
+        errors=report(plot_file("errors_by_server"), caption="report/errors.rst", category="Download"),
+        rates=report(plot_file("rate_over_time"), caption="report/rates.rst", category="Politeness"),
+    conda:
+        "../envs/environment.yaml"
+    log:
+        log_file("report_plots"),
+    params:
+        stage="report_plots",
+    script:
+        "../workflow_scripts/run_stage.py"

@@ -1,0 +1,119 @@
+"""The classic front door: CLI flags (checked through Snakemake's own plan), the Python API,
+`status` mid-run and after, exit codes, and the report with its plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed_downloader import demo, download_images
+from distributed_downloader.testserver import HostSpec, ImageFarm
+from tests.conftest import REPO, kill_group, run, snakemake_cmd
+from tests.e2e.helpers import check_dataset
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "distributed_downloader.cli"]
+STAGES = ("initialize", "profile_servers", "schedule", "download", "verify")
+
+
+def planned_rules(output: str) -> set[str]:
+    """Rule names in a dry-run's job table."""
+    rules = set()
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            rules.add(parts[0])
+    return rules
+
+
+def output_of(cmd: list[str]) -> str:
+    result = run(cmd)
+    return result.stdout + result.stderr
+
+
+def test_cli_flags_api_status_and_report(tmp_path: Path, farm: ImageFarm) -> None:
+    rows = demo.demo_rows(farm, per_host=12)
+    config = demo.write_config(tmp_path, demo.write_input(rows, tmp_path / "urls.csv"))
+
+    fresh = run([*CLI, str(config), "-n"])
+    assert set(STAGES) <= planned_rules(fresh.stdout + fresh.stderr)
+
+    download_images(config)  # the Python API runs the real workflow in-process
+    check_dataset(tmp_path / "output", rows)
+
+    done = run([*CLI, str(config), "-n"])
+    assert "Nothing to be done" in done.stdout + done.stderr
+    batched = planned_rules(output_of([*CLI, str(config), "--reset_batched", "-n"]))
+    assert {"initialize", "profile_servers", "download", "verify"} <= batched
+    profiled = planned_rules(output_of([*CLI, str(config), "--reset_profiled", "-n"]))
+    assert "profile_servers" in profiled and "initialize" not in profiled
+
+    status = json.loads(run([*CLI, "status", str(config), "--json"]).stdout)
+    assert status["stage"] == "verified" and status["verification_ok"] is True
+    assert status["batches_done"] == status["batches_total"]
+    assert status["successes"] + status["errors"] == len(rows)
+    text = run([*CLI, "status", str(config)]).stdout
+    assert "every URL accounted for exactly once" in text
+
+    report = tmp_path / "report.html"
+    run(snakemake_cmd(config, REPO, "--report", str(report)))
+    html = report.read_text(errors="replace")
+    for figure in ("throughput.svg", "errors_by_server.svg", "rate_over_time.svg", "server_summary.csv"):
+        assert figure in html, figure
+
+
+def test_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"path_to_input": "x.csv", "path_to_output": "out", "downloader_parameters": {"batchsize": 5}})
+    )
+    result = run([*CLI, str(bad)], check=False)
+    assert result.returncode == 2 and "batchsize" in result.stderr
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        yaml.safe_dump({"path_to_input": str(tmp_path / "nope.csv"), "path_to_output": str(tmp_path / "o")})
+    )
+    result = run([*CLI, str(missing)], check=False)
+    assert result.returncode == 1 and "workflow failed" in result.stderr
+
+
+def test_status_mid_run(tmp_path: Path) -> None:
+    with ImageFarm([HostSpec("slow", latency=0.05), HostSpec("slow2", latency=0.05)]) as farm:
+        rows = demo.demo_rows(farm, per_host=40, faults=False)
+        config = demo.write_config(
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=8,
+            default_rate_limit=5,
+            max_rate_limit=5,
+        )
+        proc = subprocess.Popen(
+            [*CLI, str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        seen_mid = None
+        deadline = time.monotonic() + 180
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                status = json.loads(run([*CLI, "status", str(config), "--json"]).stdout)
+                if status.get("batches_total") and 0 < status["batches_done"] < status["batches_total"]:
+                    seen_mid = status
+                    break
+                time.sleep(0.3)
+            assert seen_mid is not None, "never saw the run half-way"
+            assert seen_mid["stage"] == "downloading" and seen_mid["urls"] == len(rows)
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+        assert proc.returncode == 0
+        # Live progress reached the terminal as plain lines.
+        progress = [line for line in out.decode().splitlines() if line.startswith("[download] batches")]
+        assert progress and all("\x1b" not in line and "\r" not in line for line in progress)
+        final = json.loads(run([*CLI, "status", str(config), "--json"]).stdout)
+        assert final["batches_done"] == final["batches_total"] and final["successes"] == len(rows)
