@@ -80,3 +80,74 @@ def test_slurm_kill_and_resume(tmp_path: Path, slurm_cluster: Path) -> None:
         run(slurm_cmd(config, tmp_path), timeout=900)
         check_dataset(output, rows)
         print(f"slurm kill at {done_at_kill}/18 batches; resumed and completed")
+
+
+def _pids_on_node(node: str) -> list[int]:
+    """Processes (our ranks) whose environment says they run on Slurm node `node`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"SLURMD_NODENAME={node}".encode() in environ and b"download_worker.py" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_slurm_node_failure_mid_download(tmp_path: Path, slurm_cluster: Path) -> None:
+    """node2 dies (its slurmd and our ranks on it) mid-download: the step fails cleanly, and the
+    same command, once the node is back, finishes with nothing lost or duplicated."""
+    import os
+    import signal
+
+    hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(4)]
+    with ImageFarm(hosts) as farm:
+        rows = demo.demo_rows(farm, per_host=60, faults=False)
+        config = demo.write_config(
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=10,
+            default_rate_limit=6,
+            max_rate_limit=6,
+            max_nodes=2,
+            workers_per_node=2,
+        )
+        output = tmp_path / "output"
+        cmd = slurm_cmd(config, tmp_path, "--retries", "0")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        markers = lambda: len(list((output / "downloaded_images").glob("*/*/_completed")))  # noqa: E731
+        deadline = time.monotonic() + 300
+        victims: list[int] = []
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                victims = _pids_on_node("node2")
+                if victims and markers() >= 2:
+                    break
+                time.sleep(0.2)
+            assert victims, "no rank ever ran on node2"
+            slurmd_pid = int(
+                (Path(os.environ.get("SLURM_CI_DIR", "/tmp/slurm-ci")) / "run" / "slurmd-node2.pid").read_text()
+            )
+            for pid in [slurmd_pid, *victims]:
+                os.kill(pid, signal.SIGKILL)
+            killed_at = markers()
+            proc.wait(timeout=240)  # the step must end (kill-on-bad-exit), not hang
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+        assert proc.returncode != 0, "the round should fail when a node dies mid-download"
+        subprocess.run(["slurmd", "-N", "node2"], check=True)  # the node comes back
+        for _ in range(150):
+            idle = subprocess.run(
+                ["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], capture_output=True, text=True
+            ).stdout
+            if "node2" in idle:
+                break
+            time.sleep(0.2)
+        run(slurm_cmd(config, tmp_path), timeout=900)
+        check_dataset(output, rows)
+        print(f"node2 killed at {killed_at}/24 batches ({len(victims)} ranks); rerun completed")
