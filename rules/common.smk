@@ -66,4 +66,6 @@ def plot_file(name):
 
 
 def get_final_output():
-    return [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")]
+    return [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")] + [
+        str(PATHS.tools / tool / "_done.json") for tool in config["tools"]
+    ]

@@ -82,8 +82,8 @@ def test_slurm_kill_and_resume(tmp_path: Path, slurm_cluster: Path) -> None:
         print(f"slurm kill at {done_at_kill}/18 batches; resumed and completed")
 
 
-def _pids_on_node(node: str) -> list[int]:
-    """Processes (our ranks) whose environment says they run on Slurm node `node`."""
+def _pids_on_node(node: str, output: Path) -> list[int]:
+    """This run's ranks whose environment says they run on Slurm node `node`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -93,7 +93,8 @@ def _pids_on_node(node: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"SLURMD_NODENAME={node}".encode() in environ and b"download_worker.py" in cmdline:
+        ours = b"download_worker.py" in cmdline and str(output).encode() in cmdline
+        if f"SLURMD_NODENAME={node}".encode() in environ and ours:
             pids.append(int(entry.name))
     return pids
 
@@ -124,7 +125,7 @@ def test_slurm_node_failure_mid_download(tmp_path: Path, slurm_cluster: Path) ->
         victims: list[int] = []
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                victims = _pids_on_node("node2")
+                victims = _pids_on_node("node2", output)
                 if victims and markers() >= 2:
                     break
                 time.sleep(0.2)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import pytest
 
 from distributed_downloader import config as config_mod
 from distributed_downloader.errors import DownloadError, ErrorCode
 from distributed_downloader.fetch import (
+    AddressPolicy,
     FetchSettings,
     HttpStatusError,
     ServerFetcher,
@@ -18,7 +21,7 @@ from distributed_downloader.fetch import (
     x_robots_opt_out,
 )
 from distributed_downloader.imaging import ImageSettings, process_image
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.testserver import HostSpec, ImageFarm, SilentHost, closed_port
 
 UA = "distributed-downloader/1.0 (+https://example.org/contact; unit tests)"
 SMALL = "w=64&h=48"
@@ -270,3 +273,267 @@ def test_x_robots_opt_out_after_a_directive_with_a_colon(value: str) -> None:
 )
 def test_robots_token(agent: str, token: str) -> None:
     assert FetchSettings(user_agent=agent).robots_token == token
+
+
+# ---------------------------------------------------------------- hostile servers (testserver's hostile routes)
+
+HOSTILE = {"connect_timeout": 0.5, "read_timeout": 1.0, "total_timeout": 1.5, "max_bytes": 2_000_000}
+SLACK = 0.4  # scheduling noise allowed on top of a time bound
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[tuple[SilentHost, SilentHost]]:
+    with SilentHost(mode="accept") as accepting, SilentHost(mode="backlog") as full:
+        yield accepting, full
+
+
+@pytest.fixture
+def hostile_fetcher() -> Iterator[ServerFetcher]:
+    f = ServerFetcher(settings(**HOSTILE))
+    yield f
+    f.close()
+
+
+def _to(url: str) -> str:
+    return "/redirect-to/" + quote(url, safe="")
+
+
+# (case, path builder, code, message fragment, seconds the fetch may take at most)
+HOSTILE_CASES = [
+    ("reset", lambda farm, s: f"/reset/r.jpg?{SMALL}", ErrorCode.NETWORK, "reset mid-body", 1.0),
+    ("stall", lambda farm, s: f"/stall/s.jpg?{SMALL}", ErrorCode.TIMEOUT, "read timeout mid-body", 1.0 + SLACK),
+    ("trickle", lambda farm, s: f"/trickle/t.jpg?{SMALL}", ErrorCode.TIMEOUT, "total time limit", 1.5 + SLACK),
+    ("slowheaders", lambda farm, s: "/slowheaders/h.jpg", ErrorCode.TIMEOUT, "response headers", 1.5 + SLACK),
+    ("too many redirects", lambda farm, s: "/redirect/6/a.jpg", ErrorCode.REDIRECT, "more than 5 redirects", 1.0),
+    ("loop", lambda farm, s: "/loop/2", ErrorCode.REDIRECT, "redirect loop", 1.0),
+    ("long loop", lambda farm, s: "/loop/40", ErrorCode.REDIRECT, "more than 5 redirects", 1.0),
+    ("to a closed port", lambda farm, s: _to(f"http://127.0.0.1:{closed_port()}/a.jpg"), -1, "refused", 1.0),
+    ("to a silent host", lambda farm, s: _to(s[0].url("/a.jpg")), ErrorCode.TIMEOUT, "no response", 1.0 + SLACK),
+    ("to a full backlog", lambda farm, s: _to(s[1].url("/a.jpg")), ErrorCode.TIMEOUT, "connect timeout", 0.5 + SLACK),
+    ("to ftp", lambda farm, s: _to("ftp://127.0.0.2/a.jpg"), ErrorCode.REDIRECT, "scheme 'ftp'", 1.0),
+    ("big", lambda farm, s: "/big/5", ErrorCode.TOO_LARGE, "Content-Length 5000000", 1.0),
+    ("big chunked", lambda farm, s: "/big/5?chunked=1", ErrorCode.TOO_LARGE, "body over", 1.0),
+    ("gzip bomb", lambda farm, s: "/gzbomb/50", ErrorCode.TOO_LARGE, "body over the 2000000-byte cap", 1.0),
+    ("badlength", lambda farm, s: f"/badlength/b.jpg?{SMALL}", ErrorCode.NETWORK, "short of its Content-Length", 1.0),
+    ("duplength", lambda farm, s: f"/duplength/d.jpg?{SMALL}", ErrorCode.PROTOCOL, "Content-Length", 1.0),
+    ("badgzip", lambda farm, s: f"/badgzip/g.jpg?{SMALL}", ErrorCode.PROTOCOL, "Content-Encoding", 1.0),
+    ("badchunk", lambda farm, s: f"/badchunk/c.jpg?{SMALL}", ErrorCode.NETWORK, "chunked", 1.0),
+    ("x-robots-tag", lambda farm, s: f"/xrobots/noimageai/x.jpg?{SMALL}", ErrorCode.X_ROBOTS_TAG, "noimageai", 1.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("path_of", "code", "fragment", "bound"),
+    [case[1:] for case in HOSTILE_CASES],
+    ids=[case[0] for case in HOSTILE_CASES],
+)
+def test_hostile_server_becomes_a_coded_error_in_bounded_time(
+    farm: ImageFarm,
+    silent: tuple[SilentHost, SilentHost],
+    hostile_fetcher: ServerFetcher,
+    path_of,
+    code: int,
+    fragment: str,
+    bound: float,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        hostile_fetcher.get(farm.url(0, path_of(farm, silent)))
+    elapsed = time.monotonic() - started
+    assert not isinstance(info.value, HttpStatusError)
+    assert (info.value.code, fragment in info.value.message) == (code, True), info.value.message
+    assert elapsed < bound, f"took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize(
+    "path", [f"/gzip/z.png?{SMALL}", f"/redirect/5/z.png?{SMALL}", f"/xrobots/noindex%2C%20nofollow/z.png?{SMALL}"]
+)
+def test_benign_variants_deliver_the_image(farm: ImageFarm, hostile_fetcher: ServerFetcher, path: str) -> None:
+    # gzip is decoded (and the stored MD5 is that of the image file); exactly max_redirects hops are fine.
+    assert hostile_fetcher.get(farm.url(0, path)).body == farm.expected_bytes(f"/img/z.png?{SMALL}")
+
+
+@pytest.mark.parametrize(
+    ("path", "code"), [("/json/a", ErrorCode.IMAGE_DECODE), ("/bomb.png", ErrorCode.TOO_MANY_PIXELS)]
+)
+def test_lying_bodies_fail_when_decoded(farm: ImageFarm, hostile_fetcher: ServerFetcher, path: str, code: int) -> None:
+    body = hostile_fetcher.get(farm.url(0, path)).body
+    assert len(body) < 200
+    with pytest.raises(DownloadError) as info:
+        process_image(body, ImageSettings(image_size=32))
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize("path", [f"/stall/w.jpg?{SMALL}", f"/trickle/w.jpg?{SMALL}", "/slowheaders/w.jpg"])
+def test_total_timeout_bounds_even_a_long_read_timeout(farm: ImageFarm, path: str) -> None:
+    """Per-read timeouts cannot stop a server that dribbles bytes; the deadline watchdog does."""
+    patient = ServerFetcher(settings(read_timeout=30.0, total_timeout=0.8))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadError) as info:
+            patient.get(farm.url(1, path))
+    finally:
+        patient.close()
+    assert info.value.code == ErrorCode.TIMEOUT and "total time limit of 0.8s" in info.value.message
+    assert time.monotonic() - started < 0.8 + SLACK
+
+
+def test_one_hostile_url_does_not_hurt_the_others_on_a_shared_fetcher(farm: ImageFarm) -> None:
+    shared = ServerFetcher(settings(total_timeout=0.6), pool_size=4)
+
+    def fetch(i: int) -> tuple[str, int]:
+        path = f"/trickle/m{i}.jpg?w=8&h=8" if i % 3 == 0 else f"/img/m{i % 5}.jpg?w=8&h=8"
+        try:
+            return path, len(shared.get(farm.url(0, path)).body)
+        except DownloadError as exc:
+            return path, exc.code
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(fetch, range(24)))
+    finally:
+        shared.close()
+    for path, outcome in results:
+        if path.startswith("/trickle/"):
+            assert outcome == ErrorCode.TIMEOUT
+        else:
+            assert outcome == len(farm.expected_bytes(path)), (path, outcome)
+
+
+def test_connections_are_reused_and_replaced_after_a_broken_one(farm: ImageFarm) -> None:
+    reuse = ServerFetcher(settings())
+    before = farm.stats(1).connections
+    try:
+        for i in range(10):
+            reuse.get(farm.url(1, f"/img/ka{i}.jpg?w=8&h=8"))
+        assert farm.stats(1).connections - before == 1
+        with pytest.raises(DownloadError):
+            reuse.get(farm.url(1, f"/reset/ka.jpg?{SMALL}"))
+        assert reuse.get(farm.url(1, "/img/ka0.jpg?w=8&h=8")).status == 200
+        assert farm.stats(1).connections - before == 2
+    finally:
+        reuse.close()
+
+
+# ---------------------------------------------------------------- the address policy at every hop
+
+
+def _only(network: str, **overrides) -> ServerFetcher:
+    """A fetcher that refuses private addresses except ``network`` (so a loopback farm host can be hop 1)."""
+    return ServerFetcher(
+        settings(allow_private_addresses=False, **overrides), address_policy=AddressPolicy(also_allowed=[network])
+    )
+
+
+def test_redirect_to_a_private_address_is_refused_before_any_request(farm: ImageFarm) -> None:
+    guarded = _only(f"{farm.addresses[0]}/32")
+    other_before, first_before = farm.stats(1).requests, farm.stats(0).requests
+    try:
+        assert guarded.get(farm.url(0, f"/img/ok.jpg?{SMALL}")).status == 200  # hop 1 is allowed
+        with pytest.raises(DownloadError) as info:
+            guarded.get(farm.url(0, _to(farm.url(1, f"/img/ok.jpg?{SMALL}"))))
+    finally:
+        guarded.close()
+    assert info.value.code == ErrorCode.PRIVATE_ADDRESS
+    assert farm.addresses[1] in info.value.message
+    assert farm.stats(1).requests == other_before  # the second host never saw a request
+    assert farm.stats(0).requests == first_before + 2
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:{port}/a.jpg",
+        "http://[::1]:{port}/a.jpg",
+        "http://2130706433:{port}/a.jpg",  # 127.0.0.1 as one decimal number
+        "http://127.1:{port}/a.jpg",
+        "http://[::ffff:127.0.0.1]:{port}/a.jpg",
+    ],
+)
+def test_redirect_hops_to_loopback_in_any_spelling_are_refused(farm: ImageFarm, target: str) -> None:
+    guarded = _only(f"{farm.addresses[0]}/32")
+    # A closed port: had the guard let the hop through, the error would be -1 (refused), not -8.
+    hop = target.format(port=closed_port())
+    try:
+        with pytest.raises(DownloadError) as info:
+            guarded.get(farm.url(0, _to(hop)))
+    finally:
+        guarded.close()
+    assert info.value.code == ErrorCode.PRIVATE_ADDRESS, info.value.message
+
+
+def test_url_to_loopback_is_refused_without_a_connection_attempt() -> None:
+    guarded = ServerFetcher(settings(allow_private_addresses=False))
+    try:
+        with pytest.raises(DownloadError) as info:
+            guarded.get(f"http://127.0.0.1:{closed_port()}/a.jpg")  # a connect would have been refused (-1)
+    finally:
+        guarded.close()
+    assert info.value.code == ErrorCode.PRIVATE_ADDRESS
+
+
+class _RebindingPolicy(AddressPolicy):
+    """Our DNS answer says public; the connection's own lookup then lands on loopback (DNS rebinding)."""
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        return ["93.184.216.34"]  # only ever compared, never contacted
+
+
+def test_connection_that_lands_on_a_private_address_is_refused(farm: ImageFarm) -> None:
+    rebound = ServerFetcher(settings(allow_private_addresses=False), address_policy=_RebindingPolicy())
+    before = farm.stats(0).requests
+    try:
+        with pytest.raises(DownloadError) as info:
+            rebound.get(farm.url(0, f"/img/rebind.jpg?{SMALL}"))
+    finally:
+        rebound.close()
+    assert info.value.code == ErrorCode.PRIVATE_ADDRESS and "connection reached" in info.value.message
+    assert farm.stats(0).requests == before  # connected, then closed before a byte was sent
+
+
+def test_a_proxy_is_not_held_to_the_target_rule(farm: ImageFarm) -> None:
+    """Behind an HTTP proxy the target is checked by name; the (often private) proxy itself is allowed."""
+    proxied = _only(f"{farm.addresses[1]}/32")
+    proxied.session.proxies = {"http": farm.base_urls[0]}  # the farm answers absolute-form requests
+    before = farm.stats(0).requests
+    try:
+        path = f"/img/proxied.jpg?{SMALL}"
+        assert proxied.get(farm.url(1, path)).body == farm.expected_bytes(path)
+    finally:
+        proxied.close()
+    assert farm.stats(0).requests == before + 1  # it went through the proxy
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("127.0.0.2", True),
+        ("127.0.0.3", False),
+        ("::ffff:127.0.0.2", True),
+        ("10.1.2.3", True),
+        ("10.2.0.1", False),
+        ("fd00::5", True),
+        ("::1", False),
+        ("8.8.8.8", True),
+    ],
+)
+def test_address_policy_exceptions(address: str, allowed: bool) -> None:
+    policy = AddressPolicy(also_allowed=["127.0.0.2/32", "10.1.0.0/16", "fd00::/64"])
+    assert policy.permits(address) is allowed
+    assert AddressPolicy(allow_private=True).permits(address)
+
+
+def test_backslash_authority_is_refused_and_the_real_host_is_what_gets_guarded(farm: ImageFarm) -> None:
+    """http://A\\@B/: RFC 3986 parsers say B, the HTTP client (like browsers) connects to A."""
+    guarded = _only(f"{farm.addresses[1]}/32")  # B (host 2) allowed, A (host 1) not
+    a, b = (base.split("//", 1)[1] for base in farm.base_urls[:2])
+    before = farm.stats(0).requests
+    try:
+        with pytest.raises(DownloadError) as info:
+            guarded.get(f"http://{a}\\@{b}/img/bs.jpg")
+        with pytest.raises(DownloadError) as hop:  # the same trick in a redirect
+            guarded.get(farm.url(1, _to(f"http://{a}\\@{b}/img/bs.jpg")))
+    finally:
+        guarded.close()
+    assert "ambiguous host" in info.value.message and "ambiguous host" in hop.value.message
+    assert farm.stats(0).requests == before

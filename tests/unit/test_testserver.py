@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -15,16 +17,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
 from PIL import Image
 
 from distributed_downloader.testserver import (
+    BOMB_SIDE,
     CONTENT_TYPES,
+    MAX_BIG_MB,
     MODES,
     HostSpec,
     ImageFarm,
+    SilentHost,
+    closed_port,
     max_requests_in_window,
     render_image,
 )
@@ -332,3 +339,238 @@ def test_cli_serves_until_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---------------------------------------------------------------- hostile routes
+
+
+def raw_get(url: str, seconds: float = TIMEOUT) -> tuple[bytes, BaseException | None]:
+    """GET over a fresh socket; every byte until EOF, an error (returned), or ``seconds`` pass (bounded)."""
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    received = bytearray()
+    deadline = time.monotonic() + seconds
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        for _ in range(100_000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(received), None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                return bytes(received), None
+            except OSError as exc:
+                return bytes(received), exc
+            if not data:
+                return bytes(received), None
+            received += data
+    return bytes(received), None
+
+
+def split_response(data: bytes) -> tuple[dict[str, list[str]], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return headers, body
+
+
+def test_reset_sends_half_then_a_tcp_reset(farm: ImageFarm) -> None:
+    image = farm.expected_bytes(f"/img/r.jpg?{SMALL}")
+    data, error = raw_get(farm.url(0, f"/reset/r.jpg?{SMALL}"))
+    headers, body = split_response(data)
+    assert headers["content-length"] == [str(len(image))]
+    assert body == image[: len(image) // 2]
+    assert isinstance(error, ConnectionResetError)  # an RST, not a clean FIN
+    with pytest.raises(requests.exceptions.ChunkedEncodingError, match="reset"):
+        requests.get(farm.url(0, f"/reset/r.jpg?{SMALL}"), timeout=TIMEOUT)
+
+
+def test_stall_sends_half_then_nothing(farm: ImageFarm) -> None:
+    image = farm.expected_bytes(f"/img/st.png?{SMALL}")
+    started = time.monotonic()
+    data, error = raw_get(farm.url(0, f"/stall/st.png?{SMALL}"), seconds=0.6)
+    assert error is None and time.monotonic() - started >= 0.6  # still open, still silent
+    headers, body = split_response(data)
+    assert headers["content-length"] == [str(len(image))]
+    assert body == image[: len(image) // 2]
+
+
+def test_trickle_sends_one_byte_every_half_second(farm: ImageFarm) -> None:
+    image = farm.expected_bytes(f"/img/tr.jpg?{SMALL}")
+    assert farm.expected_bytes(f"/trickle/tr.jpg?{SMALL}") == image  # it would all arrive, eventually
+    data, error = raw_get(farm.url(0, f"/trickle/tr.jpg?{SMALL}"), seconds=1.2)
+    headers, body = split_response(data)
+    assert error is None
+    assert headers["content-length"] == [str(len(image))]
+    assert body == image[: len(body)] and 2 <= len(body) <= 4  # bytes at 0, 0.5 and 1.0 s
+
+
+def test_slowheaders_never_finishes_the_headers(farm: ImageFarm) -> None:
+    data, error = raw_get(farm.url(0, "/slowheaders/sh.jpg"), seconds=1.2)
+    assert error is None
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Slowloris: z" in data
+    assert b"\r\n\r\n" not in data
+
+
+def test_redirect_chain_ends_at_the_image(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, f"/redirect/3/rc.jpg?{SMALL}"))
+    assert [r.status_code for r in response.history] == [302, 302, 302]
+    assert [r.headers["Location"] for r in response.history] == [
+        f"/redirect/2/rc.jpg?{SMALL}",
+        f"/redirect/1/rc.jpg?{SMALL}",
+        f"/img/rc.jpg?{SMALL}",
+    ]
+    assert response.content == farm.expected_bytes(f"/img/rc.jpg?{SMALL}")
+    assert farm.expected_bytes(f"/redirect/3/rc.jpg?{SMALL}") == response.content
+    direct = get(session, farm.url(0, f"/redirect/0/rc.jpg?{SMALL}"))
+    assert not direct.history and direct.content == response.content
+    assert get(session, farm.url(0, "/redirect/101/rc.jpg")).status_code == 400
+
+
+def test_loop_cycles(farm: ImageFarm, session: requests.Session) -> None:
+    def location(path: str) -> str:
+        response = session.get(farm.url(0, path), timeout=TIMEOUT, allow_redirects=False)
+        assert response.status_code == 302
+        return response.headers["Location"]
+
+    assert [location(p) for p in ("/loop/3", "/loop/3/1", "/loop/3/2")] == ["/loop/3/1", "/loop/3/2", "/loop/3"]
+    assert location("/loop/1") == "/loop/1"
+    assert get(session, farm.url(0, "/loop/0")).status_code == 400
+    assert get(session, farm.url(0, "/loop/2/2")).status_code == 400
+    with pytest.raises(requests.exceptions.TooManyRedirects):
+        get(session, farm.url(0, "/loop/2"))
+
+
+def test_redirect_to_anywhere(farm: ImageFarm, session: requests.Session) -> None:
+    target = farm.url(1, f"/img/elsewhere.gif?{SMALL}")
+    response = session.get(farm.url(0, "/redirect-to/" + quote(target, safe="")), timeout=TIMEOUT)
+    assert response.history[0].headers["Location"] == target
+    assert response.content == farm.expected_bytes(f"/img/elsewhere.gif?{SMALL}")
+    assert get(session, farm.url(0, "/redirect-to/%0D%0AX-Injected:%201")).status_code == 400  # no header injection
+
+
+def test_json_labelled_as_jpeg(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, "/json/item/7"))
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert response.json()["error"] == "not an image"
+
+
+def test_bomb_png_declares_30000_squared(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, "/bomb.png?cache=1"))
+    assert response.headers["Content-Type"] == "image/png"
+    assert len(response.content) < 200
+    assert struct.unpack(">II", response.content[16:24]) == (BOMB_SIDE, BOMB_SIDE)
+    with pytest.raises(Image.DecompressionBombError):  # a real PNG to Pillow, and a bomb
+        Image.open(io.BytesIO(response.content))
+
+
+def test_big_streams_megabytes_with_or_without_a_length(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, "/big/3"))
+    assert int(response.headers["Content-Length"]) == len(response.content) == 3_000_000
+    assert response.content[:512] == bytes(range(256)) * 2
+    chunked = get(session, farm.url(0, "/big/0.5?chunked=1"))
+    assert "Content-Length" not in chunked.headers and chunked.headers["Transfer-Encoding"] == "chunked"
+    assert len(chunked.content) == 500_000
+    capped = session.head(farm.url(0, "/big/1000"), timeout=TIMEOUT)
+    assert capped.headers["Content-Length"] == str(int(MAX_BIG_MB * 1_000_000)) and capped.content == b""
+    assert get(session, farm.url(0, "/big/-1")).status_code == 400
+
+
+def test_gzbomb_is_small_on_the_wire(farm: ImageFarm, session: requests.Session) -> None:
+    response = session.get(farm.url(0, "/gzbomb/5"), timeout=TIMEOUT, stream=True)
+    assert response.headers["Content-Encoding"] == "gzip"
+    wire = response.raw.read(decode_content=False)
+    assert len(wire) < 50_000
+    assert gzip.decompress(wire) == bytes(5_000_000)
+
+
+def test_badlength_promises_more_than_it_sends(farm: ImageFarm) -> None:
+    image = farm.expected_bytes(f"/img/bl.jpg?{SMALL}")
+    data, error = raw_get(farm.url(0, f"/badlength/bl.jpg?{SMALL}"))
+    headers, body = split_response(data)
+    assert error is None  # a clean close ...
+    assert body == image and int(headers["content-length"][0]) > len(image)  # ... after too few bytes
+
+
+def test_duplength_sends_two_lengths(farm: ImageFarm) -> None:
+    data, _ = raw_get(farm.url(0, f"/duplength/dl.jpg?{SMALL}"))
+    lengths = split_response(data)[0]["content-length"]
+    assert len(lengths) == 2 and len(set(lengths)) == 2
+
+
+def test_gzip_and_badgzip(farm: ImageFarm, session: requests.Session) -> None:
+    image = farm.expected_bytes(f"/img/gz.bmp?{SMALL}")
+    response = session.get(farm.url(0, f"/gzip/gz.bmp?{SMALL}"), timeout=TIMEOUT, stream=True)
+    assert response.headers["Content-Encoding"] == "gzip"
+    wire = response.raw.read(decode_content=False)
+    assert gzip.decompress(wire) == image and len(wire) == int(response.headers["Content-Length"])
+    assert farm.expected_bytes(f"/gzip/gz.bmp?{SMALL}") == image
+    bad = session.get(farm.url(0, f"/badgzip/gz.bmp?{SMALL}"), timeout=TIMEOUT, stream=True)
+    assert bad.headers["Content-Encoding"] == "gzip"
+    assert bad.raw.read(decode_content=False) == image  # not gzip at all
+
+
+def test_badchunk_breaks_the_chunked_framing(farm: ImageFarm) -> None:
+    image = farm.expected_bytes(f"/img/bc.jpg?{SMALL}")
+    data, _ = raw_get(farm.url(0, f"/badchunk/bc.jpg?{SMALL}"))
+    headers, body = split_response(data)
+    assert headers["transfer-encoding"] == ["chunked"]
+    half = image[: len(image) // 2]
+    assert body == b"%x\r\n%s\r\nnot-a-size\r\n" % (len(half), half)
+
+
+def test_xrobots_adds_the_decoded_directive(farm: ImageFarm, session: requests.Session) -> None:
+    response = get(session, farm.url(0, f"/xrobots/otherbot%3A%20noai/xr.png?{SMALL}"))
+    assert response.headers["X-Robots-Tag"] == "otherbot: noai"
+    assert response.content == farm.expected_bytes(f"/img/xr.png?{SMALL}")
+    assert farm.expected_bytes(f"/xrobots/noai/xr.png?{SMALL}") == response.content
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/reset/a.jpg", "/stall/a.jpg", "/badlength/a.jpg", "/badgzip/a.jpg", "/big/1", "/bomb.png", "/loop/2", "/json/a"],
+)
+def test_expected_bytes_refuses_routes_that_never_serve_a_whole_image(farm: ImageFarm, path: str) -> None:
+    with pytest.raises(ValueError):
+        farm.expected_bytes(path)
+
+
+def test_connections_are_counted(farm: ImageFarm) -> None:
+    farm.reset_stats()
+    with requests.Session() as keep_alive:
+        for _ in range(3):
+            get(keep_alive, farm.url(2, f"/img/conn.jpg?{SMALL}"))
+    assert farm.stats(2).connections == 1 and farm.stats(2).requests == 3
+
+
+def test_stop_ends_stalled_and_trickling_handlers_at_once() -> None:
+    farm = ImageFarm(1).start()
+    paths = ["/stall/s.jpg?w=8&h=8", "/trickle/t.jpg?w=8&h=8", "/slowheaders/h.jpg"]
+    threads = [threading.Thread(target=raw_get, args=(farm.url(0, p), TIMEOUT), daemon=True) for p in paths]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    farm.stop()
+    assert time.monotonic() - started < 1.0
+    for thread in threads:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+
+
+def test_silent_hosts_time_out_and_closed_ports_refuse() -> None:
+    with SilentHost() as accepting, SilentHost(mode="backlog") as full:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.get(accepting.url("/a.jpg"), timeout=(2, 0.3))
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ConnectTimeout):
+            requests.get(full.url("/a.jpg"), timeout=(0.3, 2))
+        assert time.monotonic() - started < 2
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", closed_port()), timeout=TIMEOUT).close()
+    with pytest.raises(ValueError):
+        SilentHost(mode="other")

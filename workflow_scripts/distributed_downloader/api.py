@@ -98,14 +98,14 @@ def snakemake_args(
     dryrun: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    args = ["--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--profile", profile_dir(profile)]
+    # Targets first: --configfile and --forcerun take several values and would swallow them.
+    args = [*targets, "--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--profile", profile_dir(profile)]
     args += ["--configfile", str(run_config)]
     if forcerun:
         args += ["--forcerun", *forcerun]
     if dryrun:
         args.append("--dry-run")
     args += list(extra)
-    args += list(targets)
     return args
 
 
@@ -156,3 +156,10 @@ def download_images(
     forcerun = [r for r, on in (("initialize", reset_batched), ("profile_servers", reset_profiled)) if on]
     if not run_workflow(config_path, profile, forcerun=forcerun, dryrun=dryrun):
         raise WorkflowFailed("the download workflow failed; see the Snakemake output and logs_folder")
+
+
+def apply_tools(config_path: str | os.PathLike, tool: str, **flags: object) -> None:
+    """Run one tool (filter -> schedule -> run) over the downloaded dataset. Raises WorkflowFailed."""
+    from distributed_downloader.tools.api import apply_tool
+
+    apply_tool(config_path, tool, **flags)

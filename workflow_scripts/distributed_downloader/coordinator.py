@@ -64,19 +64,27 @@ class Coordinator:
         }
 
     def request_lanes(self, rank: int, free: int, held: set[str]) -> list[Assignment]:
-        """Up to `free` new lanes for `rank`, never a server it already holds."""
+        """Up to `free` new lanes for `rank`, never a server it already holds.
+
+        Two passes: every server with work gets its first lane before any server gets a second,
+        so a small slow server never waits behind the extra lanes of a big one.
+        """
         out: list[Assignment] = []
-        for name in self.order:
-            if len(out) >= free:
-                break
-            state = self.servers[name]
-            if name in held or not state.pending or len(state.open_lanes) >= self._lane_limit(state):
-                continue
-            index = min(set(range(self._lane_limit(state))) - state.open_lanes)
-            state.open_lanes.add(index)
-            state.holders[index] = rank
-            out.append(Assignment(self._lane_spec(state, index), state.pending.popleft()))
-            held = held | {name}
+        held = set(held)
+        for first_lanes_only in (True, False):
+            for name in self.order:
+                if len(out) >= free:
+                    return out
+                state = self.servers[name]
+                if name in held or not state.pending or len(state.open_lanes) >= self._lane_limit(state):
+                    continue
+                if first_lanes_only and state.open_lanes:
+                    continue
+                index = min(set(range(self._lane_limit(state))) - state.open_lanes)
+                state.open_lanes.add(index)
+                state.holders[index] = rank
+                out.append(Assignment(self._lane_spec(state, index), state.pending.popleft()))
+                held.add(name)
         return out
 
     def next_batch(self, server: str, lane_index: int, stats: dict | None) -> dict | None:

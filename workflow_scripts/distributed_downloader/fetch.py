@@ -1,19 +1,29 @@
-"""HTTP for one server: a pooled session, manual redirects with an address guard at every hop,
-timeouts on connect, read and total time, a byte cap, and X-Robots-Tag opt-outs."""
+"""HTTP for one server: a pooled session, manual redirects with an address guard at every hop
+(and on every new connection), timeouts on connect, read and total time (the total enforced by a
+deadline watchdog), a byte cap on the decoded body, and X-Robots-Tag opt-outs."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import heapq
+import http.client
 import ipaddress
+import itertools
 import re
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from distributed_downloader.errors import DownloadError, ErrorCode
 
@@ -83,25 +93,229 @@ class HttpStatusError(DownloadError):
         self.elapsed = elapsed
 
 
-def is_public_address(address: str) -> bool:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address without its zone id, IPv4-mapped IPv6 seen as the IPv4 it carries."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_public_address(address: str) -> bool:
+    ip = _ip(address)
     # is_global also excludes shared address space (100.64/10, where cloud metadata can live).
     return ip.is_global and not ip.is_multicast
 
 
+class AddressPolicy:
+    """Which addresses a fetcher may talk to.
+
+    Loopback, private, link-local, shared (100.64/10), multicast and unspecified addresses are
+    refused unless ``allow_private``; ``also_allowed`` names networks accepted anyway (an intranet
+    mirror, tests). A ServerFetcher applies it twice: to every URL it is about to request (the
+    first and each redirect hop), from a fresh DNS answer of which every address must pass, before
+    anything is sent; and to the address each new direct connection actually reached, which closes
+    the gap between our DNS answer and the connection's own lookup (DNS rebinding).
+    """
+
+    def __init__(self, allow_private: bool = False, also_allowed: Iterable[str] = ()) -> None:
+        self.allow_private = allow_private
+        self.also_allowed = tuple(ipaddress.ip_network(network, strict=False) for network in also_allowed)
+
+    def permits(self, address: str) -> bool:
+        if self.allow_private:
+            return True
+        ip = _ip(address)
+        return any(ip in network for network in self.also_allowed if network.version == ip.version) or (
+            is_public_address(address)
+        )
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        """Every address ``host`` resolves to (DownloadError -1 when it does not resolve)."""
+        try:
+            answers = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise DownloadError(ErrorCode.NETWORK, f"DNS lookup failed for {host}: {exc}") from exc
+        return [str(sockaddr[0]) for *_, sockaddr in answers]
+
+    def check_host(self, host: str, port: int) -> None:
+        """Resolve and refuse (-8) when any answer is an address we may not talk to."""
+        for address in self.resolve(host, port):
+            if not self.permits(address):
+                raise DownloadError(ErrorCode.PRIVATE_ADDRESS, f"{host} resolves to non-public address {address}")
+
+    def check_peer(self, address: str) -> None:
+        """Refuse (-8) a connection that reached an address we may not talk to."""
+        if not self.permits(address):
+            raise DownloadError(ErrorCode.PRIVATE_ADDRESS, f"connection reached non-public address {address}")
+
+
 def check_host(host: str, port: int, allow_private: bool) -> None:
     """Resolve and refuse private/loopback/link-local/multicast answers unless allowed."""
-    try:
-        answers = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise DownloadError(ErrorCode.NETWORK, f"DNS lookup failed for {host}: {exc}") from exc
-    if allow_private:
-        return
-    for *_, sockaddr in answers:
-        if not is_public_address(str(sockaddr[0])):
-            raise DownloadError(ErrorCode.PRIVATE_ADDRESS, f"{host} resolves to non-public address {sockaddr[0]}")
+    AddressPolicy(allow_private).check_host(host, port)
+
+
+# ---------------------------------------------------------------- the total-time watchdog
+
+
+class _Watch:
+    """One fetch's deadline and the socket it is using right now."""
+
+    __slots__ = ("deadline", "done", "fired", "sock")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock: socket.socket | None = None
+        self.fired = False  # the deadline passed while the fetch was running
+        self.done = False
+
+
+class _Watchdog:
+    """Enforces total deadlines on blocking socket reads: one daemon thread per process.
+
+    Per-read timeouts cannot bound a server that sends one byte just before each would expire:
+    slow headers, a slow chunk-size line, or a body that feeds a decoder which waits for more.
+    A fetch registers its deadline; whichever connection it uses attaches its socket (the
+    connection hooks below). At the deadline that socket is shut down, which wakes any read
+    blocked on it at once. A connection goes back to the pool only after being detached, so a
+    late deadline never touches a socket another fetch is using.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._order), watch))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0][2] is watch:
+                self._cond.notify()
+        return watch
+
+    def attach(self, watch: _Watch, sock: socket.socket) -> None:
+        with self._cond:
+            if watch.done:
+                return
+            watch.sock = sock
+            if watch.fired:  # out of time already: no new connection gets to wait either
+                _shutdown(sock)
+
+    def detach(self, watch: _Watch) -> None:
+        with self._cond:
+            watch.sock = None
+
+    def finish(self, watch: _Watch) -> None:
+        with self._cond:
+            watch.done = True
+            watch.sock = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                watch = heapq.heappop(self._heap)[2]
+                watch.fired = True
+                if watch.sock is not None:
+                    _shutdown(watch.sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Wake every read blocked on ``sock`` (the descriptor stays open: its owner closes it)."""
+    with contextlib.suppress(OSError):  # closed meanwhile
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain call, also for TLS sockets
+
+
+_WATCHDOG = _Watchdog()
+_current = threading.local()  # .watch: the _Watch of the fetch running in this thread, if any
+
+
+def _attach_current(sock: socket.socket | None) -> None:
+    watch = getattr(_current, "watch", None)
+    if watch is not None and sock is not None:
+        _WATCHDOG.attach(watch, sock)
+
+
+def _detach_current() -> None:
+    watch = getattr(_current, "watch", None)
+    if watch is not None:
+        _WATCHDOG.detach(watch)
+
+
+class _ConnectionHooks:
+    """Mixed into urllib3 connections: peer-address check on connect, deadline watch on every use."""
+
+    peer_check: Callable[[str], None] | None = None  # set on the generated subclasses
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        if self.peer_check is not None:
+            try:
+                self.peer_check(str(sock.getpeername()[0]))
+            except BaseException:
+                sock.close()
+                raise
+        _attach_current(sock)
+        return sock
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _attach_current(self.sock)  # type: ignore[attr-defined]  # TLS replaces the plain socket
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self.sock)  # type: ignore[attr-defined]  # a reused connection (None: connects now)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _PoolHooks:
+    """Mixed into urllib3 pools: a connection leaves the current fetch's watch before it is pooled."""
+
+    def _put_conn(self, conn: Any) -> None:
+        _detach_current()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+def _pool_classes(peer_check: Callable[[str], None] | None) -> dict[str, type]:
+    check = {"peer_check": staticmethod(peer_check) if peer_check else None}
+    http_conn = type("GuardedHTTPConnection", (_ConnectionHooks, HTTPConnection), check)
+    https_conn = type("GuardedHTTPSConnection", (_ConnectionHooks, HTTPSConnection), check)
+    return {
+        "http": type("GuardedHTTPConnectionPool", (_PoolHooks, HTTPConnectionPool), {"ConnectionCls": http_conn}),
+        "https": type("GuardedHTTPSConnectionPool", (_PoolHooks, HTTPSConnectionPool), {"ConnectionCls": https_conn}),
+    }
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """requests' adapter with our connection classes: direct connections get the peer check and the
+    deadline watch; connections through an HTTP proxy get the watch only (the proxy is the peer)."""
+
+    def __init__(self, policy: AddressPolicy, **kwargs: Any) -> None:
+        self._direct_pools = _pool_classes(policy.check_peer)
+        self._proxy_pools = _pool_classes(None)
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._direct_pools
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.ProxyManager:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:  # a SOCKS manager brings its own pools
+            manager.pool_classes_by_scheme = self._proxy_pools
+        return manager
 
 
 def x_robots_opt_out(values: list[str], robots_token: str) -> str | None:
@@ -124,12 +338,25 @@ def x_robots_opt_out(values: list[str], robots_token: str) -> str | None:
 
 
 class ServerFetcher:
-    """Fetches URLs of one server over a pooled keep-alive session."""
+    """Fetches URLs of one server over a pooled keep-alive session.
 
-    def __init__(self, settings: FetchSettings, pool_size: int = 8) -> None:
+    Time bounds of one ``get`` (all hops together): a connection attempt waits at most
+    ``connect_timeout`` per address, a read at most ``read_timeout`` without data, and the whole
+    fetch ends with a -3 at ``total_timeout`` at the latest (the deadline watchdog interrupts
+    whatever read is blocked then). Only the DNS lookups before each hop are not bounded by us
+    (the system resolver's own timeouts apply).
+    """
+
+    def __init__(
+        self, settings: FetchSettings, pool_size: int = 8, address_policy: AddressPolicy | None = None
+    ) -> None:
         self.settings = settings
+        # Fixed at construction: `settings` may be swapped later (profiling does), the policy stays.
+        self.address_policy = address_policy or AddressPolicy(settings.allow_private_addresses)
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, pool_size), max_retries=0)
+        adapter = _GuardedAdapter(
+            self.address_policy, pool_connections=4, pool_maxsize=max(1, pool_size), max_retries=0
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"User-Agent": settings.user_agent, **settings.extra_headers})
@@ -142,22 +369,37 @@ class ServerFetcher:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise DownloadError(ErrorCode.REDIRECT, f"refusing URL with scheme '{parts.scheme}': {url[:200]}")
-        key = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        key = _client_target(parts.scheme, parts.netloc)  # the host the client will really contact
+        if "\\" in parts.netloc:
+            # e.g. http://127.0.0.1\@example.org/: RFC 3986 says example.org, the HTTP client (like
+            # browsers) goes to 127.0.0.1. Such a URL is an attack or garbage; its server_name is wrong too.
+            raise DownloadError(
+                ErrorCode.NETWORK,
+                f"invalid URL: ambiguous host ({key[0]} to the HTTP client, {parts.hostname} by RFC 3986)",
+            )
         now = time.monotonic()
         if self._checked_hosts.get(key, -1e9) > now - 60:  # re-resolve each minute
             return
-        check_host(key[0], key[1], self.settings.allow_private_addresses)
+        self.address_policy.check_host(key[0].strip("[]"), key[1])
         self._checked_hosts[key] = now
 
     def get(self, url: str) -> FetchResult:
         """GET with redirects followed by hand (each hop guarded). Raises DownloadError."""
         started = time.monotonic()
-        deadline = started + self.settings.total_timeout
+        watch = _WATCHDOG.watch(started + self.settings.total_timeout)
+        _current.watch = watch
+        try:
+            return self._get(url, started, watch)
+        finally:
+            _current.watch = None
+            _WATCHDOG.finish(watch)
+
+    def _get(self, url: str, started: float, watch: _Watch) -> FetchResult:
         seen = {url}
         current = url
         for _hop in range(self.settings.max_redirects + 1):
             self._guard(current)
-            response = self._send(current, deadline)
+            response = self._send(current, watch)
             try:
                 if response.status_code in REDIRECT_STATUSES and response.headers.get("Location"):
                     target = urljoin(current, response.headers["Location"])
@@ -166,28 +408,37 @@ class ServerFetcher:
                     seen.add(target)
                     current = target
                     continue
-                return self._finish(response, current, started, deadline)
+                return self._finish(response, current, started, watch)
             finally:
                 response.close()
         raise DownloadError(ErrorCode.REDIRECT, f"more than {self.settings.max_redirects} redirects")
 
-    def _send(self, url: str, deadline: float) -> requests.Response:
-        remaining = deadline - time.monotonic()
+    def _out_of_time(self, where: str) -> DownloadError:
+        return DownloadError(ErrorCode.TIMEOUT, f"total time limit of {self.settings.total_timeout:g}s reached {where}")
+
+    def _send(self, url: str, watch: _Watch) -> requests.Response:
+        remaining = watch.deadline - time.monotonic()
         if remaining <= 0:
-            raise DownloadError(ErrorCode.TIMEOUT, "total time limit reached")
+            raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
         try:
-            return self.session.get(url, stream=True, allow_redirects=False, timeout=timeout)
-        except requests.exceptions.ConnectTimeout as exc:
-            raise DownloadError(ErrorCode.TIMEOUT, f"connect timeout: {_short(exc)}") from exc
-        except requests.exceptions.ReadTimeout as exc:
-            raise DownloadError(ErrorCode.TIMEOUT, f"read timeout: {_short(exc)}") from exc
-        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, ValueError) as exc:
-            raise DownloadError(ErrorCode.NETWORK, f"invalid URL: {_short(exc)}") from exc
+            response = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout)
         except requests.exceptions.RequestException as exc:
-            raise DownloadError(ErrorCode.NETWORK, f"connection failed: {_short(exc)}") from exc
+            if watch.fired:
+                raise self._out_of_time("waiting for the response headers") from exc
+            raise _request_error(exc, url, timeout) from exc
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException) as exc:  # not wrapped by requests
+            if watch.fired:
+                raise self._out_of_time("waiting for the response headers") from exc
+            raise DownloadError(ErrorCode.PROTOCOL, f"malformed response: {_short(exc)}") from exc
+        except ValueError as exc:
+            raise DownloadError(ErrorCode.NETWORK, f"invalid URL: {_short(exc)}") from exc
+        if watch.fired:  # cut off mid-headers: what arrived is not a response to trust
+            response.close()
+            raise self._out_of_time("waiting for the response headers")
+        return response
 
-    def _finish(self, response: requests.Response, url: str, started: float, deadline: float) -> FetchResult:
+    def _finish(self, response: requests.Response, url: str, started: float, watch: _Watch) -> FetchResult:
         headers = response.headers
         if response.status_code != 200:
             raise HttpStatusError(response.status_code, dict(headers), time.monotonic() - started)
@@ -200,21 +451,20 @@ class ServerFetcher:
             raise DownloadError(
                 ErrorCode.TOO_LARGE, f"Content-Length {declared} over the {self.settings.max_bytes}-byte cap"
             )
-        body = self._read_body(response, deadline)
+        body = self._read_body(response, watch)
         return FetchResult(200, body, dict(headers), url, time.monotonic() - started)
 
-    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+    def _read_body(self, response: requests.Response, watch: _Watch) -> bytes:
+        """The (decoded) body; the byte cap counts decoded bytes, so a gzip bomb stops at the cap."""
         chunks: list[bytes] = []
         size = 0
         raw = response.raw
         try:
             while True:
-                if time.monotonic() > deadline:
-                    raise DownloadError(
-                        ErrorCode.TIMEOUT,
-                        f"total time limit of {self.settings.total_timeout:g}s reached mid-body",
-                    )
-                # read1 returns after at most one socket read, so a trickling server cannot hold us past the deadline.
+                if time.monotonic() > watch.deadline:
+                    raise self._out_of_time(f"mid-body after {size} bytes")
+                # read1: at most one socket read (each bounded by the read timeout, and the watchdog ends
+                # any read at the deadline); the decoder yields at most CHUNK_BYTES per call.
                 chunk = raw.read1(CHUNK_BYTES, decode_content=True)
                 if not chunk:
                     break
@@ -224,13 +474,97 @@ class ServerFetcher:
                 chunks.append(chunk)
         except DownloadError:
             raise
-        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
-            raise DownloadError(ErrorCode.TIMEOUT, f"read timeout mid-body: {_short(exc)}") from exc
-        except urllib3.exceptions.DecodeError as exc:
-            raise DownloadError(ErrorCode.PROTOCOL, f"bad content encoding: {_short(exc)}") from exc
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DownloadError(ErrorCode.NETWORK, f"connection broken mid-body: {_short(exc)}") from exc
+        except Exception as exc:
+            if watch.fired:
+                raise self._out_of_time(f"mid-body after {size} bytes") from exc
+            raise _body_error(exc, size, self.settings.read_timeout) from exc
+        if watch.fired:  # the watchdog's shutdown looks like a clean end of a body without a length
+            raise self._out_of_time(f"mid-body after {size} bytes")
         return b"".join(chunks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_target(scheme: str, netloc: str) -> tuple[str, int]:
+    """(host, port) the HTTP client connects to for a URL with this scheme and (urlsplit) netloc.
+
+    The client's own parse, not urlsplit's: they differ on a backslash, as in http://a\\@b/.
+    """
+    url = f"{scheme}://{netloc}/"
+    try:
+        target = urllib3.util.parse_url(requests.Request("GET", url).prepare().url)
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
+        raise DownloadError(ErrorCode.NETWORK, f"invalid URL: {_short(exc)}") from exc
+    if not target.host:
+        raise DownloadError(ErrorCode.NETWORK, f"invalid URL: no host in {url[:200]}")
+    default = 443 if target.scheme == "https" else 80
+    return target.host.rstrip("."), default if target.port is None else target.port
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: __cause__/__context__, urllib3's reason and exception arguments."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < 20:
+        current = todo.pop(0)
+        if current in found:
+            continue
+        found.append(current)
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo.extend(item for item in linked if isinstance(item, BaseException))
+    return found
+
+
+def _request_error(exc: requests.exceptions.RequestException, url: str, timeout: tuple[float, float]) -> DownloadError:
+    """A failure before the response headers arrived, as a coded error with a short clear message."""
+    causes = _causes(exc)
+    where = urlsplit(url).netloc
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return DownloadError(ErrorCode.TIMEOUT, f"connect timeout: {where} did not answer within {timeout[0]:g}s")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return DownloadError(ErrorCode.TIMEOUT, f"read timeout: no response from {where} within {timeout[1]:g}s")
+    if isinstance(exc, requests.exceptions.InvalidHeader) or any(
+        isinstance(c, urllib3.exceptions.InvalidHeader) for c in causes
+    ):
+        return DownloadError(ErrorCode.PROTOCOL, f"malformed response headers: {_short(exc)}")
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema)):
+        return DownloadError(ErrorCode.NETWORK, f"invalid URL: {_short(exc)}")
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return DownloadError(ErrorCode.NETWORK, f"connection refused by {where}")
+    if any(isinstance(c, (socket.gaierror, urllib3.exceptions.NameResolutionError)) for c in causes):
+        return DownloadError(ErrorCode.NETWORK, f"DNS lookup failed: {_short(exc)}")
+    if any(isinstance(c, http.client.RemoteDisconnected) for c in causes):
+        return DownloadError(ErrorCode.NETWORK, "connection closed by the server before any response")
+    if any(isinstance(c, ConnectionResetError) for c in causes):
+        return DownloadError(ErrorCode.NETWORK, "connection reset by the server before any response")
+    if any(isinstance(c, (http.client.HTTPException, urllib3.exceptions.HeaderParsingError)) for c in causes):
+        return DownloadError(ErrorCode.PROTOCOL, f"malformed response: {_short(exc)}")
+    return DownloadError(ErrorCode.NETWORK, f"connection failed: {_short(exc)}")
+
+
+def _body_error(exc: Exception, size: int, read_timeout: float) -> DownloadError:
+    """A failure while reading the body, as a coded error with a short clear message."""
+    causes = _causes(exc)
+    if any(isinstance(c, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) for c in causes):
+        return DownloadError(
+            ErrorCode.TIMEOUT, f"read timeout mid-body: no data for {read_timeout:g}s after {size} bytes"
+        )
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        detail = next((c for c in causes[1:] if not isinstance(c, urllib3.exceptions.HTTPError)), exc)
+        return DownloadError(ErrorCode.PROTOCOL, f"body does not decode per its Content-Encoding: {_short(detail)}")
+    incomplete = next((c for c in causes if isinstance(c, http.client.IncompleteRead)), None)
+    if incomplete is not None:  # a clean close too early: a crashed server and a lying one look alike
+        missing = (
+            f"{incomplete.expected} bytes short of its Content-Length"
+            if isinstance(incomplete.expected, int)
+            else "before its chunked encoding ended (or at a malformed chunk)"
+        )
+        return DownloadError(ErrorCode.NETWORK, f"connection closed mid-body after {size} bytes, {missing}")
+    if any(isinstance(c, ConnectionResetError) for c in causes):
+        return DownloadError(ErrorCode.NETWORK, f"connection reset mid-body after {size} bytes")
+    if any(isinstance(c, (ValueError, http.client.HTTPException)) and not isinstance(c, OSError) for c in causes):
+        # A broken chunked framing, an unparsable length...: the response itself is malformed.
+        return DownloadError(ErrorCode.PROTOCOL, f"malformed response body: {_short(exc)}")
+    return DownloadError(ErrorCode.NETWORK, f"connection broken mid-body after {size} bytes: {_short(exc)}")
 
 
 def _header_values(response: requests.Response, name: str) -> list[str]:

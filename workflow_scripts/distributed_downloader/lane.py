@@ -184,6 +184,8 @@ class Lane:
         stats = BatchStats(self.spec.server_name, partition_id, mode, started_at=round(time.time(), 3))
         self.current = stats
         final_dir = self.paths.batch_images(self.spec.server_name, partition_id)
+        for leftover in final_dir.glob(".*.tmp"):  # a temp file of a write cut short by a kill
+            leftover.unlink(missing_ok=True)
         staging = (
             self.paths.staging / f"round_{self.round_no}" / f"{self.spec.server_name}" / f"{partition_id}.{os.getpid()}"
         )
@@ -213,6 +215,14 @@ class Lane:
             os.replace(staging / SUCCESSES_FILE, final_dir / SUCCESSES_FILE)
             os.replace(staging / ERRORS_FILE, final_dir / ERRORS_FILE)
             write_marker(final_dir, Marker(fingerprint, self.round_no, stats.successes, stats.errors, stats.transient))
+        except OSError as exc:
+            successes.abort()
+            errors.abort()
+            raise OSError(
+                exc.errno,
+                f"batch {self.spec.server_name}/partition_id={partition_id} not written: {exc.strerror}",
+                str(staging),
+            ) from exc
         except BaseException:
             successes.abort()
             errors.abort()
@@ -321,7 +331,7 @@ class Lane:
         if wait > 0:
             time.sleep(wait)
         url = item.row["identifier"]
-        self.controller.in_flight += 1
+        self.controller.started()
         try:
             result = self.fetcher.get(url)
         except HttpStatusError as exc:
@@ -337,7 +347,7 @@ class Lane:
                 status=-1 if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT) else 200,
             )
         finally:
-            self.controller.in_flight -= 1
+            self.controller.finished()
         self.controller.on_success(result.elapsed, result.headers)
         try:
             image = imaging.process_image(result.body, self.image_settings)

@@ -55,10 +55,8 @@ def errors_by_server(paths_images: Path, verification: Mapping, out: Path) -> No
     names = _top_servers(verification, "errors")
     fig, ax = plt.subplots(figsize=(12, max(3, 0.35 * len(names) + 1.5)))
     if any(paths_images.glob("*/*/errors.parquet")):
-        rows = duckdb.sql(
-            "select server_name, error_code, count(*)"
-            f" from read_parquet('{files}', hive_partitioning=true) group by 1, 2"
-        ).fetchall()
+        query = "select server_name, error_code, count(*) from read_parquet(?, hive_partitioning=true) group by 1, 2"
+        rows = duckdb.execute(query, [files]).fetchall()  # a bound parameter: any path is safe
     else:
         rows = []
     counts: dict[int, dict[str, int]] = defaultdict(dict)

@@ -13,6 +13,7 @@ import re
 import threading
 import time
 import urllib.robotparser
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -99,9 +100,13 @@ class RateController:
 
     - Pacing: request starts are spaced at least 1/rate apart (no bursts).
     - Slow start: while no congestion was seen, the rate grows x1.5 per second of saturated use.
-    - Congestion (429/503, a 403 burst): the rate drops to the last congestion-free level times the
-      decrease factor, at most once per second; growth then goes additive and slows near the level
-      where congestion happened, so steady state sits just below the server's real limit.
+    - Congestion (429/503, a 403 burst): the rate drops by the decrease factor, at most once per
+      event; the failing level is remembered as the rate the server actually accepted lately (a
+      token bucket's burst hides how far over the limit we were). Growth then goes additive and
+      slows near that level, probing per so many requests, so steady state sits just below the
+      server's real limit; once past the level without trouble, growth speeds up again.
+    - A 503 while several requests are in flight caps the lane's connections (a connection limit),
+      rather than its rate.
     - Retry-After / quota exhausted: no request starts before the given time.
     - Advertised limits (RateLimit-Policy, X-RateLimit-Limit) cap the rate directly.
     """
@@ -110,7 +115,9 @@ class RateController:
     NEAR = 0.9  # "near" the last failing level: from this fraction of it on, grow gently
     GROWTH_FAR = 0.05  # per saturated second, far below the last failing level
     GROWTH_NEAR = 0.01  # per probe, near it
-    PROBE_REQUESTS = 100  # requests between two probes near the last failing level
+    PROBE_REQUESTS = 100  # requests between two probes near the last failing level...
+    PROBE_SECONDS = 5.0  # ...or this long, whichever comes first
+    ACCEPTED_WINDOW = 10.0  # seconds of successes that estimate what the server accepts
 
     def __init__(self, limits: LaneLimits, clock: Clock = time.monotonic, share: float = 1.0) -> None:
         self.limits = limits
@@ -124,11 +131,15 @@ class RateController:
         self.next_start = 0.0
         self.last_decrease = -math.inf
         self.epoch_start = clock()
+        self.epoch_first = self.epoch_start
         self.epoch_sent = 0
         self.epoch_congested = False
         self.sent_since_increase = 0
+        self.last_increase = self.epoch_start
         self.forbidden_streak = 0
         self.in_flight = 0
+        self.connection_cap = limits.max_connections
+        self.successes: deque[float] = deque()
         self.latency = 0.0  # smoothed seconds per request
         self.events = {"congestion": 0, "pauses": 0, "increases": 0}
         self._lock = threading.Lock()
@@ -138,7 +149,15 @@ class RateController:
     def concurrency_limit(self) -> int:
         """Connections this lane may hold: enough for rate x latency (Little's law), within its share."""
         needed = math.ceil(self.rate * max(self.latency, 0.05) * 1.5) + 1
-        return max(1, min(self.limits.max_connections, needed))
+        return max(1, min(self.limits.max_connections, self.connection_cap, needed))
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def reserve(self) -> float:
         """Claim the next start slot; returns seconds to wait before sending (0 = now)."""
@@ -155,6 +174,10 @@ class RateController:
 
     def on_success(self, latency: float, headers: Mapping[str, str] | None = None) -> None:
         with self._lock:
+            now = self.clock()
+            self.successes.append(now)
+            while self.successes and self.successes[0] < now - self.ACCEPTED_WINDOW:
+                self.successes.popleft()
             self.latency = latency if self.latency == 0 else 0.8 * self.latency + 0.2 * latency
             self.forbidden_streak = 0
             if headers:
@@ -174,6 +197,11 @@ class RateController:
             pause = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
             if pause is not None:
                 self._pause(now, min(pause, MAX_PAUSE))
+            if status == 503 and self.in_flight >= 1:
+                # Refused while others were in flight: too many connections, not too many requests.
+                self.connection_cap = max(1, min(self.connection_cap, self.in_flight))
+                self.epoch_congested = True
+                return
             self._decrease(now)
 
     def on_network_error(self) -> None:
@@ -203,7 +231,10 @@ class RateController:
             return  # one reaction per congestion event, not per in-flight request
         self.events["congestion"] += 1
         self.last_decrease = now
-        self.congestion_rate = self.rate  # the level that just failed: probe back towards it slowly
+        # The level that just failed: what the server accepted lately, never above our own rate.
+        window = min(self.ACCEPTED_WINDOW, max(1.0, now - self.epoch_first))
+        accepted = sum(1 for t in self.successes if t >= now - window) / window
+        self.congestion_rate = max(self.limits.floor, min(self.rate, accepted)) if accepted > 0 else self.rate
         self.slow_start = False
         multiplier = factor if factor is not None else 1.0 - self.limits.decrease
         self.rate = max(self.limits.floor, self.rate * multiplier)
@@ -219,8 +250,13 @@ class RateController:
                 self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH)
             else:
                 # Additive increase: brisk far below the level that last failed, gentle near it.
+                if self.congestion_rate is not None and self.rate > self.congestion_rate * 1.05:
+                    self.congestion_rate = None  # well past the old failing level: grow briskly again
                 near = self.congestion_rate is not None and self.rate >= self.NEAR * self.congestion_rate
-                if near and self.sent_since_increase < self.PROBE_REQUESTS:
+                probe_due = (
+                    self.sent_since_increase >= self.PROBE_REQUESTS or now - self.last_increase >= self.PROBE_SECONDS
+                )
+                if near and not probe_due:
                     # Near the level that failed, probe per so many requests, not per second, so a
                     # slow server sees as few 429s per request as a fast one.
                     self._close_epoch(now)
@@ -229,6 +265,7 @@ class RateController:
                 self.rate = min(self.ceiling, self.rate + step)
             self.events["increases"] += 1
             self.sent_since_increase = 0
+            self.last_increase = now
         self._close_epoch(now)
 
     def _close_epoch(self, now: float) -> None:

@@ -22,6 +22,30 @@ URL space (identical on every host)::
     /html/<anything>       an HTML page labelled image/jpeg (a lying server)
     /robots.txt            HostSpec.robots_txt, or 404; exempt from the rate limit
 
+Hostile routes (every host), for timeout, guard and error-code tests::
+
+    /reset/<rest>          headers + half of /img/<rest>, then a TCP reset (SO_LINGER 0, close)
+    /stall/<rest>          headers + half of /img/<rest>, then silence until the farm stops
+    /trickle/<rest>        /img/<rest> at 1 byte every 0.5 s (slowloris body)
+    /slowheaders/<rest>    the status line, then a header trickled 1 byte every 0.5 s (slowloris headers)
+    /redirect/<n>/<rest>   302 chain of n hops (/redirect/<n-1>/<rest> ...) ending at /img/<rest>; query kept
+    /loop/<k>              302 cycle of k URLs: /loop/<k>/1 -> ... -> /loop/<k>/<k-1> -> /loop/<k>
+    /redirect-to/<url>     302 to the percent-decoded <url> (another host, a closed port, anything)
+    /json/<anything>       a JSON document labelled image/jpeg
+    /bomb.png              a tiny PNG whose IHDR declares 30000x30000 pixels
+    /big/<mb>              <mb> MB (10^6 bytes, float, capped at 100) of filler, streamed; ?chunked=1: no
+                           Content-Length (chunked transfer encoding)
+    /gzbomb/<mb>           <mb> MB (capped at 100) of zeros, gzip-encoded (a few hundred bytes per MB on the wire)
+    /badlength/<rest>      /img/<rest> with a Content-Length larger than the body, then the connection closes
+    /duplength/<rest>      /img/<rest> with two conflicting Content-Length headers
+    /gzip/<rest>           /img/<rest> gzip-encoded (Content-Encoding: gzip); decodes to the /img/ bytes
+    /badgzip/<rest>        /img/<rest> as is, but labelled Content-Encoding: gzip
+    /badchunk/<rest>       chunked transfer encoding: half of /img/<rest>, then a chunk size that is not hex
+    /xrobots/<directive>/<rest>  /img/<rest> plus ``X-Robots-Tag: <percent-decoded directive>``
+
+``SilentHost`` is a loopback listener that never answers (accepts and stays silent, or never
+accepts at all), and ``closed_port`` finds a port with nothing listening: a dead host.
+
 Run ``python -m distributed_downloader.testserver --hosts 3 --seed 0`` to serve until Ctrl-C.
 """
 
@@ -30,20 +54,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gzip
 import hashlib
 import io
 import ipaddress
 import itertools
+import json
 import math
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -71,6 +99,12 @@ MODES: dict[str, str] = {
 DEFAULT_SIZE = (640, 480)
 MAX_SIDE = 8192  # keeps one request from costing gigabytes of RAM
 MAX_SLOW_SECONDS = 30.0
+MAX_BIG_MB = 100.0  # /big/ and /gzbomb/ bodies
+MAX_REDIRECT_HOPS = 100  # /redirect/<n>/ and /loop/<k>
+TRICKLE_SECONDS = 0.5  # /trickle/ and /slowheaders/: one byte per this many seconds
+BOMB_SIDE = 30_000  # /bomb.png declares BOMB_SIDE x BOMB_SIDE pixels
+_STREAM_CHUNK = 64 * 1024
+_MB = 1_000_000
 _TEXT = "text/plain; charset=utf-8"
 _HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Not an image</title></head><body>Sorry.</body></html>\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -114,6 +148,7 @@ class HostStats:
     request_times: list[float] = field(default_factory=list)  # time.monotonic() at arrival
     max_in_flight: int = 0  # peak of concurrently handled requests, rejected ones included
     user_agents: set[str] = field(default_factory=set)  # "" when the header was missing
+    connections: int = 0  # TCP connections accepted (keep-alive reuse keeps this low)
 
     def copy(self) -> HostStats:
         return HostStats(
@@ -122,6 +157,7 @@ class HostStats:
             list(self.request_times),
             self.max_in_flight,
             set(self.user_agents),
+            self.connections,
         )
 
 
@@ -276,14 +312,37 @@ def _parse_params(params: dict[str, str], ext: str) -> tuple[int, int, str]:
     return width, height, mode
 
 
+# Routes that wrap an image: /<kind>/[<arg>/]<rest> serves (a variant of) /img/<rest>. Value: takes an <arg>.
+_WRAPPERS: dict[str, bool] = {
+    "slow": True,
+    "flaky": True,
+    "redirect": True,
+    "xrobots": True,
+    "reset": False,
+    "stall": False,
+    "trickle": False,
+    "slowheaders": False,
+    "badlength": False,
+    "duplength": False,
+    "gzip": False,
+    "badgzip": False,
+    "badchunk": False,
+}
+# Wrappers whose response, once complete and decoded, is exactly the /img/<rest> bytes.
+_FAITHFUL = frozenset({"", "slow", "flaky", "redirect", "xrobots", "trickle", "gzip"})
+# Routes that name no image at all.
+_SPECIAL_PREFIXES = ("/status/", "/html/", "/json/", "/big/", "/gzbomb/", "/loop/", "/redirect-to/")
+
+
 def _unwrap(path: str) -> tuple[str, str, str]:
-    """``/slow/<arg>/<rest>`` and ``/flaky/<arg>/<rest>`` -> (kind, arg, "/img/<rest>")."""
-    for kind in ("slow", "flaky"):
-        prefix = f"/{kind}/"
-        if path.startswith(prefix):
-            arg, _, rest = path[len(prefix) :].partition("/")
-            return kind, arg, "/img/" + rest
-    return "", "", path
+    """``/<kind>/[<arg>/]<rest>`` for a kind in ``_WRAPPERS`` -> (kind, arg, "/img/<rest>")."""
+    kind, sep, remainder = path[1:].partition("/")
+    if not sep or kind not in _WRAPPERS:
+        return "", "", path
+    arg = ""
+    if _WRAPPERS[kind]:
+        arg, _, remainder = remainder.partition("/")
+    return kind, arg, "/img/" + remainder
 
 
 def _resolve_image(path: str, params: dict[str, str]) -> _ImageRef | None:
@@ -306,12 +365,38 @@ def _resolve_image(path: str, params: dict[str, str]) -> _ImageRef | None:
 
 
 def _is_special(path: str) -> bool:
-    return path == "/robots.txt" or path.startswith(("/status/", "/html/"))
+    return path in ("/robots.txt", "/bomb.png") or path.startswith(_SPECIAL_PREFIXES)
 
 
 def _body(seed: int, ref: _ImageRef) -> bytes:
     data = render_image(seed, ref.key, ref.ext, ref.width, ref.height, ref.mode)
     return data[: len(data) // 2] if ref.truncate else data
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@functools.lru_cache(maxsize=1)
+def bomb_png() -> bytes:
+    """A valid-looking PNG of a few dozen bytes whose header declares BOMB_SIDE x BOMB_SIDE RGB pixels."""
+    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    pixels = zlib.compress(b"\x00" * 64)  # the start of the first scanline; a decoder would want ~2.7 GB
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=4)
+def gzip_zeros(size: int) -> bytes:
+    """``size`` zero bytes, gzip-compressed (deterministic: no timestamp)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 16+15: gzip container
+    block = bytes(_STREAM_CHUNK)
+    parts = [compressor.compress(block) for _ in range(size // _STREAM_CHUNK)]
+    parts.append(compressor.compress(bytes(size % _STREAM_CHUNK)))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+_FILLER = bytes(range(256)) * (_STREAM_CHUNK // 256)  # /big/ bodies repeat this block
 
 
 # --------------------------------------------------------------------------- per-host state
@@ -357,6 +442,10 @@ class _Host:
         if spec.rate_limit is not None:
             burst = spec.burst if spec.burst is not None else max(1.0, spec.rate_limit)
             self.bucket = _TokenBucket(spec.rate_limit, burst)
+
+    def connected(self) -> None:
+        with self.lock:
+            self.stats.connections += 1
 
     def arrive(self, user_agent: str) -> None:
         with self.lock:
@@ -489,6 +578,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._status(path[len("/status/") :])
         elif path.startswith("/html/"):
             self._reply(200, _HTML_PAGE, "image/jpeg")  # deliberately lies
+        elif path.startswith("/json/"):
+            document = json.dumps({"error": "not an image", "path": path}).encode()
+            self._reply(200, document, "image/jpeg")  # lies too
+        elif path == "/bomb.png":
+            self._reply(200, bomb_png(), "image/png")
+        elif path.startswith("/big/"):
+            self._big(path[len("/big/") :], params)
+        elif path.startswith("/gzbomb/"):
+            size = int(_parse_megabytes(path[len("/gzbomb/") :]) * _MB)
+            self._reply(200, gzip_zeros(size), "image/jpeg", {"Content-Encoding": "gzip"})
+        elif path.startswith("/loop/"):
+            self._loop(path[len("/loop/") :])
+        elif path.startswith("/redirect-to/"):
+            self._redirect(unquote(path[len("/redirect-to/") :]))
         else:
             self._image_route(host, path, params)
 
@@ -519,26 +622,160 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "flaky" and host.count_hit("flaky", path) <= _parse_count(arg):
             self._reply(503, b"try again later\n", _TEXT, {"Retry-After": "1"})
             return
+        if kind == "redirect":
+            hops = _parse_count(arg, MAX_REDIRECT_HOPS)
+            if hops:
+                query = urlsplit(self.path).query
+                target = inner if hops == 1 else f"/redirect/{hops - 1}/{inner[len('/img/') :]}"
+                self._redirect(target + (f"?{query}" if query else ""))
+                return
         if host.should_fault(self.path):
             self._reply(500, b"transient fault\n", _TEXT)
             return
-        self._reply(200, _body(host.seed, ref), CONTENT_TYPES[ref.ext])
+        body, content_type = _body(host.seed, ref), CONTENT_TYPES[ref.ext]
+        if kind in ("reset", "stall"):
+            self._half_then(body, content_type, reset=kind == "reset")
+        elif kind == "trickle":
+            self._trickle(body, content_type)
+        elif kind == "slowheaders":
+            self._slow_headers()
+        elif kind == "badlength":  # promise more than we send, then hang up
+            self.close_connection = True
+            self._reply(200, body, content_type, declared_length=len(body) + max(1, len(body) // 2))
+        elif kind == "duplength":
+            self.close_connection = True
+            self._reply(200, body, content_type, {"Content-Length": str(len(body) + 10)})
+        elif kind == "gzip":
+            self._reply(200, gzip.compress(body, mtime=0), content_type, {"Content-Encoding": "gzip"})
+        elif kind == "badchunk":  # a proper first chunk, then a chunk-size line that is not hex
+            self._start(200, content_type, None, {"Transfer-Encoding": "chunked"})
+            self.close_connection = True
+            if not self._head:
+                half = body[: len(body) // 2]
+                self.wfile.write(b"%x\r\n%s\r\nnot-a-size\r\n" % (len(half), half))
+        elif kind == "badgzip":
+            self._reply(200, body, content_type, {"Content-Encoding": "gzip"})
+        elif kind == "xrobots":
+            self._reply(200, body, content_type, {"X-Robots-Tag": _header_value(unquote(arg))})
+        else:
+            self._reply(200, body, content_type)
 
-    def _reply(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    # ------------------------------------------------------------------ hostile behaviours
+
+    def _redirect(self, location: str) -> None:
+        self._reply(302, b"redirecting\n", _TEXT, {"Location": _header_value(location)})
+
+    def _loop(self, rest: str) -> None:
+        size_text, _, index_text = rest.partition("/")
+        size = _parse_count(size_text, MAX_REDIRECT_HOPS)
+        index = _parse_count(index_text) if index_text else 0
+        if size < 1 or index >= size:
+            raise _BadRequest("/loop/<k>[/<i>] needs 1 <= k and i < k")
+        following = (index + 1) % size
+        self._redirect(f"/loop/{size}" + (f"/{following}" if following else ""))
+
+    def _half_then(self, body: bytes, content_type: str, reset: bool) -> None:
+        """Headers for the whole body, half of it, then a TCP reset or silence until the farm stops."""
+        self._start(200, content_type, len(body))
+        self.close_connection = True
+        if self._head:
+            return
+        self.wfile.write(body[: len(body) // 2])
+        if not reset:
+            self.server.stopping.wait()
+            return
+        self.server.stopping.wait(0.05)  # let the half body leave: an abortive close drops unsent data
+        sock = self.connection
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.rfile.close()  # the reader holds a reference; close() must release the descriptor now
+            sock.close()  # with SO_LINGER 0: RST instead of FIN
+
+    def _trickle(self, body: bytes, content_type: str) -> None:
+        self._start(200, content_type, len(body))
+        if self._head:
+            return
+        for offset in range(len(body)):
+            if offset and self.server.stopping.wait(TRICKLE_SECONDS):
+                self.close_connection = True
+                return
+            self.wfile.write(body[offset : offset + 1])  # raises once the client has hung up
+
+    def _slow_headers(self) -> None:
+        """A status line, then a header that never ends (1 byte per TRICKLE_SECONDS) until stop or hang-up."""
+        self.close_connection = True
+        self.server.host.record_status(200)
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slowloris: ")
+        for _ in range(1_000_000):
+            if self.server.stopping.wait(TRICKLE_SECONDS):
+                return
+            self.wfile.write(b"z")
+
+    def _big(self, size_text: str, params: dict[str, str]) -> None:
+        """A large body, streamed from one small buffer; ?chunked=1 sends no Content-Length."""
+        size = int(_parse_megabytes(size_text) * _MB)
+        chunked = params.get("chunked", "") not in ("", "0")
+        framing = {"Transfer-Encoding": "chunked"} if chunked else None
+        self._start(200, "image/jpeg", None if chunked else size, framing)
+        if self._head:
+            return
+        sent = 0
+        while sent < size:
+            if self.server.stopping.is_set():
+                self.close_connection = True
+                return
+            piece = _FILLER[: min(_STREAM_CHUNK, size - sent)]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            sent += len(piece)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    # ------------------------------------------------------------------ writing
+
+    def _start(self, status: int, content_type: str, length: int | None, headers: dict[str, str] | None = None) -> None:
+        """Status line and headers; ``length`` None sends no Content-Length (the caller frames the body)."""
         host = self.server.host
         host.record_status(status)
         self.send_response(status)
-        if status in _NO_BODY_STATUSES:
-            body = b""
-        else:
+        if status not in _NO_BODY_STATUSES:
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            if length is not None:
+                self.send_header("Content-Length", str(length))
         for name, value in {**(headers or {}), **host.limit_headers(self._remaining)}.items():
             self.send_header(name, value)
         self.send_header("Connection", "close" if self.close_connection else "keep-alive")
         self.end_headers()
+
+    def _reply(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        declared_length: int | None = None,
+    ) -> None:
+        if status in _NO_BODY_STATUSES:
+            body = b""
+        self._start(status, content_type, len(body) if declared_length is None else declared_length, headers)
         if body and not self._head:
             self.wfile.write(body)
+
+
+def _header_value(text: str) -> str:
+    """A header value from a URL part: printable ASCII only (no header injection, nothing latin-1 cannot carry)."""
+    if not text or not all(" " <= c <= "~" for c in text):
+        raise _BadRequest("header values must be non-empty printable ASCII")
+    return text
+
+
+def _parse_megabytes(text: str) -> float:
+    try:
+        size = float(text.strip("/"))
+    except ValueError:
+        raise _BadRequest("size must be a number of megabytes") from None
+    if not math.isfinite(size) or size < 0:
+        raise _BadRequest("size must be finite and >= 0")
+    return min(size, MAX_BIG_MB)
 
 
 def _parse_seconds(text: str) -> float:
@@ -551,13 +788,15 @@ def _parse_seconds(text: str) -> float:
     return min(seconds, MAX_SLOW_SECONDS)
 
 
-def _parse_count(text: str) -> int:
+def _parse_count(text: str, limit: int | None = None) -> int:
     try:
         count = int(text)
     except ValueError:
         raise _BadRequest("count must be an integer") from None
     if count < 0:
         raise _BadRequest("count must be >= 0")
+    if limit is not None and count > limit:
+        raise _BadRequest(f"count must be <= {limit}")
     return count
 
 
@@ -577,6 +816,7 @@ class _FarmServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         me = threading.current_thread()
+        self.host.connected()
         with self._live_lock:
             self._live[me] = request
         try:
@@ -684,11 +924,16 @@ class ImageFarm:
         return self.base_urls[host_index] + (path if path.startswith("/") else "/" + path)
 
     def expected_bytes(self, path: str) -> bytes:
-        """The exact body served for an image path (query string allowed; full URLs too)."""
+        """The exact body a client ends up with for an image path (query string allowed; full URLs too).
+
+        /redirect/, /xrobots/, /trickle/ and /gzip/ (once decoded) give the /img/ bytes; routes that
+        never deliver a whole image (/reset/, /stall/, /badlength/, /status/, /big/...) raise ValueError.
+        """
         path_only, params = _split_target(path)
-        ref = None if _is_special(path_only) else _resolve_image(_unwrap(path_only)[2], params)
+        kind, _, inner = _unwrap(path_only)
+        ref = None if _is_special(path_only) or kind not in _FAITHFUL else _resolve_image(inner, params)
         if ref is None:
-            raise ValueError(f"{path!r} does not name an image")
+            raise ValueError(f"{path!r} does not name an image (or never serves one whole)")
         return _body(self.seed, ref)
 
     def stats(self, host_index: int) -> HostStats:
@@ -698,6 +943,88 @@ class ImageFarm:
         """Clear every host's stats; /flaky/ and fault attempt counters keep counting."""
         for host in self._hosts:
             host.reset()
+
+
+# --------------------------------------------------------------------------- hosts that never answer
+
+
+def closed_port(address: str = "127.0.0.1") -> int:
+    """A port on ``address`` with nothing listening (connections are refused): a dead host.
+
+    The OS picks a free port and we release it; nothing else on this machine is expected to grab it
+    in the meantime (ephemeral ports are handed out in sequence, not reused at once).
+    """
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
+
+
+class SilentHost:
+    """A loopback TCP listener that never sends a byte: a blackholed server.
+
+    ``mode="accept"``: connections are accepted and then ignored, so a client times out waiting
+    for the response (read timeout). ``mode="backlog"``: nothing is ever accepted and the tiny
+    backlog is filled by our own idle connections, so the kernel drops new SYNs and a client
+    times out connecting (connect timeout; Linux drops SYNs to a listener whose accept queue is full).
+    Use ``with SilentHost() as silent: silent.url("/a.jpg")``.
+    """
+
+    def __init__(self, address: str = "127.0.0.1", mode: str = "accept") -> None:
+        if mode not in ("accept", "backlog"):
+            raise ValueError("mode must be 'accept' or 'backlog'")
+        self.address = address
+        self.mode = mode
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._held: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SilentHost:
+        listener = socket.socket()
+        listener.bind((self.address, 0))
+        listener.listen(0 if self.mode == "backlog" else 64)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        if self.mode == "backlog":
+            for _ in range(3):  # the accept queue holds backlog + 1; one more SYN stays pending forever
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex((self.address, self.port))
+                self._held.append(filler)
+        else:
+            listener.settimeout(0.1)
+            self._thread = threading.Thread(target=self._accept_forever, name="silent-host", daemon=True)
+            self._thread.start()
+        return self
+
+    def _accept_forever(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(connection)  # kept open, never read, never answered
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.address}:{self.port}" + (path if path.startswith("/") else "/" + path)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None
+        for sock in [*self._held, *([self._listener] if self._listener else [])]:
+            sock.close()
+        self._held, self._listener = [], None
+
+    def __enter__(self) -> SilentHost:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------- CLI

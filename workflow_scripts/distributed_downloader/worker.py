@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import socket
 import sys
 import threading
@@ -23,8 +24,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
+from distributed_downloader import ownership
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.ownership import Ownership
 from distributed_downloader.schedule import batch_mode
 from distributed_downloader.store import atomic_write_json, read_marker, valid_marker
 
@@ -149,7 +152,7 @@ class LaneThread(threading.Thread):
             self.lane.close()
 
 
-def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> None:  # noqa: ANN001
+def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner: Ownership) -> None:  # noqa: ANN001
     """One rank's loop: ask for lanes while it has free slots, feed each lane its next batch."""
     config = schedule["config"]
     round_no = schedule["round"]
@@ -212,6 +215,10 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int) -> No
         if time.monotonic() >= next_status:
             rpc({"kind": "status", "lanes": [thread.lane.snapshot() for thread in lanes.values()]})
             next_status = time.monotonic() + STATUS_SECONDS
+        if reason := owner.lost():
+            log.warning("stopping: %s", reason)
+            print(f"[download] rank {comm.Get_rank()} stopping: {reason}", file=sys.stderr, flush=True)
+            comm.Abort(4)
 
 
 def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
@@ -288,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     ranks = comm.gather(identity, root=0)
     slots = max(1, params["threads_per_worker"] // 2)
     coordinator_thread = None
+    owner_path = paths.state / f"round_{round_no}.owner"
+    claimed = None
+    if rank == 0:
+        claimed = ownership.claim(owner_path)
+        if claimed[1]:  # an earlier attempt may still have ranks running: let them see the new token
+            time.sleep(ownership.GRACE_SECONDS)
+        # Staging files of a killed earlier attempt: nothing else writes here now.
+        shutil.rmtree(paths.staging / f"round_{round_no}", ignore_errors=True)
+    token, _ = comm.bcast(claimed, root=0)
+    owner = ownership.Ownership(owner_path, token)
     if rank == 0:
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
             print("MPI library lacks MPI_THREAD_MULTIPLE, which the coordinator needs", file=sys.stderr)
@@ -302,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         coordinator_thread = CoordinatorThread(comm, coordinator, paths.state / f"round_{round_no}_progress.json")
         coordinator_thread.start()
     try:
-        run_rank(comm, schedule, paths, slots)
+        run_rank(comm, schedule, paths, slots, owner)
     except BaseException:
         log.exception("rank %d failed", rank)
         traceback.print_exc()

@@ -1,0 +1,68 @@
+# Tools (SPEC §2.6, §4): per tool, filter -> schedule -> run (MPI), after verification.
+# config["tools"] runs in order, each tool on the dataset the previous one left; any tool also runs
+# on its own by asking for <tools_folder>/<tool>/_done.json. The image store is rewritten in place
+# (undeclared), so only the small summaries are declared outputs; per-partition markers under
+# <tools_folder>/<tool>/done/ make a killed run resume without applying the tool twice.
+from distributed_downloader.tools.workflow import ToolRules
+
+TOOLS = ToolRules(config, PATHS, verification_report())
+TOOLS.check_configured()
+
+
+wildcard_constraints:
+    tool=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+
+
+rule tool_filter:
+    input:
+        unpack(TOOLS.filter_inputs),
+    output:
+        TOOLS.file("{tool}", "filter/_summary.json"),
+    conda:
+        "../envs/environment.yaml"
+    log:
+        log_file("tools/{tool}/filter"),
+    params:
+        stage="filter",
+    script:
+        "../workflow_scripts/run_tool_stage.py"
+
+
+rule tool_schedule:
+    localrule: True
+    input:
+        TOOLS.file("{tool}", "filter/_summary.json"),
+    output:
+        TOOLS.file("{tool}", "schedule.json"),
+    conda:
+        "../envs/environment.yaml"
+    log:
+        log_file("tools/{tool}/schedule"),
+    params:
+        stage="schedule",
+    script:
+        "../workflow_scripts/run_tool_stage.py"
+
+
+# One MPI job per tool, like download: every rank rewrites its scheduled partitions.
+rule tool_run:
+    input:
+        schedule=TOOLS.file("{tool}", "schedule.json"),
+    output:
+        TOOLS.done("{tool}"),
+    conda:
+        "../envs/environment.yaml"
+    log:
+        log_file("tools/{tool}/run"),
+    params:
+        python=PYTHON,
+        worker=str(SCRIPTS_DIR / "tool_worker.py"),
+    threads: 1
+    resources:
+        nodes=config["tools_parameters"]["max_nodes"],
+        tasks=TOOLS.tasks(),
+        cpus_per_task=config["tools_parameters"]["cpu_per_worker"],
+        mpi="mpiexec",
+    shell:
+        "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
+        " {input.schedule:q} {output:q} > {log:q} 2>&1"

@@ -1,0 +1,394 @@
+"""Base classes of a tool's three parts: filter (one process), scheduler (one process), runner (MPI ranks).
+
+A tool named ``T`` works in ``<tools_folder>/T/``:
+
+* the **filter** reads the current dataset (only the columns it needs) and writes the *filter table*
+  ``filter/table.parquet`` (``server_name, partition_id, uuid, reason`` plus any ``extra_fields``: the
+  rows to act on; a null ``uuid`` means the whole partition) and ``filter/_summary.json`` (the affected
+  partitions with their row counts);
+* the **scheduler** assigns the affected partitions to ranks -> ``schedule.json``;
+* the **runner** rewrites each of its partitions' ``successes.parquet`` row group by row group through
+  ``apply_batch`` (see ``runner.py`` for the files, markers and crash safety).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distributed_downloader import config as config_mod
+from distributed_downloader.store import atomic_write_json
+from distributed_downloader.tools.dataset import (
+    FILTER_SCHEMA,
+    ParquetRewrite,
+    Partition,
+    ToolPaths,
+    list_partitions,
+    parameters_digest,
+    read_json,
+    remove_stale_temps,
+    successes_path,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ToolBase:
+    """What every part of a tool knows: the validated config, its tool name, paths and rank count."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, config: Mapping, tool_name: str) -> None:
+        self.config = config
+        self.tool_name = tool_name
+        self.filter_name = tool_name  # the original's attribute name
+        self.paths = config_mod.paths(config)
+        self.tool_paths = ToolPaths.of(self.paths, tool_name)
+        self.parameters: Mapping[str, Any] = config["tools_parameters"]
+        self.total_workers = self.parameters["max_nodes"] * self.parameters["workers_per_node"]
+        self.logger = logging.getLogger(f"distributed_downloader.tools.{tool_name}")
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- filters
+
+
+class FilterTableWriter:
+    """Streams filter rows into ``filter/table.parquet`` and counts them per partition."""
+
+    def __init__(self, tool: FilterToolBase) -> None:
+        self.tool = tool
+        self.schema = tool.filter_schema
+        remove_stale_temps(tool.tool_paths.filter_dir, tool.tool_paths.filter_table.name, "filter")
+        self.out = ParquetRewrite(tool.tool_paths.filter_table, self.schema, "filter")
+        self.counts: dict[Partition, int] = {}
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, part: Partition, rows: pa.Table | None) -> None:
+        """``rows``: a table with ``uuid`` (and optionally ``reason`` / extra fields); None: the whole partition."""
+        if rows is None:
+            rows = pa.table({"uuid": pa.nulls(1, pa.string())})
+        if rows.num_rows == 0:
+            return
+        columns = {}
+        for fld in self.schema:
+            if fld.name == "server_name":
+                columns[fld.name] = pa.array([part.server_name] * rows.num_rows, pa.string())
+            elif fld.name == "partition_id":
+                columns[fld.name] = pa.array([part.partition_id] * rows.num_rows, pa.int64())
+            elif fld.name in rows.column_names:
+                columns[fld.name] = rows.column(fld.name).cast(fld.type)
+            else:
+                columns[fld.name] = pa.nulls(rows.num_rows, fld.type)
+        self._pending.append(pa.table(columns, schema=self.schema))
+        self._pending_rows += rows.num_rows
+        self.counts[part] = self.counts.get(part, 0) + rows.num_rows
+        if self._pending_rows >= 65536:
+            self.flush()
+
+    def add_table(self, table: pa.Table) -> None:
+        """Rows of any partitions, with ``server_name`` and ``partition_id`` columns, in the filter schema."""
+        if table.num_rows == 0:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        counts = table.group_by(["server_name", "partition_id"]).aggregate([([], "count_all")]).to_pydict()
+        for server, pid, count in zip(counts["server_name"], counts["partition_id"], counts["count_all"], strict=True):
+            part = Partition(server, pid)
+            self.counts[part] = self.counts.get(part, 0) + count
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.out.write(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows = [], 0
+
+    def commit(self) -> None:
+        self.flush()
+        self.out.commit()
+
+    def abort(self) -> None:
+        self.out.abort()
+
+
+class FilterToolBase(ToolBase):
+    """A tool's filter: decides which rows (or whole partitions) the runner acts on.
+
+    Subclass ``PythonFilterToolBase`` for a per-partition filter. To filter across partitions, override
+    ``run()``: stream rows into ``writer = self.table_writer()`` (``add(part, rows)`` or ``add_table``)
+    and ``return self.finish(writer, rows_by_partition)`` (the row count of every dataset partition).
+    """
+
+    family = "filter"
+    extra_fields: ClassVar[Sequence[pa.Field]] = ()  # extra filter-table columns the runner reads
+
+    @property
+    def filter_schema(self) -> pa.Schema:
+        return pa.schema(list(FILTER_SCHEMA) + list(self.extra_fields))
+
+    def partitions(self) -> list[Partition]:
+        return list_partitions(self.paths.images)
+
+    def successes_path(self, part: Partition) -> Path:
+        return successes_path(self.paths, part)
+
+    def partition_rows(self, part: Partition) -> int:
+        return pq.read_metadata(self.successes_path(part)).num_rows
+
+    def read_partition(self, part: Partition, columns: Sequence[str]) -> pa.Table:
+        return pq.read_table(self.successes_path(part), columns=list(columns))
+
+    def table_writer(self) -> FilterTableWriter:
+        return FilterTableWriter(self)
+
+    def finish(self, writer: FilterTableWriter, rows_by_partition: Mapping[Partition, int]) -> dict:
+        """Commit the filter table, then write the summary (the filter rule's declared output)."""
+        writer.commit()
+        affected = [
+            {**part.to_json(), "rows": rows_by_partition.get(part, 0), "filter_rows": count}
+            for part, count in sorted(writer.counts.items())
+        ]
+        summary = {
+            "tool": self.tool_name,
+            "dataset": {"partitions": len(rows_by_partition), "rows": sum(rows_by_partition.values())},
+            "filter_rows": sum(writer.counts.values()),
+            "affected_partitions": len(affected),
+            "parameters": dict(self.parameters),
+            "image_format": self.config["downloader_parameters"]["image_format"],
+            "partitions": affected,
+        }
+        # The application id: same filter result on the same dataset -> same id (a rerun never re-applies).
+        summary["id"] = parameters_digest(summary)
+        atomic_write_json(self.tool_paths.filter_summary, summary)
+        self.logger.info(
+            "%s filter: %d rows in %d of %d partitions (%d dataset rows)",
+            self.tool_name,
+            summary["filter_rows"],
+            len(affected),
+            len(rows_by_partition),
+            summary["dataset"]["rows"],
+        )
+        return summary
+
+
+class PythonFilterToolBase(FilterToolBase):
+    """A filter that looks at one partition at a time (bounded memory).
+
+    Override ``filter_partition``; ``columns`` are the successes columns it receives. The default
+    selects every partition as a whole, as the original's ``PythonFilterToolBase`` did.
+    """
+
+    columns: ClassVar[Sequence[str]] = ()
+
+    def filter_partition(self, table: pa.Table | None, server_name: str, partition_id: int) -> pa.Table | None:
+        """The rows to act on (a table with ``uuid`` and optionally ``reason``/extra fields), an empty
+        table for none, or None for the whole partition. ``table`` is None when ``columns`` is empty."""
+        return None
+
+    def run(self) -> dict:
+        writer = self.table_writer()
+        rows_by_partition: dict[Partition, int] = {}
+        parts = self.partitions()
+        last = time.monotonic()
+        try:
+            for done, part in enumerate(parts):
+                if time.monotonic() - last > 30:
+                    self.logger.info("%s filter: %d/%d partitions read", self.tool_name, done, len(parts))
+                    last = time.monotonic()
+                rows_by_partition[part] = self.partition_rows(part)
+                table = self.read_partition(part, self.columns) if self.columns else None
+                writer.add(part, self.filter_partition(table, part.server_name, part.partition_id))
+        except BaseException:
+            writer.abort()
+            raise
+        return self.finish(writer, rows_by_partition)
+
+
+# --------------------------------------------------------------------------- schedulers
+
+
+class SchedulerToolBase(ToolBase):
+    family = "scheduler"
+
+
+class DefaultScheduler(SchedulerToolBase):
+    """Assigns the affected partitions to ranks, balanced by their row counts (largest first)."""
+
+    def assign(self, partitions: Sequence[Mapping], workers: int) -> list[int]:
+        """The rank of each partition: longest-processing-time-first over the partitions' rows."""
+        order = sorted(
+            range(len(partitions)),
+            key=lambda i: (-partitions[i]["rows"], partitions[i]["server_name"], partitions[i]["partition_id"]),
+        )
+        loads = [(0, rank) for rank in range(workers)]
+        ranks = [0] * len(partitions)
+        for i in order:
+            load, rank = heapq.heappop(loads)
+            ranks[i] = rank
+            heapq.heappush(loads, (load + max(1, partitions[i]["rows"]), rank))
+        return ranks
+
+    def run(self, out: Path | None = None) -> dict:
+        summary = read_json(self.tool_paths.filter_summary)
+        if summary is None:
+            raise FileNotFoundError(f"no filter summary at {self.tool_paths.filter_summary}: run the filter first")
+        workers = max(1, self.total_workers)
+        partitions = summary["partitions"]
+        ranks = self.assign(partitions, workers)
+        scheduled = [{**p, "rank": int(r)} for p, r in zip(partitions, ranks, strict=True)]
+        per_rank = [0] * workers
+        for p in scheduled:
+            per_rank[p["rank"] % workers] += p["rows"]
+        plan = {
+            "tool": self.tool_name,
+            "application": summary["id"],
+            "ranks": workers,
+            "config": dict(self.config),
+            "filter_table": str(self.tool_paths.filter_table),
+            "totals": {
+                "partitions": len(scheduled),
+                "rows": sum(p["rows"] for p in scheduled),
+                "filter_rows": summary["filter_rows"],
+                "dataset": summary["dataset"],
+                "rows_per_rank": per_rank,
+            },
+            "partitions": scheduled,
+        }
+        atomic_write_json(out or self.tool_paths.schedule, plan)
+        self.logger.info(
+            "%s schedule: %d partitions over %d ranks, rows per rank %s",
+            self.tool_name,
+            len(scheduled),
+            workers,
+            per_rank,
+        )
+        return plan
+
+
+# --------------------------------------------------------------------------- runners
+
+
+@dataclass
+class BatchResult:
+    """What ``apply_batch`` returns for one row group.
+
+    ``kept``: the rows written back (same columns as the input); ``removed``: rows dropped, with
+    ``reasons`` (one string for all, or one per removed row); ``changed``: how many kept rows it modified.
+    """
+
+    kept: pa.Table
+    removed: pa.Table | None = None
+    reasons: str | Sequence[str] | None = None
+    changed: int = 0
+
+
+@dataclass
+class PartitionContext:
+    """The partition a runner works on, with its filter rows."""
+
+    server_name: str
+    partition_id: int
+    path: Path
+    filter_rows: pa.Table
+    tool_name: str
+    extra: dict = field(default_factory=dict)  # free for a runner's per-partition state
+
+    @cached_property
+    def whole(self) -> bool:
+        """The filter selected the whole partition (a row with a null uuid)."""
+        return "uuid" not in self.filter_rows.column_names or self.filter_rows.column("uuid").null_count > 0
+
+    @cached_property
+    def uuids(self) -> pa.Array:
+        if "uuid" not in self.filter_rows.column_names:
+            return pa.array([], pa.string())
+        return pc.drop_null(self.filter_rows.column("uuid")).combine_chunks()
+
+    @cached_property
+    def reasons(self) -> dict[str, str]:
+        if "reason" not in self.filter_rows.column_names:
+            return {}
+        table = self.filter_rows.select(["uuid", "reason"]).to_pydict()
+        return {u: r for u, r in zip(table["uuid"], table["reason"], strict=True) if u is not None and r is not None}
+
+    def selected(self, batch: pa.Table) -> np.ndarray:
+        """Boolean mask of the batch rows the filter selected."""
+        if self.whole:
+            return np.ones(batch.num_rows, dtype=bool)
+        mask = pc.is_in(batch.column("uuid"), value_set=self.uuids)
+        return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    def reason_for(self, uuid: str, default: str) -> str:
+        return self.reasons.get(uuid, default)
+
+
+class MPIRunnerTool(ToolBase):
+    """A tool's runner: one instance per MPI rank; the framework feeds it row groups of its partitions.
+
+    The default ``apply_batch`` removes the rows the filter listed (the original's filter runners);
+    override it to change rows. ``threads`` (= ``tools_parameters.cpu_per_worker``) sizes ``map``.
+    """
+
+    family = "runner"
+    keep_removed_images: ClassVar[bool] = False  # copy the image bytes of removed rows into the report
+    filter_columns: ClassVar[Sequence[str] | None] = None  # filter-table columns loaded per partition (None: all)
+
+    def __init__(self, config: Mapping, tool_name: str) -> None:
+        super().__init__(config, tool_name)
+        self.threads = max(1, int(self.parameters["cpu_per_worker"]))
+        self.image_format: str = config["downloader_parameters"]["image_format"]
+        self._pool: ThreadPoolExecutor | None = None
+        self.rank = 0
+        self.size = 1
+
+    def begin(self) -> None:
+        """Called once per rank before its first partition."""
+
+    def end(self) -> None:
+        """Called once per rank after its last partition."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``[fn(x) for x in items]`` on ``threads`` threads (Pillow releases the GIL while it decodes)."""
+        items = list(items)
+        if self.threads <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"{self.tool_name}-worker")
+        return list(self._pool.map(fn, items))
+
+    def default_reason(self) -> str:
+        return f"removed by {self.tool_name}"
+
+    def apply_batch(self, batch: pa.Table, part: PartitionContext) -> BatchResult:
+        mask = part.selected(batch)
+        if part.whole or not mask.any():
+            return BatchResult(kept=batch)
+        keep = pa.array(~mask)
+        removed = batch.filter(pa.array(mask))
+        default = self.default_reason()
+        reasons = [part.reason_for(u, default) for u in removed.column("uuid").to_pylist()]
+        return BatchResult(kept=batch.filter(keep), removed=removed, reasons=reasons)
+
+    def run(self) -> Any:  # the MPI loop lives in runner.run_rank
+        raise NotImplementedError("runners are driven by distributed_downloader.tools.runner.run_rank")

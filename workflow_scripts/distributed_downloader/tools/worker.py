@@ -1,0 +1,104 @@
+"""The MPI job of a tool's run step: ``mpiexec|srun -n N python tool_worker.py SCHEDULE.json DONE.json``.
+
+Every rank applies the runner to the partitions the schedule gave it (rank ``r`` of a run with ``size``
+ranks takes the scheduled ranks ``k`` with ``k % size == r``), logs to ``logs/tools/<tool>/rank_K.log``
+and prints its progress. The ranks meet once at the end through a polled non-blocking barrier (MPICH's
+blocking waits spin a core); rank 0 then checks every scheduled partition's marker and writes the
+summary ``_done.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from distributed_downloader.store import atomic_write_json
+from distributed_downloader.tools import registry
+from distributed_downloader.tools.runner import run_partitions, summarize
+
+POLL_SECONDS = 0.05
+PROGRESS_SECONDS = 5.0
+
+log = logging.getLogger("distributed_downloader.tools.worker")
+
+
+def _setup_logging(folder: Path, rank: int, level: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"rank_{rank}.log", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _wait_all(comm) -> None:  # noqa: ANN001 - mpi4py communicator
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(POLL_SECONDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: tool_worker.py SCHEDULE.json DONE.json", file=sys.stderr)
+        return 2
+    schedule_path, done_path = Path(args[0]), Path(args[1])
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    schedule = json.loads(schedule_path.read_text())
+    config = schedule["config"]
+    tool = schedule["tool"]
+    classes = registry.resolve(tool, config)
+    runner = classes.runner(config, tool)
+    runner.rank, runner.size = rank, size
+    _setup_logging(runner.tool_paths.logs, rank, config["downloader_parameters"]["logger_level"])
+    mine = [p for p in schedule["partitions"] if int(p["rank"]) % size == rank]
+    started = time.monotonic()
+    last = [started]
+
+    def progress(stats: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - last[0] >= PROGRESS_SECONDS:
+            last[0] = now
+            print(
+                f"[{tool} rank {rank}/{size}] partitions {stats['done_before'] + stats['processed']}"
+                f"/{stats['partitions']} (failed {stats['failed']}) | rows {stats['rows_in']} in,"
+                f" {stats['removed']} removed, {stats['changed']} changed | {now - started:.0f}s",
+                flush=True,
+            )
+
+    log.info("rank %d/%d: %d partitions of %s (application %s)", rank, size, len(mine), tool, schedule["application"])
+    try:
+        stats = run_partitions(runner, schedule, mine, progress)
+    except BaseException:
+        log.exception("rank %d failed", rank)
+        traceback.print_exc()
+        comm.Abort(1)
+        raise
+    progress(stats, force=True)
+    _wait_all(comm)
+    if rank != 0:
+        return 1 if stats["failed"] else 0
+    summary = summarize(schedule, runner)
+    summary["ranks"] = size
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    if not summary["ok"]:
+        print(
+            f"[{tool}] {len(summary['missing'])} partitions not done, e.g. {summary['missing'][:5]}; "
+            "rerun to resume (see logs/tools/<tool>/rank_*.log)",
+            file=sys.stderr,
+        )
+        return 1
+    atomic_write_json(done_path, summary)
+    print(
+        f"[{tool}] done: {summary['partitions']} partitions, {summary['rows_seen']} rows seen,"
+        f" {summary['rows_removed']} removed, {summary['rows_changed']} changed in {summary['seconds']}s",
+        flush=True,
+    )
+    return 1 if stats["failed"] else 0
