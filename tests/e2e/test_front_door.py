@@ -117,3 +117,10 @@ def test_status_mid_run(tmp_path: Path) -> None:
         assert progress and all("\x1b" not in line and "\r" not in line for line in progress)
         final = json.loads(run([*CLI, "status", str(config), "--json"]).stdout)
         assert final["batches_done"] == final["batches_total"] and final["successes"] == len(rows)
+
+
+def test_readme_demo_command(tmp_path: Path) -> None:
+    """The README's first command (after the install): `distributed_downloader demo`."""
+    result = run([*CLI, "demo", "--dir", str(tmp_path / "demo"), "--hosts", "2", "--per-host", "12"])
+    assert "every URL accounted for exactly once" in result.stdout
+    assert "successes 24" in result.stdout and "errors 6" in result.stdout

@@ -3,11 +3,13 @@ sbatch per stage, `srun --mpi=pmi2` over the mpi4py worker, sacct for job status
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distributed_downloader import demo
 from distributed_downloader.testserver import HostSpec, ImageFarm
@@ -28,8 +30,13 @@ def _squeue_jobs() -> list[str]:
 
 
 def test_slurm_two_nodes(tmp_path: Path, farm: ImageFarm, slurm_cluster: Path) -> None:
+    """Download and one tool, each one srun step over 2 nodes x 2 ranks."""
     rows = demo.demo_rows(farm, per_host=30)
     config = demo.write_config(tmp_path, demo.write_input(rows, tmp_path / "urls.csv"), max_nodes=2, workers_per_node=2)
+    settings = yaml.safe_load(config.read_text())
+    settings["tools"] = ["size_based"]
+    settings["tools_parameters"] = {"max_nodes": 2, "workers_per_node": 2, "threshold_size": 100}
+    config.write_text(yaml.safe_dump(settings))
     started = time.monotonic()
     run(slurm_cmd(config, tmp_path), timeout=900)
     print(f"slurm e2e (2 nodes x 2 ranks): {time.monotonic() - started:.1f}s")
@@ -39,6 +46,10 @@ def test_slurm_two_nodes(tmp_path: Path, farm: ImageFarm, slurm_cluster: Path) -
     nodes = {r["node"] for r in ranks}
     assert nodes == {"node1", "node2"}, f"ranks should span both nodes, got {ranks}"
     print("rank placement:", [(r["rank"], r["node"]) for r in ranks])
+    tool = json.loads((output / "tools" / "size_based" / "_done.json").read_text())
+    assert tool["ranks"] == 4 and {p["node"] for p in tool["placement"]} == {"node1", "node2"}, tool["placement"]
+    print("tool rank placement:", [(p["rank"], p["node"]) for p in tool["placement"]])
+    # Every image in the demo is at least 480 px on its shorter side: size_based keeps them all.
     result = check_dataset(output, rows)
     assert result["successes"] == 90 and result["errors"] == 9
 

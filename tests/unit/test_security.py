@@ -318,11 +318,6 @@ def test_download_job_with_spaces_and_dollar_in_paths(tmp_path: Path) -> None:
     assert list(output.glob("logs/download/round_1/rank_*.log"))  # the mpiexec line found its paths
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plots.errors_by_server builds its DuckDB query with the output path pasted into a quoted SQL "
-    "string: a ' in path_to_output breaks the report stage (and could inject SQL)",
-)
 def test_report_plots_survive_a_quote_in_the_output_path(tmp_path: Path) -> None:
     from distributed_downloader import plots
 

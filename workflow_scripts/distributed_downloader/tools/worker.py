@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import time
 import traceback
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    # Where each rank ran (tells nodes apart under Slurm, where every fake node shares a hostname).
+    placement = comm.gather({"rank": rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "")})
     schedule = json.loads(schedule_path.read_text())
     config = schedule["config"]
     tool = schedule["tool"]
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stats["failed"] else 0
     summary = summarize(schedule, runner)
     summary["ranks"] = size
+    summary["placement"] = placement
     summary["seconds"] = round(time.monotonic() - started, 3)
     if not summary["ok"]:
         print(
