@@ -14,10 +14,20 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import inputs
+from distributed_downloader import inputs, partition
 from distributed_downloader.inputs import NOT_PROVIDED, InputError, add_server_names, server_name_of
+from tests.conftest import skip_or_fail
 
-GBIF_SAMPLE = Path("/work/shared/data/gbif-multimedia-sample.txt")
+# The real GBIF sample lives in shared/ beside the repository (CI clones the repo with shared/ next to it).
+GBIF_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "gbif-multimedia-sample.txt"
+
+
+@pytest.fixture
+def gbif_sample() -> Path:
+    if not GBIF_SAMPLE.exists():
+        skip_or_fail(f"the real GBIF sample is not at {GBIF_SAMPLE}")
+    return GBIF_SAMPLE
+
 
 CSV_TEXT = (
     "uuid,identifier,source_id,license,source,title\n"
@@ -93,7 +103,7 @@ def test_server_name_of_accepts_and_normalises(scheme: str, authority: str, expe
         ("http", "exa mple.com", "invalid characters"),
         ("http", "%2e%2e", "invalid characters"),
         ("http", "ex*ample.com", "invalid characters"),
-        ("http", "ex\\ample.com", "invalid characters"),
+        ("http", "ex\\ample.com", "ambiguous host"),
         ("http", "example.com:99999", "invalid port"),
         ("http", "example.com:0", "invalid port"),
         ("http", "example.com:8o", "invalid port"),
@@ -345,6 +355,64 @@ def test_compressed_directory_and_parquet_inputs_match_plain_csv(tmp_path: Path)
         assert _compare_key(read_rows(source)) == expected, source
 
 
+def test_vectorised_uuids_equal_the_per_row_definition() -> None:
+    firsts = ["1", "", "ü日本", "x" * 5000, "a\x1fb", "42"]
+    seconds = ["http://a.org/b.jpg", "", "\x1f", "", "c", "https://b.org/ä?q=1"]
+    got = inputs.deterministic_uuids(inputs.UUID_NAMESPACE, pa.array(firsts), pa.array(seconds)).to_pylist()
+    assert got == [inputs.deterministic_uuid(inputs.UUID_NAMESPACE, a, b) for a, b in zip(firsts, seconds, strict=True)]
+    assert got[0] == str(uuid.uuid5(inputs.UUID_NAMESPACE, "1\x1fhttp://a.org/b.jpg"))
+    sliced = inputs.deterministic_uuids(
+        inputs.UUID_NAMESPACE, pa.array(firsts).slice(2, 3), pa.array(seconds).slice(2, 3)
+    )
+    assert sliced.to_pylist() == got[2:5]
+    assert inputs.deterministic_uuids(inputs.UUID_NAMESPACE, pa.array([], pa.string()), pa.array([], pa.string())) == (
+        pa.array([], pa.string())
+    )
+
+
+def _initialize(source: Path, out: Path, initializer: str = "generic") -> dict[str, bytes]:
+    """Run initialization; every file it wrote (URL partitions, manifest), by relative path, as bytes."""
+    partition.write_partitions(inputs.rows(source, initializer), out / "urls", out / "rejected.parquet", 2)
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_every_input_form_gives_byte_identical_partitions(tmp_path: Path) -> None:
+    """Plain, gz, zip, directory of parts and parquet: the same urls.parquet bytes, twice over."""
+    text = CSV_TEXT + "u5,http://alpha.example.org/5.jpg,s5,CC0,museum,five\nu6,not a url,s6,,,\n"
+    plain = tmp_path / "plain.csv"
+    plain.write_text(text)
+    gz = tmp_path / "in.csv.gz"
+    gz.write_bytes(gzip.compress(text.encode()))
+    zipped = tmp_path / "in.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("in.csv", text)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    lines = text.splitlines(keepends=True)
+    (parts / "part-0.csv.gz").write_bytes(gzip.compress((lines[0] + "".join(lines[1:3])).encode()))
+    (parts / "part-1.csv").write_text(lines[0] + "".join(lines[3:]))
+    parquet = tmp_path / "in.parquet"
+    convert = pacsv.ConvertOptions(strings_can_be_null=False, column_types={n: pa.string() for n in inputs.URL_COLUMNS})
+    pq.write_table(pacsv.read_csv(plain, convert_options=convert), parquet, row_group_size=2)
+
+    expected = _initialize(plain, tmp_path / "out-plain")
+    assert any(name.endswith("urls.parquet") for name in expected) and "urls/_manifest.json" in expected
+    assert _initialize(plain, tmp_path / "out-again") == expected
+    for source in (gz, zipped, parts, parquet):
+        assert _initialize(source, tmp_path / f"out-{source.name}") == expected, source
+
+
+def test_gbif_forms_give_byte_identical_partitions(tmp_path: Path, gbif_sample: Path) -> None:
+    head = "".join(gbif_sample.read_text().splitlines(keepends=True)[:201])
+    plain = tmp_path / "multimedia.txt"
+    plain.write_text(head)
+    gz = tmp_path / "multimedia.txt.gz"
+    gz.write_bytes(gzip.compress(head.encode()))
+    expected = _initialize(plain, tmp_path / "a", "gbif")
+    assert _initialize(gz, tmp_path / "b", "gbif") == expected
+    assert _initialize(plain, tmp_path / "c", "gbif") == expected
+
+
 def test_parquet_non_string_columns_are_read_as_strings(tmp_path: Path) -> None:
     path = tmp_path / "ids.parquet"
     table = pa.table({"identifier": ["http://a.org/1.jpg"], "source_id": pa.array([42], pa.int64())})
@@ -366,8 +434,8 @@ def test_zip_with_several_data_files_is_an_input_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- gbif reader
 
 
-def test_gbif_sample_rows_servers_and_ids() -> None:
-    rows = read_rows(GBIF_SAMPLE, "gbif")
+def test_gbif_sample_rows_servers_and_ids(gbif_sample: Path) -> None:
+    rows = read_rows(gbif_sample, "gbif")
     assert len(rows) == 4776
     assert all(r["_reject"] == "" for r in rows)
     assert Counter(r["server_name"] for r in rows).keys() == {
@@ -380,7 +448,7 @@ def test_gbif_sample_rows_servers_and_ids() -> None:
     assert len({r["uuid"] for r in rows}) == 4776
     assert all(uuid.UUID(r["uuid"]).version == 5 for r in rows[:50])
     # source_id is the gbifID column, row by row
-    with open(GBIF_SAMPLE) as handle:
+    with open(gbif_sample) as handle:
         header = handle.readline().rstrip("\n").split("\t")
         first = dict(zip(header, handle.readline().rstrip("\n").split("\t"), strict=True))
     assert rows[0]["source_id"] == first["gbifID"]
@@ -390,10 +458,71 @@ def test_gbif_sample_rows_servers_and_ids() -> None:
     assert "?" in rows[0]["identifier"]  # query strings kept
 
 
-def test_gbif_sample_uuids_are_deterministic() -> None:
-    first = [r["uuid"] for r in read_rows(GBIF_SAMPLE, "gbif")]
-    second = [r["uuid"] for r in read_rows(GBIF_SAMPLE, "gbif")]
+def test_gbif_sample_uuids_are_deterministic(gbif_sample: Path) -> None:
+    first = [r["uuid"] for r in read_rows(gbif_sample, "gbif")]
+    second = [r["uuid"] for r in read_rows(gbif_sample, "gbif")]
     assert first == second
+
+
+def test_gbif_sample_every_row_by_header_name(gbif_sample: Path) -> None:
+    """Every row: source_id = gbifID, uuid = UUID5(namespace, gbifID + US + identifier), as in the file."""
+    with open(gbif_sample, newline="") as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        records = [dict(zip(header, line.rstrip("\n").split("\t"), strict=True)) for line in handle]
+    rows = read_rows(gbif_sample, "gbif")
+    still = [r for r in records if r["type"] == "StillImage"]
+    assert len(rows) == len(still) == 4776
+    for row, record in zip(rows, still, strict=True):
+        assert row["source_id"] == record["gbifID"]
+        assert row["identifier"] == record["identifier"]
+        expected = uuid.uuid5(inputs.GBIF_UUID_NAMESPACE, f"{record['gbifID']}\x1f{record['identifier']}")
+        assert row["uuid"] == str(expected)
+        assert row["license"] == (record["license"] or NOT_PROVIDED)
+        assert row["source"] == (record["source"] or record["publisher"] or NOT_PROVIDED)
+        assert row["title"] == (record["title"] or NOT_PROVIDED)
+
+
+def test_gbif_sample_in_any_column_order_and_compressed(tmp_path: Path, gbif_sample: Path) -> None:
+    """GBIF reorders columns between versions; readers find them by name, also in .gz and .zip."""
+    lines = gbif_sample.read_text().splitlines()
+    header = lines[0].split("\t")
+    order = list(reversed(range(len(header))))
+    shuffled = "\n".join("\t".join(line.split("\t")[i] for i in order) for line in lines[:301]) + "\n"
+    path = tmp_path / "multimedia.txt"
+    path.write_text(shuffled)
+    gz = tmp_path / "multimedia.txt.gz"
+    gz.write_bytes(gzip.compress(gbif_sample.read_bytes()))
+    zipped = tmp_path / "export.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.write(gbif_sample, "multimedia.txt")
+    plain = read_rows(gbif_sample, "gbif")
+    assert read_rows(path, "gbif") == plain[: len(read_rows(path, "gbif"))]
+    assert read_rows(gz, "gbif") == plain
+    assert read_rows(zipped, "gbif") == plain
+
+
+def test_gbif_occurrences_streamed_from_a_compressed_file(tmp_path: Path, gbif_sample: Path) -> None:
+    """occurrence.txt (.gz, many columns, any order) drops the MATERIAL_CITATION gbifIDs, and only them."""
+    rows = read_rows(gbif_sample, "gbif")
+    ids = sorted({r["source_id"] for r in rows})
+    cited = set(ids[::7])
+    lines = ["occurrenceID\tbasisOfRecord\tscientificName\tgbifID"]
+    lines += [
+        f"o{i}\t{'MATERIAL_CITATION' if g in cited else 'HUMAN_OBSERVATION'}\tLycorma\t{g}" for i, g in enumerate(ids)
+    ]
+    lines.append("junk\tMATERIAL_CITATION\tX\tnot-a-number")
+    occurrences = tmp_path / "occurrence.txt.gz"
+    occurrences.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    kept = read_rows(gbif_sample, "gbif", str(occurrences))
+    assert [r for r in rows if r["source_id"] not in cited] == kept
+    assert len(kept) < len(rows)
+
+
+def test_gbif_missing_occurrence_columns_fail_before_reading(tmp_path: Path, gbif_sample: Path) -> None:
+    occurrences = tmp_path / "occurrence.txt"
+    occurrences.write_text("gbifID\tscientificName\n1\tX\n")
+    with pytest.raises(InputError, match="basisofrecord"):
+        inputs.rows(gbif_sample, "gbif", str(occurrences))  # raised by the call, not on iteration
 
 
 GBIF_SYNTHETIC = (

@@ -100,12 +100,96 @@ def test_grouper_spills_and_replays_in_input_order(tmp_path: Path) -> None:
     for batch in small_batches(source):
         grouper.add(batch)
     assert grouper.buffered <= 2
-    segments = [p for rows in grouper.servers.values() for p in rows.segments]
-    assert segments and all(p.exists() for p in segments)
+    assert len(grouper.runs) >= 10 and all(p.exists() for p in grouper.spill_files)
+    grouper.finish()
     expected = [r for b in inputs.rows(source) for r in b.to_pylist() if r["server_name"] == "alpha.org"]
     replay = pa.Table.from_batches(list(grouper.rows_of("alpha.org")), URL_SCHEMA).to_pylist()
     assert [r["uuid"] for r in replay] == [r["uuid"] for r in expected]
-    assert not any(p.exists() for p in grouper.servers["alpha.org"].segments)  # segments removed once read
+    assert replay[0].keys() == set(inputs.URL_COLUMNS)
+    files = grouper.spill_files
+    grouper.cleanup()
+    assert files and not any(p.exists() for p in files)  # spill files removed at the end
+
+
+def test_grouper_without_spill_keeps_one_run_in_memory(tmp_path: Path) -> None:
+    grouper = ServerGrouper(tmp_path / "spill")
+    for batch in small_batches(make_csv(tmp_path / "in.csv")):
+        grouper.add(batch)
+    grouper.finish()
+    assert len(grouper.runs) == 1 and grouper.spill_files == [] and not (tmp_path / "spill").exists()
+    assert grouper.servers == sorted(SERVERS)
+    assert sum(b.num_rows for name in grouper.servers for b in grouper.rows_of(name)) == 40
+
+
+def test_grouper_byte_budget_also_spills(tmp_path: Path) -> None:
+    grouper = ServerGrouper(tmp_path / "spill", spill_rows=10**9, spill_bytes=1)
+    for batch in small_batches(make_csv(tmp_path / "in.csv")):
+        grouper.add(batch)
+    assert grouper.buffered == 0 and len(grouper.runs) == 14  # every 3-row slice became a run
+
+
+@pytest.mark.parametrize("spill_rows", [1, 2, 7, partition.DEFAULT_SPILL_ROWS])
+def test_duplicates_are_exact_across_runs_and_servers(tmp_path: Path, spill_rows: int) -> None:
+    """The first holder of a uuid keeps it wherever the repeats are: same or other server, run or bucket."""
+    lines = ["uuid,identifier,source_id"]
+    expected_kept: list[str] = []
+    expected_dups: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i in range(60):
+        uid = f"id-{(i * 7) % 23}"  # repeats spread over the whole input
+        url = f"http://{SERVERS[i % 3]}/{i}.jpg"
+        lines.append(f"{uid},{url},s{i}")
+        if uid in seen:
+            expected_dups.append((uid, url))
+        else:
+            seen.add(uid)
+            expected_kept.append(url)
+    source = tmp_path / "dups.csv"
+    source.write_text("\n".join(lines) + "\n")
+    result, urls, rejected = run(tmp_path, source, batch_size=5, spill_rows=spill_rows)
+    kept = pa.concat_tables(partitions(urls, result.manifest).values())
+    assert sorted(kept.column("identifier").to_pylist()) == sorted(expected_kept)
+    assert len(set(kept.column("uuid").to_pylist())) == kept.num_rows == 23
+    table = pq.read_table(rejected).to_pylist()
+    assert sorted((r["uuid"], r["identifier"]) for r in table) == sorted(expected_dups)
+    assert {r["reason"] for r in table} == {"duplicate uuid"}
+    assert result.rejected_rows == 37 and result.manifest["total_urls"] == 23
+    assert sum(s["urls"] for s in result.manifest["servers"].values()) == 23
+
+
+def test_duplicate_detection_compares_strings_not_hashes(tmp_path: Path) -> None:
+    """Distinct uuids sharing a hash bucket stay distinct; equal ones in different batches are caught."""
+    ids = [f"u{i}" for i in range(2000)]
+    buckets = partition.string_buckets(pa.array(ids))
+    assert buckets.min() >= 0 and buckets.max() < partition.UUID_BUCKETS
+    assert len(set(buckets.tolist())) > 200  # spread over (nearly) all buckets
+    assert (partition.string_buckets(pa.array(ids[::-1]))[::-1] == buckets).all()  # a function of the string
+    lines = (
+        ["uuid,identifier,source_id"] + [f"{u},http://alpha.org/{u}.jpg,s" for u in ids] + ["u7,http://beta.org/x,s"]
+    )
+    source = tmp_path / "many.csv"
+    source.write_text("\n".join(lines) + "\n")
+    result, _, rejected = run(tmp_path, source, batch_size=1000, spill_rows=300)
+    assert result.manifest["total_urls"] == 2000
+    assert pq.read_table(rejected).to_pylist() == [
+        {
+            "uuid": "u7",
+            "source_id": "s",
+            "identifier": "http://beta.org/x",
+            "license": "Not provided",
+            "source": "Not provided",
+            "title": "Not provided",
+            "reason": "duplicate uuid",
+        }
+    ]
+
+
+def test_string_buckets_handles_empty_sliced_and_unicode_strings() -> None:
+    values = pa.array(["", "a", "ä", "a" * 300, "", "b"])
+    whole = partition.string_buckets(values)
+    assert (partition.string_buckets(values.slice(2, 3)) == whole[2:5]).all()
+    assert whole[0] == whole[4]
+    assert len(partition.string_buckets(pa.array([], pa.string()))) == 0
 
 
 def test_two_runs_are_byte_identical(tmp_path: Path) -> None:

@@ -78,8 +78,9 @@ def mark(
     ("batches_left", "max_rate", "rules", "cpu", "ranks", "expected"),
     [
         (0, 100.0, {}, 1, 8, 0),
-        (10, 100.0, {}, 1, 8, 3),  # ceil(100 / 40)
-        (10, 100.0, {}, 2, 8, 2),  # ceil(100 / 80)
+        (10, 100.0, {}, 1, 8, 2),  # ceil(100 / 60)
+        (10, 100.0, {}, 2, 8, 1),  # ceil(100 / 120)
+        (10, 50.0, {}, 1, 8, 1),  # the default ceiling fits one lane
         (10, 10.0, {}, 1, 8, 1),
         (10, 1000.0, {}, 1, 8, 8),  # capped by ranks
         (2, 1000.0, {}, 1, 8, 2),  # capped by batches left
@@ -188,6 +189,6 @@ def test_lanes_with_and_without_schedule_rules(tmp_path: Path) -> None:
         plan = schedule.build(manifest, profiles, paths, cfg, 1)
         return {s["server_name"]: s["lanes"] for s in plan["servers"]}
 
-    # ceil(100 / 40) = 3 lanes for big.org; small.org has a single batch, so a single lane
-    assert lanes(tmp_path / "a") == {"big.org": 3, "small.org": 1}
+    # ceil(100 / 60) = 2 lanes for big.org; small.org has a single batch, so a single lane
+    assert lanes(tmp_path / "a") == {"big.org": 2, "small.org": 1}
     assert lanes(tmp_path / "b", schedule_rules={"1": 1, "5": 2}) == {"big.org": 2, "small.org": 1}

@@ -177,11 +177,6 @@ def test_one_name_per_server_and_distinct_servers_distinct_names(named: dict[str
     assert len(set(group_names)) == len(group_names), group_names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inputs.server_name_of encodes IDNs with Python's IDNA 2003 codec (ß -> ss) while requests uses "
-    "IDNA 2008 (ß -> xn--zca): straße.de and strasse.de, two hosts, share a name and so a politeness budget",
-)
 def test_idna_2008_hosts_do_not_collide(named: dict[str, tuple[str, str]]) -> None:
     assert named["http://straße.de/a.jpg"][0] != named["http://strasse.de/a.jpg"][0]
 
@@ -206,12 +201,7 @@ CLIENT_DISAGREES = {
 
 @pytest.mark.parametrize(
     "url",
-    [
-        pytest.param(url, marks=pytest.mark.xfail(strict=True, reason=CLIENT_DISAGREES[url]))
-        if url in CLIENT_DISAGREES
-        else url
-        for url in URLS
-    ],
+    [url for url in URLS],
 )
 def test_server_name_is_the_server_the_client_contacts(named: dict[str, tuple[str, str]], url: str) -> None:
     """Per-server politeness only holds if the requests of a server_name really go to that server."""

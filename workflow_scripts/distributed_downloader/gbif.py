@@ -18,28 +18,30 @@ from distributed_downloader.inputs import (
     _assemble,
     _column_map,
     _string_column,
-    check_columns,
-    columns_of,
-    deterministic_uuid,
+    check_input,
+    deterministic_uuids,
     raw_batches,
     with_invalid_reason,
 )
 
 GBIF_REQUIRED = ("gbifid", "identifier")
+OCCURRENCE_REQUIRED = ("gbifid", "basisofrecord")
+GBIF_TEXT_COLUMNS = ("gbifid", "identifier", "license", "source", "publisher", "title")  # must be UTF-8
 MATERIAL_CITATION = "MATERIAL_CITATION"
 
 
 def material_citation_ids(occurrences: str | Path) -> np.ndarray:
     """Sorted gbifIDs whose basisOfRecord is MATERIAL_CITATION (streamed; only those ids are kept)."""
-    check_columns(columns_of(occurrences), ("gbifid", "basisofrecord"))
+    check_input(occurrences, OCCURRENCE_REQUIRED)
     found: list[np.ndarray] = []
     for batch in raw_batches(occurrences):
         mapping = _column_map(batch.schema.names)
         basis = _string_column(batch, mapping, "basisofrecord")
         ids = _string_column(batch, mapping, "gbifid").filter(pc.equal(pc.utf8_upper(basis), MATERIAL_CITATION))
-        numeric = [int(v) for v in ids.to_pylist() if v.isdigit()]
-        if numeric:
-            found.append(np.asarray(numeric, dtype=np.int64))
+        numeric = _numeric_ids(ids)
+        numeric = numeric[numeric >= 0]
+        if len(numeric):
+            found.append(numeric)
     return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
 
 
@@ -49,16 +51,34 @@ def _is_still_image(kind: pa.Array, media_format: pa.Array) -> pa.Array:
     return pc.or_(still, untyped_image)
 
 
+def _numeric_ids(gbif_ids: pa.Array) -> np.ndarray:
+    """gbifIDs as int64 (at most 18 ASCII digits, so no overflow); -1 for anything else."""
+    digits = pc.match_substring_regex(gbif_ids, r"^[0-9]{1,18}$")
+    cleaned = pc.if_else(digits, gbif_ids, "-1")
+    return pc.cast(cleaned, pa.int64()).to_numpy(zero_copy_only=False)
+
+
 def _excluded(gbif_ids: pa.Array, excluded: np.ndarray) -> pa.Array:
     if not len(excluded):
         return pa.array(np.zeros(len(gbif_ids), dtype=bool))
-    numeric = np.array([int(v) if v.isdigit() else -1 for v in gbif_ids.to_pylist()], dtype=np.int64)
-    return pa.array(np.isin(numeric, excluded))
+    numeric = _numeric_ids(gbif_ids)
+    position = np.minimum(np.searchsorted(excluded, numeric), len(excluded) - 1)
+    return pa.array((excluded[position] == numeric) & (numeric >= 0))
 
 
 def gbif_rows(path: str | Path, occurrences: str | Path = "") -> Iterator[pa.RecordBatch]:
-    """Still-image rows with source_id = gbifID and uuid = UUID5(gbifID, identifier)."""
-    check_columns(columns_of(path), GBIF_REQUIRED)
+    """Still-image rows with source_id = gbifID and uuid = UUID5(gbifID, identifier).
+
+    Both files' columns are checked before this returns (InputError naming what is missing);
+    the rows are read lazily, as the caller iterates.
+    """
+    check_input(path, GBIF_REQUIRED)
+    if occurrences:
+        check_input(occurrences, OCCURRENCE_REQUIRED)
+    return _gbif_rows(path, occurrences)
+
+
+def _gbif_rows(path: str | Path, occurrences: str | Path) -> Iterator[pa.RecordBatch]:
     excluded = material_citation_ids(occurrences) if occurrences else np.empty(0, dtype=np.int64)
     for batch in raw_batches(path):
         mapping = _column_map(batch.schema.names)
@@ -70,14 +90,8 @@ def gbif_rows(path: str | Path, occurrences: str | Path = "") -> Iterator[pa.Rec
         mapping = _column_map(batch.schema.names)
         gbif_id = _string_column(batch, mapping, "gbifid")
         identifier = _string_column(batch, mapping, "identifier")
-        ids = pa.array(
-            [
-                deterministic_uuid(GBIF_UUID_NAMESPACE, g, u)
-                for g, u in zip(gbif_id.to_pylist(), identifier.to_pylist(), strict=True)
-            ],
-            pa.string(),
-        )
-        reject = with_invalid_reason(batch, pc.if_else(pc.equal(gbif_id, ""), "empty gbifID", ""))
+        ids = deterministic_uuids(GBIF_UUID_NAMESPACE, gbif_id, identifier)
+        reject = with_invalid_reason(batch, pc.if_else(pc.equal(gbif_id, ""), "empty gbifID", ""), GBIF_TEXT_COLUMNS)
         # `source` is usually empty in GBIF exports; the publisher names where the image comes from.
         source = _string_column(batch, mapping, "source")
         publisher = _string_column(batch, mapping, "publisher")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import ipaddress
 import uuid as uuidlib
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import idna
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -25,7 +28,8 @@ URL_COLUMNS = ("uuid", "source_id", "identifier", "license", "source", "title")
 REQUIRED_COLUMNS = ("identifier", "source_id")
 NOT_PROVIDED = "Not provided"
 MAX_URL_LENGTH = 2048
-READ_BLOCK_BYTES = 8 << 20
+READ_BLOCK_BYTES = 4 << 20
+HEADER_BYTES = 1 << 20  # a header line longer than this is not a header
 # Deterministic ids: uuid5 in a namespace of our own, so reruns give the same ids.
 UUID_NAMESPACE = uuidlib.UUID("6f1d3a2e-5b7c-4e8a-9d0f-2c4b6a8e1f3d")
 GBIF_UUID_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://www.gbif.org/multimedia")
@@ -85,6 +89,14 @@ def _is_parquet(path: Path) -> bool:
         return handle.read(4) == b"PAR1"
 
 
+def _first_line(path: Path) -> str:
+    """The header line: up to the first CR or LF (any line-ending style), BOM removed."""
+    with _open_binary(path) as handle:
+        head = handle.read(HEADER_BYTES)
+    end = min((i for i in (head.find(b"\n"), head.find(b"\r")) if i >= 0), default=len(head))
+    return head[:end].decode("utf-8", errors="replace").lstrip("\ufeff")
+
+
 def sniff_delimiter(path: Path) -> str:
     """Tab or comma: by extension, else by the header line."""
     name = _strip_compression(path.name.lower())
@@ -92,16 +104,45 @@ def sniff_delimiter(path: Path) -> str:
         return "\t"
     if name.endswith(".csv"):
         return ","
-    with _open_binary(path) as handle:
-        head = handle.read(64 * 1024).decode("utf-8", errors="replace").lstrip("\ufeff")
-    first = head.splitlines()[0] if head else ""
+    first = _first_line(path)
     return "\t" if first.count("\t") > first.count(",") else ","
 
 
 def _read_header(path: Path, delimiter: str) -> list[str]:
-    with _open_binary(path) as handle:
-        line = handle.readline().decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
-    return next(csv.reader([line], delimiter=delimiter), [])
+    line = _first_line(path)
+    if delimiter == "\t":  # TSV is unquoted: a '"' is part of the name
+        return line.split("\t") if line else []
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error as exc:
+        raise InputError(f"{path}: unreadable header line: {exc}") from None
+
+
+class _QuoteCounter(io.RawIOBase):
+    """Passes a binary stream through, counting '"' bytes and keeping the last TAIL_BYTES."""
+
+    TAIL_BYTES = 1 << 16
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        super().__init__()
+        self.raw = raw
+        self.quotes = 0
+        self.tail = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.quotes += data.count(b'"')
+        if data:
+            self.tail = (self.tail + data[-self.TAIL_BYTES :])[-self.TAIL_BYTES :]
+        return data
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
@@ -109,8 +150,9 @@ def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
     header = _read_header(path, delimiter)
     if not header:
         raise InputError(f"{path}: empty file or no header line")
-    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header}, strings_can_be_null=False)
-    # TSV (GBIF, Darwin Core archives) is written without quoting: a '"' is data there.
+    # Binary, not string: a stray non-UTF-8 byte must cost its row (see _utf8), not the whole input.
+    convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in header}, strings_can_be_null=False)
+    quoted = delimiter == ","  # TSV (GBIF, Darwin Core archives) is written without quoting: a '"' is data there.
     invalid: list[tuple[str, str]] = []
 
     def keep_invalid(row: pacsv.InvalidRow) -> str:
@@ -121,23 +163,59 @@ def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
     parse = pacsv.ParseOptions(
         delimiter=delimiter,
-        quote_char='"' if delimiter == "," else False,
-        newlines_in_values=delimiter == ",",
+        quote_char='"' if quoted else False,
+        newlines_in_values=quoted,
         invalid_row_handler=keep_invalid,
     )
     read = pacsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False)
     with _open_binary(path) as handle:
-        stream = pacsv.open_csv(handle, read_options=read, parse_options=parse, convert_options=convert)
+        counter = _QuoteCounter(handle)
+        stream = pacsv.open_csv(counter, read_options=read, parse_options=parse, convert_options=convert)
+        held: pa.RecordBatch | None = None  # the last data batch waits: an unclosed quote shows only at the end
         for batch in stream:
-            yield _with_invalid(batch, [""] * batch.num_rows)
+            if held is not None:
+                yield held
+            held = _with_invalid(batch, _empty_strings(batch.num_rows))
             if invalid:
                 yield _invalid_batch(batch.schema, invalid)
                 invalid.clear()
         if invalid:
             yield _invalid_batch(stream.schema, invalid)
+        if held is not None:
+            yield _flag_unclosed_quote(held, counter) if quoted else held
 
 
-def _with_invalid(batch: pa.RecordBatch, reasons: list[str]) -> pa.RecordBatch:
+def _flag_unclosed_quote(batch: pa.RecordBatch, counter: _QuoteCounter) -> pa.RecordBatch:
+    """An opening quote never closed swallows the rest of the file into the last row's last field.
+
+    That shows as an odd number of '"' in the file and a file that ends with '"' + the (escaped)
+    value of the last field, with no closing quote. The row is rejected, its text (with any
+    swallowed lines) kept, instead of passing as valid.
+    """
+    if counter.quotes % 2 == 0 or not batch.num_rows:
+        return batch
+    names = [name for name in batch.schema.names if name != INVALID_COLUMN]
+    value = batch.column(names[-1])[batch.num_rows - 1].as_py()
+    if isinstance(value, str):
+        value = value.encode()
+    if value is None:
+        return batch
+    escaped = b'"' + value.replace(b'"', b'""')
+    if not counter.tail.endswith(escaped[-_QuoteCounter.TAIL_BYTES :]):
+        return batch
+    lines = len(value.rstrip(b"\r\n").splitlines()) - 1
+    reason = "unclosed quote at the end of the file" + (f": it swallowed {lines} more line(s)" if lines > 0 else "")
+    reasons = batch.column(INVALID_COLUMN).to_pylist()
+    reasons[-1] = reasons[-1] or reason
+    index = batch.schema.get_field_index(INVALID_COLUMN)
+    return batch.set_column(index, INVALID_COLUMN, pa.array(reasons, pa.string()))
+
+
+def _empty_strings(n: int) -> pa.Array:
+    return pa.repeat(pa.scalar("", pa.string()), n)
+
+
+def _with_invalid(batch: pa.RecordBatch, reasons: pa.Array | list[str]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [*batch.columns, pa.array(reasons, pa.string())], names=[*batch.schema.names, INVALID_COLUMN]
     )
@@ -152,27 +230,59 @@ def _invalid_batch(schema: pa.Schema, invalid: list[tuple[str, str]]) -> pa.Reco
     return _with_invalid(pa.RecordBatch.from_arrays(columns, names=schema.names), [reason for reason, _ in invalid])
 
 
+def _textual(column: pa.Array) -> pa.Array:
+    """Strings and binaries as they are (see _utf8); numbers, dates, ... as their text."""
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        return column
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pc.cast(column, pa.string())
+    if pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind):
+        return pc.cast(column, pa.binary())
+    if pa.types.is_dictionary(kind):
+        return _textual(pc.cast(column, kind.value_type))
+    return pc.cast(column, pa.string())
+
+
 def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
     parquet = pq.ParquetFile(path)
     for batch in parquet.iter_batches(batch_size=65536):
-        strings = pa.RecordBatch.from_arrays(
-            [pc.cast(col, pa.string()) for col in batch.columns], names=batch.schema.names
-        )
-        yield _with_invalid(strings, [""] * batch.num_rows)
+        columns = [_textual(col) for col in batch.columns]
+        yield _with_invalid(pa.RecordBatch.from_arrays(columns, names=batch.schema.names), _empty_strings(len(batch)))
 
 
 def raw_batches(path: str | Path) -> Iterator[pa.RecordBatch]:
-    """Record batches of the raw columns, all strings, across every input file."""
+    """Record batches of the raw columns (string or binary: decode with _string_column) of every input file."""
     for file in input_files(path):
         yield from (_parquet_batches(file) if _is_parquet(file) else _csv_batches(file))
 
 
 def columns_of(path: str | Path) -> list[str]:
     """Column names of the first input file (for early, clear errors)."""
-    first = input_files(path)[0]
-    if _is_parquet(first):
-        return list(pq.ParquetFile(first).schema_arrow.names)
-    return _read_header(first, sniff_delimiter(first))
+    return _columns_of_file(input_files(path)[0])
+
+
+def _columns_of_file(file: Path) -> list[str]:
+    if _is_parquet(file):
+        return list(pq.ParquetFile(file).schema_arrow.names)
+    return _read_header(file, sniff_delimiter(file))
+
+
+def check_input(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
+    """Every input file has the required columns: an InputError naming what is missing, before any work."""
+    for file in input_files(path):
+        try:
+            names = _columns_of_file(file)
+        except InputError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, pa.ArrowException) as exc:
+            raise InputError(f"{file}: cannot read the input: {exc}") from exc
+        if not names or names == [""]:
+            raise InputError(f"{file}: empty file or no header line (required columns: {', '.join(required)})")
+        try:
+            check_columns(names, required)
+        except InputError as exc:
+            raise InputError(f"{file}: {exc}") from None
 
 
 # ---------------------------------------------------------------- normalisation
@@ -192,20 +302,91 @@ def check_columns(names: list[str], required: tuple[str, ...] = REQUIRED_COLUMNS
         raise InputError(f"input is missing required column(s): {', '.join(missing)} (found: {', '.join(names)})")
 
 
+def _utf8(column: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """(strings, rows that were not valid UTF-8 or None); those rows get U+FFFD for the bad bytes."""
+    if pa.types.is_string(column.type):
+        return column, None
+    try:
+        return pc.cast(column, pa.string()), None  # validates: the fast path
+    except pa.ArrowInvalid:
+        pass
+    values, bad = [], np.zeros(len(column), bool)
+    for i, value in enumerate(column.to_pylist()):
+        if value is None:
+            values.append(None)
+            continue
+        try:
+            values.append(value.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(value.decode("utf-8", errors="replace"))
+            bad[i] = True
+    return pa.array(values, pa.string()), bad
+
+
 def _string_column(batch: pa.RecordBatch, mapping: dict[str, str], name: str) -> pa.Array:
     actual = mapping.get(name)
     if actual is None:
-        return pa.array([""] * batch.num_rows, pa.string())
-    column = batch.column(actual)
-    return pc.utf8_trim_whitespace(pc.fill_null(pc.cast(column, pa.string()), ""))
+        return _empty_strings(batch.num_rows)
+    column, _ = _utf8(batch.column(actual))
+    return pc.utf8_trim_whitespace(pc.fill_null(column, ""))
+
+
+def utf8_reasons(batch: pa.RecordBatch, mapping: dict[str, str], names: tuple[str, ...]) -> pa.Array | None:
+    """Per row, which of the columns `names` held bytes that are not UTF-8 ('' when none); None if no row did."""
+    reasons: np.ndarray | None = None
+    for name in names:
+        actual = mapping.get(name)
+        if actual is None:
+            continue
+        _, bad = _utf8(batch.column(actual))
+        if bad is None or not bad.any():
+            continue
+        if reasons is None:
+            reasons = np.full(batch.num_rows, "", dtype=object)
+        reasons[bad & (reasons == "")] = f"invalid UTF-8 in column '{actual}'"
+    return None if reasons is None else pa.array(reasons.tolist(), pa.string())
 
 
 def deterministic_uuid(namespace: uuidlib.UUID, *parts: str) -> str:
     return str(uuidlib.uuid5(namespace, "\x1f".join(parts)))
 
 
-def with_invalid_reason(batch: pa.RecordBatch, reject: pa.Array) -> pa.Array:
-    """A parse failure of the line wins over any other reason."""
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_UUID_GROUPS = ((0, 8, 0), (8, 12, 9), (12, 16, 14), (16, 20, 19), (20, 32, 24))  # nibbles -> text columns
+
+
+def deterministic_uuids(namespace: uuidlib.UUID, first: pa.Array, second: pa.Array) -> pa.Array:
+    """``deterministic_uuid(namespace, a, b)`` for every row, as one Arrow array.
+
+    The same UUID5 strings, built with one SHA-1 call per row and numpy for the rest.
+    """
+    n = len(first)
+    if not n:
+        return pa.array([], pa.string())
+    names = pc.cast(pc.binary_join_element_wise(first, second, "\x1f"), pa.binary()).to_pylist()
+    prefix = namespace.bytes
+    sha1 = hashlib.sha1
+    digests = np.frombuffer(b"".join([sha1(prefix + name).digest() for name in names]), np.uint8)
+    raw = digests.reshape(n, 20)[:, :16].copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    nibbles = np.empty((n, 32), np.uint8)
+    nibbles[:, 0::2] = _HEX_DIGITS[raw >> 4]
+    nibbles[:, 1::2] = _HEX_DIGITS[raw & 0x0F]
+    text = np.full((n, 36), ord("-"), np.uint8)
+    for start, end, at in _UUID_GROUPS:
+        text[:, at : at + end - start] = nibbles[:, start:end]
+    offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
+
+
+def with_invalid_reason(
+    batch: pa.RecordBatch, reject: pa.Array, text_columns: tuple[str, ...] = URL_COLUMNS
+) -> pa.Array:
+    """A parse failure of the line wins over any other reason, then bytes that are not UTF-8."""
+    utf8 = utf8_reasons(batch, _column_map(batch.schema.names), text_columns)
+    if utf8 is not None:
+        reject = pc.if_else(pc.not_equal(utf8, ""), utf8, reject)
     invalid = batch.column(INVALID_COLUMN)
     return pc.if_else(pc.not_equal(invalid, ""), invalid, reject)
 
@@ -215,8 +396,15 @@ def _fill_missing_text(column: pa.Array) -> pa.Array:
 
 
 def generic_rows(path: str | Path) -> Iterator[pa.RecordBatch]:
-    """The generic reader: uuid, identifier, source_id[, license, source, title], any column order/case."""
-    check_columns(columns_of(path))
+    """The generic reader: uuid, identifier, source_id[, license, source, title], any column order/case.
+
+    Checks every file's columns now (an InputError naming the missing ones), reads lazily.
+    """
+    check_input(path)
+    return _generic_rows(path)
+
+
+def _generic_rows(path: str | Path) -> Iterator[pa.RecordBatch]:
     for batch in raw_batches(path):
         mapping = _column_map(batch.schema.names)
         check_columns(batch.schema.names)
@@ -225,13 +413,7 @@ def generic_rows(path: str | Path) -> Iterator[pa.RecordBatch]:
         if "uuid" in mapping:
             ids = _string_column(batch, mapping, "uuid")
         else:  # no uuid column: derive a stable one so reruns agree
-            ids = pa.array(
-                [
-                    deterministic_uuid(UUID_NAMESPACE, s, u)
-                    for s, u in zip(source_id.to_pylist(), identifier.to_pylist(), strict=True)
-                ],
-                pa.string(),
-            )
+            ids = deterministic_uuids(UUID_NAMESPACE, source_id, identifier)
         reject = pc.if_else(pc.equal(ids, ""), "empty uuid", "")
         yield _assemble(ids, source_id, identifier, batch, mapping, with_invalid_reason(batch, reject))
 
@@ -271,6 +453,8 @@ def server_name_of(scheme: str, authority: str) -> tuple[str, str]:
     scheme = scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         return "", f"unsupported scheme '{scheme}'"
+    if "\\" in authority:  # clients disagree on where such a URL goes: it could land on another server
+        return "", "ambiguous host (backslash in the authority)"
     if "@" in authority:
         authority = authority.rsplit("@", 1)[1]  # drop credentials: never part of a server's name
     host, port = authority, ""
@@ -285,16 +469,19 @@ def server_name_of(scheme: str, authority: str) -> tuple[str, str]:
             port = rest[1:]
     elif ":" in authority:
         host, port = authority.rsplit(":", 1)
-    host = host.lower().rstrip(".")
-    if not host:
-        return "", "URL has no host"
+    host = host.lower()
     if port and (not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
         return "", f"invalid port '{port}'"
     if not host.isascii():
+        # IDNA 2008 with UTS 46 mapping, as requests/urllib3 encode it: the name must be the host
+        # the client really contacts (IDNA 2003 would fold straße.de into strasse.de).
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            host = idna.encode(host.rstrip(".\u3002\uff0e\uff61"), uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             return "", "host is not a valid internationalised domain name"
+    host = host.rstrip(".")
+    if not host:
+        return "", "URL has no host"
     if host.startswith("["):
         try:
             if "%" in host:  # a zone id names a local interface: never a server on the web
@@ -350,13 +537,17 @@ def add_server_names(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def rows(path: str | Path, initializer: str = "generic", occurrences: str = "") -> Iterator[pa.RecordBatch]:
-    """Normalised batches (URL_COLUMNS + server_name + _reject) from the chosen reader."""
+    """Normalised batches (URL_COLUMNS + server_name + _reject) from the chosen reader.
+
+    The input's columns are checked before this returns (InputError naming what is missing);
+    the rows themselves are read lazily, as the caller iterates.
+    """
     if initializer == "gbif":
         from distributed_downloader.gbif import gbif_rows
 
         source = gbif_rows(path, occurrences)
-    else:
+    elif initializer == "generic":
         source = generic_rows(path)
-    for batch in source:
-        if batch.num_rows:
-            yield add_server_names(batch)
+    else:
+        raise InputError(f"unknown initializer {initializer!r} (expected 'generic' or 'gbif')")
+    return (add_server_names(batch) for batch in source if batch.num_rows)
