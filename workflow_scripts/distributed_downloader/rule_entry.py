@@ -11,7 +11,7 @@ from typing import Any
 from distributed_downloader import stages
 
 
-def _logging_to(log_path: str | None, level: str) -> None:
+def logging_to(log_path: str | None, level: str) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +23,7 @@ def _logging_to(log_path: str | None, level: str) -> None:
 
 def run(smk: Any) -> None:
     config = smk.config
-    _logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
+    logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
     stage = smk.params.stage
     try:
         if stage == "initialize":

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
+from distributed_downloader.rule_entry import logging_to
 from distributed_downloader.tools import registry
-
-
-def _logging_to(log_path: str | None, level: str) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
-    )
 
 
 def run_stage(config: Any, tool: str, stage: str, output: Path) -> dict:
@@ -39,7 +29,7 @@ def run_stage(config: Any, tool: str, stage: str, output: Path) -> dict:
 
 def run(smk: Any) -> None:
     config = smk.config
-    _logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
+    logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
     tool, stage = smk.wildcards.tool, smk.params.stage
     try:
         run_stage(config, tool, stage, Path(smk.output[0]))
