@@ -238,3 +238,21 @@ def test_status_verified_and_render_limit(run) -> None:
     assert sum(1 for line in text.splitlines() if line.startswith(("a.org", "b.org"))) == 1
     atomic_write_json(paths.reports / "verification.json", {"ok": False})
     assert "PROBLEMS" in status.render(status.collect(paths))
+
+
+def test_rows_a_tool_removed_stay_accounted_for(run) -> None:
+    """After a tool moved rows out of successes into its removal report, a rerun of verify still passes."""
+    paths, manifest = run
+    complete_all(paths, manifest)
+    folder = paths.batch_images("a.org", 0)
+    table = pq.read_table(folder / SUCCESSES_FILE)
+    moved, kept = table.slice(0, 1), table.slice(1)
+    atomic_write_table(folder / SUCCESSES_FILE, kept)
+    report = paths.tools / "size_based" / "removed" / "server_name=a.org" / "partition_id=0" / "removed-x.parquet"
+    atomic_write_table(report, moved.drop_columns(["image"]).append_column("reason", pa.array(["too small"])))
+    result = verify.verify_all(manifest, paths)
+    assert result["ok"], result["problems"]
+    # ...but a row both kept and reported removed is written twice.
+    atomic_write_table(folder / SUCCESSES_FILE, table)
+    result = verify.verify_all(manifest, paths)
+    assert result["problems"] == ["a.org/partition_id=0: 1 URLs written more than once"]

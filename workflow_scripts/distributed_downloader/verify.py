@@ -45,6 +45,13 @@ def _read_columns(path: Path, schema: pa.Schema, columns: list[str]) -> pa.Table
     return table.cast(pa.schema([schema.field(c) for c in columns]))
 
 
+def _removed_by_tools(paths: Paths, server: str, partition_id: int) -> pa.ChunkedArray:
+    """uuids the tools moved out of this batch's successes into their removal reports: still accounted for."""
+    reports = sorted(paths.tools.glob(f"*/removed/server_name={server}/partition_id={partition_id}/*.parquet"))
+    chunks = [pq.ParquetFile(p).read(columns=["uuid"], use_threads=False).column("uuid") for p in reports]
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], pa.string())
+
+
 def verify_batch(paths: Paths, server: str, partition_id: int, fp: str) -> dict:
     """Counts and problems of one batch, reading only the id columns (vectorised: no per-row Python)."""
     urls = _read_columns(paths.batch_urls(server, partition_id), URL_SCHEMA, ["uuid"]).column("uuid")
@@ -53,7 +60,8 @@ def verify_batch(paths: Paths, server: str, partition_id: int, fp: str) -> dict:
     ok_ids = _read_columns(folder / SUCCESSES_FILE, SUCCESS_SCHEMA, ["uuid"]).column("uuid")
     errors = _read_columns(folder / ERRORS_FILE, ERROR_SCHEMA, ["uuid", "error_code"])
     error_ids = errors.column("uuid")
-    written = pa.chunked_array([*ok_ids.chunks, *error_ids.chunks], pa.string())
+    removed_ids = _removed_by_tools(paths, server, partition_id)
+    written = pa.chunked_array([*ok_ids.chunks, *error_ids.chunks, *removed_ids.chunks], pa.string())
     counts = pc.value_counts(written)  # each distinct uuid written, and how often
     distinct, times = counts.field("values"), counts.field("counts")
     problems = []
@@ -76,6 +84,7 @@ def verify_batch(paths: Paths, server: str, partition_id: int, fp: str) -> dict:
         "urls": len(urls),
         "successes": len(ok_ids),
         "errors": len(error_ids),
+        "removed_by_tools": len(removed_ids),
         "error_codes": codes,
         "problems": problems,
     }
