@@ -105,8 +105,30 @@ def snakemake_args(
         args += ["--forcerun", *forcerun]
     if dryrun:
         args.append("--dry-run")
+    args += account_resources(run_config, profile)
     args += list(extra)
     return args
+
+
+def account_resources(run_config: Path, profile: str) -> list[str]:
+    """The original's `account` key as the Slurm executor's `slurm_account`.
+
+    `--default-resources` on the command line replaces the profile's list, so the profile's own
+    defaults are carried over with the account added.
+    """
+    with open(run_config) as handle:
+        account = (yaml.safe_load(handle) or {}).get("account", "")
+    profile_file = Path(profile_dir(profile)) / "config.yaml"
+    if not account or not profile_file.is_file():
+        return []
+    with open(profile_file) as handle:
+        settings = yaml.safe_load(handle) or {}
+    if settings.get("executor") != "slurm":
+        return []
+    defaults = settings.get("default-resources") or {}
+    pairs = list(defaults.items()) if isinstance(defaults, dict) else [tuple(d.split("=", 1)) for d in defaults]
+    resources = [f"{key}={value}" for key, value in pairs if key != "slurm_account"]
+    return ["--default-resources", *resources, f"slurm_account={str(account)!r}"]  # quoted: values are Python
 
 
 def run_snakemake(args: Sequence[str]) -> bool:
