@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rss_util import REPO, cache_dir  # noqa: E402
+from rss_util import cache_dir, snakemake_local_cmd  # noqa: E402
 
 from distributed_downloader import config as config_mod  # noqa: E402
 from distributed_downloader import partition, profiling  # noqa: E402
@@ -162,20 +162,7 @@ def fabricate(root: Path, total_batches: int) -> tuple[Path, config_mod.Paths, d
 
 
 def snakemake(config: Path, workdir: Path, *extra: str) -> tuple[float, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--profile",
-        str(REPO / "profiles" / "local"),
-        "--configfile",
-        str(config),
-        *extra,
-    ]
+    cmd = snakemake_local_cmd(config, workdir, *extra)
     started = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     seconds = time.monotonic() - started

@@ -42,6 +42,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 from farm import ServerPlan, describe, farm_urls, plan_farm, start_farm
+from rss_util import snakemake_local_cmd
 
 from distributed_downloader import config as config_mod
 from distributed_downloader.testserver import HostStats, ImageFarm, max_requests_in_window
@@ -238,19 +239,7 @@ def run_ours(farm: ImageFarm, plans: list[ServerPlan], workdir: Path, urls: int,
     config = config_mod.load(config_path)
     paths = config_mod.paths(config)
     rounds = config["downloader_parameters"]["num_downloads"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--profile",
-        str(REPO / "profiles" / "local"),
-        "--configfile",
-        str(config_path),
-    ]
+    cmd = snakemake_local_cmd(config_path, workdir)
     log_path = workdir / "ours.log"
     print(f"  $ {' '.join(cmd)}\n  (log: {log_path})", flush=True)
     farm.reset_stats()

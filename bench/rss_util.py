@@ -14,6 +14,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def snakemake_local_cmd(config: Path, workdir: Path, *extra: str) -> list[str]:
+    """The real workflow on the local profile, as a user runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--configfile",
+        str(config),
+        *extra,
+    ]
+
+
 def cache_dir(name: str) -> Path:
     """A folder under the temp dir that survives between bench runs (inputs are generated once)."""
     root = Path(os.environ.get("DD_BENCH_CACHE", Path(tempfile.gettempdir()) / "dd-bench")) / name

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rss_util import REPO, cache_dir, run_measured  # noqa: E402
+from rss_util import cache_dir, run_measured, snakemake_local_cmd  # noqa: E402
 
 from distributed_downloader.testserver import HostSpec, ImageFarm  # noqa: E402
 
@@ -78,19 +78,7 @@ def run_once(farm: ImageFarm, batch_size: int, urls_per_host: int, keys: int) ->
     folder.mkdir(parents=True)
     rows = write_input(farm, folder / "urls.csv", urls_per_host, keys)
     config = write_config(folder, folder / "urls.csv", batch_size)
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(folder),
-        "--profile",
-        str(REPO / "profiles" / "local"),
-        "--configfile",
-        str(config),
-    ]
+    cmd = snakemake_local_cmd(config, folder)
     measured = run_measured(cmd, poll=0.1)
     if measured.returncode != 0:
         raise SystemExit(f"workflow failed at batch_size {batch_size}:\n{measured.stderr[-4000:]}")

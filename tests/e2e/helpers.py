@@ -56,3 +56,24 @@ def check_dataset(output: Path, expected: list, image_size: int = 720) -> dict:
 
 def ranks_of(output: Path, round_no: int = 1) -> list[dict]:
     return json.loads((output / "state" / f"round_{round_no}_ranks.json").read_text())
+
+
+def completed_batches(output: Path) -> int:
+    """Batches with a completion marker so far."""
+    return len(list((output / "downloaded_images").glob("server_name=*/partition_id=*/_completed")))
+
+
+def slow_farm_config(farm, tmp_path: Path, rate: float, per_host: int = 60, **downloader) -> tuple[list, Path]:  # noqa: ANN001
+    """A run slow enough to be interrupted: batches of 10 URLs, each server held to `rate` requests/s."""
+    from distributed_downloader import demo
+
+    rows = demo.demo_rows(farm, per_host=per_host, faults=False)
+    config = demo.write_config(
+        tmp_path,
+        demo.write_input(rows, tmp_path / "urls.csv"),
+        batch_size=10,
+        default_rate_limit=rate,
+        max_rate_limit=rate,
+        **downloader,
+    )
+    return rows, config

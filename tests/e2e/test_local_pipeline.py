@@ -13,7 +13,7 @@ from distributed_downloader import config as config_mod
 from distributed_downloader import demo
 from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.conftest import kill_group, run, snakemake_cmd
-from tests.e2e.helpers import check_dataset, ranks_of
+from tests.e2e.helpers import check_dataset, completed_batches, ranks_of, slow_farm_config
 
 pytestmark = pytest.mark.e2e
 
@@ -52,22 +52,11 @@ def test_pipeline_end_to_end(tmp_path: Path, farm: ImageFarm) -> None:
     assert sum(farm.stats(i).requests for i in range(3)) == requests_before
 
 
-def _markers(output: Path) -> int:
-    return len(list((output / "downloaded_images").glob("server_name=*/partition_id=*/_completed")))
-
-
 def test_kill_and_resume(tmp_path: Path) -> None:
     """kill -9 of the whole workflow mid-download; the same command finishes with nothing lost or doubled."""
     hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(3)]
     with ImageFarm(hosts) as farm:
-        rows = demo.demo_rows(farm, per_host=60, faults=False)
-        config = demo.write_config(
-            tmp_path,
-            demo.write_input(rows, tmp_path / "urls.csv"),
-            batch_size=10,
-            default_rate_limit=8,
-            max_rate_limit=8,
-        )
+        rows, config = slow_farm_config(farm, tmp_path, rate=8)
         output = tmp_path / "output"
         proc = subprocess.Popen(
             snakemake_cmd(config, tmp_path),
@@ -77,12 +66,12 @@ def test_kill_and_resume(tmp_path: Path) -> None:
         )
         deadline = time.monotonic() + 120
         try:
-            while _markers(output) < 6 and time.monotonic() < deadline and proc.poll() is None:
+            while completed_batches(output) < 6 and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.1)
             time.sleep(0.6)  # land mid-batch: about half of each lane's next batch is fetched
         finally:
             kill_group(proc)
-        done_at_kill = _markers(output)
+        done_at_kill = completed_batches(output)
         total_batches = 18
         assert 0 < done_at_kill < total_batches, f"kill landed at {done_at_kill} batches"
         requests_at_kill = sum(farm.stats(i).requests for i in range(3))

@@ -14,7 +14,7 @@ import yaml
 from distributed_downloader import demo
 from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.conftest import kill_group, run, snakemake_cmd
-from tests.e2e.helpers import check_dataset, ranks_of
+from tests.e2e.helpers import check_dataset, completed_batches, ranks_of, slow_farm_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 FAST_POLL = ["--slurm-init-seconds-before-status-checks", "1"]
@@ -58,14 +58,7 @@ def test_slurm_kill_and_resume(tmp_path: Path, slurm_cluster: Path) -> None:
     """Kill Snakemake and scancel its jobs mid-download; the same command finishes the rest."""
     hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(3)]
     with ImageFarm(hosts) as farm:
-        rows = demo.demo_rows(farm, per_host=60, faults=False)
-        config = demo.write_config(
-            tmp_path,
-            demo.write_input(rows, tmp_path / "urls.csv"),
-            batch_size=10,
-            default_rate_limit=6,
-            max_rate_limit=6,
-        )
+        rows, config = slow_farm_config(farm, tmp_path, rate=6)
         output = tmp_path / "output"
         proc = subprocess.Popen(
             slurm_cmd(config, tmp_path),
@@ -74,14 +67,13 @@ def test_slurm_kill_and_resume(tmp_path: Path, slurm_cluster: Path) -> None:
             start_new_session=True,
         )
         deadline = time.monotonic() + 300
-        markers = lambda: len(list((output / "downloaded_images").glob("*/*/_completed")))  # noqa: E731
         try:
-            while markers() < 3 and time.monotonic() < deadline and proc.poll() is None:
+            while completed_batches(output) < 3 and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.2)
         finally:
             kill_group(proc)
             subprocess.run(["scancel", "--user", "root"], check=False)
-        done_at_kill = markers()
+        done_at_kill = completed_batches(output)
         assert 0 < done_at_kill < 18, done_at_kill
         for _ in range(100):  # the cancelled job's ranks are gone before we resume
             if not _squeue_jobs():
@@ -118,26 +110,16 @@ def test_slurm_node_failure_mid_download(tmp_path: Path, slurm_cluster: Path) ->
 
     hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(4)]
     with ImageFarm(hosts) as farm:
-        rows = demo.demo_rows(farm, per_host=60, faults=False)
-        config = demo.write_config(
-            tmp_path,
-            demo.write_input(rows, tmp_path / "urls.csv"),
-            batch_size=10,
-            default_rate_limit=6,
-            max_rate_limit=6,
-            max_nodes=2,
-            workers_per_node=2,
-        )
+        rows, config = slow_farm_config(farm, tmp_path, rate=6, max_nodes=2, workers_per_node=2)
         output = tmp_path / "output"
         cmd = slurm_cmd(config, tmp_path, "--retries", "0")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        markers = lambda: len(list((output / "downloaded_images").glob("*/*/_completed")))  # noqa: E731
         deadline = time.monotonic() + 300
         victims: list[int] = []
         try:
             while time.monotonic() < deadline and proc.poll() is None:
                 victims = _pids_on_node("node2", output)
-                if victims and markers() >= 2:
+                if victims and completed_batches(output) >= 2:
                     break
                 time.sleep(0.2)
             assert victims, "no rank ever ran on node2"
@@ -146,7 +128,7 @@ def test_slurm_node_failure_mid_download(tmp_path: Path, slurm_cluster: Path) ->
             )
             for pid in [slurmd_pid, *victims]:
                 os.kill(pid, signal.SIGKILL)
-            killed_at = markers()
+            killed_at = completed_batches(output)
             proc.wait(timeout=240)  # the step must end (kill-on-bad-exit), not hang
         finally:
             if proc.poll() is None:
