@@ -28,11 +28,17 @@ from distributed_downloader.testserver import (
     CONTENT_TYPES,
     MAX_BIG_MB,
     MODES,
+    OUTCOMES,
+    RETRIEVABLE_OUTCOMES,
+    FaultMix,
     HostSpec,
     ImageFarm,
+    LogEntry,
     SilentHost,
     closed_port,
+    max_concurrency,
     max_requests_in_window,
+    refusal_share,
     render_image,
 )
 
@@ -574,3 +580,190 @@ def test_silent_hosts_time_out_and_closed_ports_refuse() -> None:
         socket.create_connection(("127.0.0.1", closed_port()), timeout=TIMEOUT).close()
     with pytest.raises(ValueError):
         SilentHost(mode="other")
+
+
+# ---------------------------------------------------------------- realistic limits: refusal styles
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(429, False), (503, True), (503, False)])
+def test_rate_limit_refusal_status_and_retry_after_are_configurable(status: int, retry_after: bool) -> None:
+    spec = HostSpec("styled", rate_limit=2, burst=1, refuse_status=status, retry_after=retry_after)
+    with ImageFarm([spec]) as farm, requests.Session() as session:
+        responses = [get(session, farm.url(0, "/status/200")) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, status, status]
+    for response in responses[1:]:
+        assert ("Retry-After" in response.headers) is retry_after
+
+
+def test_connection_cap_refusal_is_configurable() -> None:
+    spec = HostSpec("capped", max_connections=1, connection_refuse_status=429, connection_retry_after=False)
+    with ImageFarm([spec]) as farm:
+
+        def fetch(_: int) -> requests.Response:
+            return requests.get(farm.url(0, "/slow/0.4/c.jpg?w=8&h=8"), timeout=TIMEOUT)
+
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(fetch, range(3)))
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and all(r.status_code == 429 and "Retry-After" not in r.headers for r in refused)
+
+
+def test_refusal_statuses_are_checked() -> None:
+    with pytest.raises(ValueError, match="429 or 503"):
+        HostSpec("x", refuse_status=500)
+    with pytest.raises(ValueError, match="429 or 503"):
+        HostSpec("x", connection_refuse_status=403)
+    assert HostSpec("x", rate_limit=8, burst=2).bucket_capacity == 2
+    assert HostSpec("x", rate_limit=0.5).bucket_capacity == 1.0
+    assert HostSpec("x").bucket_capacity is None
+
+
+# ---------------------------------------------------------------- the per-URL fault background
+
+MIX = FaultMix(missing=0.2, error500=0.2, reset=0.2, stall=0.2, stall_seconds=0.5)
+
+
+def settled_log(farm: ImageFarm, host: int, count: int) -> list[LogEntry]:
+    """The host's request log once ``count`` entries are in (a handler logs just after its reply left)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(log := farm.request_log(host)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return log
+
+
+def paths_by_outcome(farm: ImageFarm, host: int, count: int = 400) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {outcome: [] for outcome in OUTCOMES}
+    for n in range(count):
+        path = f"/img/bg{n}.jpg?w=16&h=12"
+        found[farm.expected_outcome(host, path)].append(path)
+    return found
+
+
+def test_fault_mix_is_validated_and_shares_hold() -> None:
+    with pytest.raises(ValueError):
+        FaultMix(missing=0.6, stall=0.5)
+    with pytest.raises(ValueError):
+        FaultMix(reset=-0.1)
+    with pytest.raises(ValueError):
+        FaultMix(stall_seconds=-1)
+    everyday = FaultMix.everyday(0.02)
+    assert everyday.total == pytest.approx(0.02) and everyday.missing > everyday.stall > 0
+    farm = ImageFarm([HostSpec("bg", background=MIX), HostSpec("clean")], seed=5)  # never started
+    found = paths_by_outcome(farm, 0, 4000)
+    for outcome in OUTCOMES:
+        assert 0.16 < len(found[outcome]) / 4000 < 0.24
+    assert {farm.expected_outcome(1, p) for p in found["missing"]} == {"ok"}  # no background: all served
+    assert set(OUTCOMES) - {"missing"} == RETRIEVABLE_OUTCOMES
+
+
+def test_expected_outcome_depends_on_seed_and_path_only() -> None:
+    one = ImageFarm([HostSpec("a", background=MIX), HostSpec("b", background=MIX)], seed=1)
+    other = ImageFarm([HostSpec("a", background=MIX)], seed=2)
+    paths = [f"/img/k{n}.png" for n in range(200)]
+    outcomes = [one.expected_outcome(0, p) for p in paths]
+    assert outcomes == [one.expected_outcome(1, p) for p in paths]  # same mix, same seed: same fates
+    assert outcomes == [one.expected_outcome(0, p + "?w=8&h=8&cachebuster=1") for p in paths]  # query ignored
+    assert outcomes == [FaultMix.outcome(MIX, 1, p) for p in paths]
+    assert outcomes != [other.expected_outcome(0, p) for p in paths]
+    # Hostile wrappers and special routes keep their own behaviour.
+    assert one.expected_outcome(0, "/bomb.png") == "ok"
+    assert {one.expected_outcome(0, "/slow/0/" + p[len("/img/") :]) for p in paths} == {"ok"}
+
+
+def test_background_faults_play_once_per_url_then_serve(session: requests.Session) -> None:
+    with ImageFarm([HostSpec("bg", background=MIX)], seed=5) as farm:
+        found = paths_by_outcome(farm, 0, 60)
+        missing, error500, ok = found["missing"][0], found["error500"][0], found["ok"][0]
+        assert [get(session, farm.url(0, missing)).status_code for _ in range(3)] == [404] * 3
+        assert [get(session, farm.url(0, error500)).status_code for _ in range(2)] == [500, 200]
+        again = get(session, farm.url(0, ok))
+        assert again.status_code == 200 and again.content == farm.expected_bytes(ok)
+        # A reset: like /reset/, headers + half the body then an RST; served on the next request.
+        reset = found["reset"][0]
+        image = farm.expected_bytes(reset)
+        data, error = raw_get(farm.url(0, reset))
+        assert isinstance(error, ConnectionResetError)
+        assert split_response(data)[1] == image[: len(image) // 2]
+        assert get(session, farm.url(0, reset)).content == image
+        # A stall: half the body, stall_seconds of silence, then the server hangs up; served next time.
+        stall = found["stall"][0]
+        started = time.monotonic()
+        data, error = raw_get(farm.url(0, stall), seconds=3.0)
+        assert error is None and 0.45 <= time.monotonic() - started < 2.0
+        headers, body = split_response(data)
+        stalled = farm.expected_bytes(stall)
+        assert headers["content-length"] == [str(len(stalled))] and body == stalled[: len(stalled) // 2]
+        assert get(session, farm.url(0, stall)).content == stalled
+        first, second = (entry for entry in settled_log(farm, 0, 10) if entry.path == stall)
+        assert first.end - first.start >= 0.45 and first.status == second.status == 200
+
+
+def test_background_stall_ends_when_the_client_hangs_up() -> None:
+    mix = FaultMix(stall=1.0, stall_seconds=20.0)
+    with ImageFarm([HostSpec("stally", background=mix)]) as farm:
+        with pytest.raises(requests.exceptions.ConnectionError):  # read timeout mid-body
+            requests.get(farm.url(0, "/img/st.jpg?w=8&h=8"), timeout=(2, 0.3))
+        (entry,) = settled_log(farm, 0, 1)
+        assert entry.status == 200 and entry.end - entry.start < 2.0  # noticed the hang-up, not 20 s later
+
+
+def test_background_skips_refused_requests_and_wrappers(session: requests.Session) -> None:
+    mix = FaultMix(error500=1.0)
+    with ImageFarm([HostSpec("bg", rate_limit=4, burst=1, background=mix)]) as farm:
+        assert get(session, farm.url(0, "/status/200")).status_code == 200  # empties the bucket
+        assert get(session, farm.url(0, "/img/one.jpg?w=8&h=8")).status_code == 429  # refused: no fault used up
+        time.sleep(0.3)
+        assert get(session, farm.url(0, "/img/one.jpg?w=8&h=8")).status_code == 500
+        time.sleep(0.3)
+        assert get(session, farm.url(0, "/img/one.jpg?w=8&h=8")).status_code == 200
+        time.sleep(0.3)
+        assert get(session, farm.url(0, "/slow/0/two.jpg?w=8&h=8")).status_code == 200  # wrappers untouched
+
+
+# ---------------------------------------------------------------- the server-side request log
+
+
+def test_request_log_records_every_request(session: requests.Session) -> None:
+    spec = HostSpec("logged", rate_limit=50, burst=2, refuse_status=503, retry_after=False)
+    with ImageFarm([spec]) as farm:
+        session.headers["User-Agent"] = "log-test/1.0"
+        statuses = [get(session, farm.url(0, f"/img/l{n}.jpg?w=8&h=8")).status_code for n in range(4)]
+        get(session, farm.url(0, "/robots.txt"))
+        log = settled_log(farm, 0, 5)
+        assert [entry.status for entry in log] == [*statuses, 404]
+        assert statuses[:2] == [200, 200] and 503 in statuses
+        assert [entry.path for entry in log][:2] == ["/img/l0.jpg?w=8&h=8", "/img/l1.jpg?w=8&h=8"]
+        assert all(entry.user_agent == "log-test/1.0" and entry.start <= entry.end for entry in log)
+        assert [entry.start for entry in log] == farm.stats(0).request_times
+        assert refusal_share(log) == statuses.count(503) / 5
+        farm.reset_stats()
+        assert farm.request_log(0) == []
+
+
+def test_request_log_shows_concurrency_and_is_bounded() -> None:
+    with ImageFarm([HostSpec("busy")], max_log_entries=5) as farm:
+
+        def fetch(n: int) -> int:
+            return requests.get(farm.url(0, f"/slow/0.3/p{n}.jpg?w=8&h=8"), timeout=TIMEOUT).status_code
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(fetch, range(3))) == [200] * 3
+        assert max_concurrency(settled_log(farm, 0, 3)) == 3 == farm.stats(0).max_in_flight
+        for n in range(4):
+            requests.get(farm.url(0, f"/status/20{n}"), timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while farm.stats(0).log_dropped < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(farm.request_log(0)) == 5 and farm.stats(0).log_dropped == 2
+
+
+def test_max_concurrency_and_refusal_share() -> None:
+    def entry(start: float, end: float, status: int = 200) -> LogEntry:
+        return LogEntry(start, end, status, "/x", "")
+
+    assert max_concurrency([]) == 0 and refusal_share([]) == 0.0
+    log = [entry(0, 1), entry(0.5, 2, 429), entry(1.5, 3, 503), entry(2.5, 2.6), entry(1, 1.2)]
+    assert max_concurrency(log) == 3  # 0.5..2 overlaps 0..1 and 1..1.2 at t=1 (touching counts)
+    assert max_concurrency([entry(0, 1), entry(2, 3)]) == 1
+    assert refusal_share(log) == 0.4
+    assert refusal_share(log, [429]) == 0.2

@@ -43,6 +43,22 @@ Hostile routes (every host), for timeout, guard and error-code tests::
     /badchunk/<rest>       chunked transfer encoding: half of /img/<rest>, then a chunk size that is not hex
     /xrobots/<directive>/<rest>  /img/<rest> plus ``X-Robots-Tag: <percent-decoded directive>``
 
+Hidden limits and the everyday fault background (``HostSpec``)::
+
+    rate_limit / burst     token bucket; a refusal is ``refuse_status`` (429 or 503), with Retry-After
+                           unless ``retry_after=False`` (nginx's bare refusal)
+    max_connections        concurrent admitted requests; a refusal is ``connection_refuse_status`` (503 or
+                           429), with ``Retry-After: 1`` unless ``connection_retry_after=False``
+    background=FaultMix()  per-URL faults on plain image requests (/img/, /alias/, /truncated/, free-form
+                           image paths), chosen by hashing (farm seed, path): a permanent 404, or a one-off
+                           500 / reset (like /reset/) / stall (like /stall/, for ``stall_seconds``, then a
+                           hang-up) on the URL's first admitted request only; ``ImageFarm.expected_outcome``
+                           tells which, without a running server
+
+Every host keeps a request log (``ImageFarm.request_log``): one ``LogEntry(start, end, status, path,
+user_agent)`` per request, so benches measure at the server (``max_requests_in_window``,
+``max_concurrency``, ``refusal_share``).
+
 ``SilentHost`` is a loopback listener that never answers (accepts and stays silent, or never
 accepts at all), and ``closed_port`` finds a port with nothing listening: a dead host.
 
@@ -61,6 +77,7 @@ import ipaddress
 import itertools
 import json
 import math
+import select
 import signal
 import socket
 import struct
@@ -68,9 +85,10 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
@@ -113,18 +131,84 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # --------------------------------------------------------------------------- specs and stats
 
 
+# Outcomes of a plain image URL under a host's fault background (``ImageFarm.expected_outcome``).
+OUTCOME_OK = "ok"  # served
+OUTCOME_MISSING = "missing"  # 404 on every request: never retrievable
+OUTCOME_ERROR500 = "error500"  # 500 on the URL's first admitted request, then served
+OUTCOME_RESET = "reset"  # headers + half the body then a TCP reset on the first admitted request, then served
+OUTCOME_STALL = "stall"  # headers + half the body, silence for stall_seconds, hang-up; then served
+OUTCOMES = (OUTCOME_OK, OUTCOME_MISSING, OUTCOME_ERROR500, OUTCOME_RESET, OUTCOME_STALL)
+RETRIEVABLE_OUTCOMES = frozenset(OUTCOMES) - {OUTCOME_MISSING}
+DEFAULT_STALL_SECONDS = 30.0  # longer than the downloader's default read timeout (20 s) and img2dataset's (10 s)
+
+
+@dataclass(frozen=True)
+class FaultMix:
+    """Shares of plain image URLs that fail in the everyday ways, each URL's fate fixed by (seed, path).
+
+    ``missing``: a permanent 404. ``error500``, ``reset`` and ``stall``: one-off faults, on the first
+    request of that URL which passes the host's limits only; every later request is served. A stall
+    sends the headers and half the body, then nothing for ``stall_seconds`` (or until the client hangs
+    up or the farm stops), then closes the connection.
+    """
+
+    missing: float = 0.0
+    error500: float = 0.0
+    reset: float = 0.0
+    stall: float = 0.0
+    stall_seconds: float = DEFAULT_STALL_SECONDS
+
+    def __post_init__(self) -> None:
+        shares = (self.missing, self.error500, self.reset, self.stall)
+        if any(not 0.0 <= share <= 1.0 for share in shares) or sum(shares) > 1.0 + 1e-9:
+            raise ValueError("FaultMix shares must each be within [0, 1] and sum to at most 1")
+        if not (math.isfinite(self.stall_seconds) and self.stall_seconds >= 0):
+            raise ValueError("stall_seconds must be finite and >= 0")
+
+    @classmethod
+    def everyday(cls, total: float, stall_seconds: float = DEFAULT_STALL_SECONDS) -> FaultMix:
+        """``total`` split as real logs look: 40% 404s, 30% one-off 500s, 20% resets, 10% stalls."""
+        return cls(total * 0.4, total * 0.3, total * 0.2, total * 0.1, stall_seconds)
+
+    @property
+    def total(self) -> float:
+        return self.missing + self.error500 + self.reset + self.stall
+
+    def outcome(self, seed: int, path: str) -> str:
+        """The fate of ``path`` (its query string is ignored) on a farm of this ``seed``."""
+        draw = _unit_float("background", seed, _split_target(path)[0])
+        for name, share in (
+            (OUTCOME_MISSING, self.missing),
+            (OUTCOME_ERROR500, self.error500),
+            (OUTCOME_RESET, self.reset),
+            (OUTCOME_STALL, self.stall),
+        ):
+            if draw < share:
+                return name
+            draw -= share
+        return OUTCOME_OK
+
+
+_REFUSAL_STATUSES = (429, 503)
+
+
 @dataclass
 class HostSpec:
     """One logical host and its hidden behaviour."""
 
     name: str
-    rate_limit: float | None = None  # token-bucket limit in req/s; over it -> 429 + Retry-After
+    rate_limit: float | None = None  # token-bucket limit in req/s; over it -> refuse_status
     burst: float | None = None  # bucket capacity; default max(1, rate_limit)
-    max_connections: int | None = None  # concurrent admitted requests; over it -> 503 + Retry-After: 1
+    max_connections: int | None = None  # concurrent admitted requests; over it -> connection_refuse_status
     latency: float = 0.0  # seconds added before the headers of every admitted response
     advertise_limits: bool = False  # send RateLimit-Policy / X-RateLimit-* headers
-    fault_rate: float = 0.0  # probability of a transient 500 on an image request
+    fault_rate: float = 0.0  # probability of a transient 500 on an image request (per attempt)
     robots_txt: str | None = None  # body of /robots.txt (404 if None)
+    refuse_status: int = 429  # rate-limit refusal: 429 or 503
+    retry_after: bool = True  # rate-limit refusals carry Retry-After (False: bare, like nginx's limit_req)
+    connection_refuse_status: int = 503  # connection-cap refusal: 503 or 429
+    connection_retry_after: bool = True  # connection-cap refusals carry Retry-After: 1
+    background: FaultMix | None = None  # per-URL everyday faults on plain image requests
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None and not self.rate_limit > 0:
@@ -137,6 +221,25 @@ class HostSpec:
             raise ValueError("fault_rate must be within [0, 1]")
         if self.latency < 0:
             raise ValueError("latency must be >= 0")
+        if self.refuse_status not in _REFUSAL_STATUSES or self.connection_refuse_status not in _REFUSAL_STATUSES:
+            raise ValueError("refusal statuses must be 429 or 503")
+
+    @property
+    def bucket_capacity(self) -> float | None:
+        """The token bucket's capacity (the burst), None without a rate limit."""
+        if self.rate_limit is None:
+            return None
+        return self.burst if self.burst is not None else max(1.0, self.rate_limit)
+
+
+class LogEntry(NamedTuple):
+    """One request as the host saw it (times on the time.monotonic() scale)."""
+
+    start: float  # the request's headers were read
+    end: float  # the handler finished: response sent, connection reset or hung up
+    status: int  # the status sent (0: none, e.g. the farm stopped first)
+    path: str  # the request target as sent (query string included)
+    user_agent: str
 
 
 @dataclass
@@ -149,6 +252,7 @@ class HostStats:
     max_in_flight: int = 0  # peak of concurrently handled requests, rejected ones included
     user_agents: set[str] = field(default_factory=set)  # "" when the header was missing
     connections: int = 0  # TCP connections accepted (keep-alive reuse keeps this low)
+    log_dropped: int = 0  # requests left out of the request log (over the farm's max_log_entries)
 
     def copy(self) -> HostStats:
         return HostStats(
@@ -158,6 +262,7 @@ class HostStats:
             self.max_in_flight,
             set(self.user_agents),
             self.connections,
+            self.log_dropped,
         )
 
 
@@ -174,6 +279,31 @@ def max_requests_in_window(times: Sequence[float], window: float = 1.0) -> int:
             left += 1
         best = max(best, right - left + 1)
     return best
+
+
+def max_concurrency(entries: Iterable[LogEntry]) -> int:
+    """Most requests in flight at once: the peak overlap of the [start, end] intervals of a request log.
+
+    Intervals touching at one instant count as overlapping (a conservative peak).
+    """
+    events = []
+    for entry in entries:
+        events.append((entry.start, 0))  # at equal times, arrivals sort before departures
+        events.append((max(entry.end, entry.start), 1))
+    events.sort()
+    peak = current = 0
+    for _, kind in events:
+        current += 1 if kind == 0 else -1
+        peak = max(peak, current)
+    return peak
+
+
+def refusal_share(entries: Sequence[LogEntry], statuses: Iterable[int] = _REFUSAL_STATUSES) -> float:
+    """Share of the logged requests answered with one of ``statuses`` (429 and 503 by default)."""
+    if not entries:
+        return 0.0
+    wanted = frozenset(statuses)
+    return sum(1 for entry in entries if entry.status in wanted) / len(entries)
 
 
 # --------------------------------------------------------------------------- image generation
@@ -429,36 +559,44 @@ def _advertised_policy(rate: float) -> tuple[int, int]:
 class _Host:
     """Bookkeeping shared by the handler threads of one host. All mutation under ``lock``."""
 
-    def __init__(self, index: int, spec: HostSpec, seed: int) -> None:
+    def __init__(self, index: int, spec: HostSpec, seed: int, max_log_entries: int = 1_000_000) -> None:
         self.index = index
         self.spec = spec
         self.seed = seed
         self.lock = threading.Lock()
         self.stats = HostStats()
+        self.log: list[LogEntry] = []
+        self.max_log_entries = max_log_entries
         self.in_flight = 0  # every request being handled, for stats
         self.admitted = 0  # requests past the limits, for max_connections
         self.hits: dict[tuple[str, str], int] = {}  # (purpose, path) -> requests so far
         self.bucket: _TokenBucket | None = None
-        if spec.rate_limit is not None:
-            burst = spec.burst if spec.burst is not None else max(1.0, spec.rate_limit)
-            self.bucket = _TokenBucket(spec.rate_limit, burst)
+        if spec.rate_limit is not None and spec.bucket_capacity is not None:
+            self.bucket = _TokenBucket(spec.rate_limit, spec.bucket_capacity)
 
     def connected(self) -> None:
         with self.lock:
             self.stats.connections += 1
 
-    def arrive(self, user_agent: str) -> None:
+    def arrive(self, user_agent: str) -> float:
+        """Count a request in; its arrival time (time.monotonic())."""
         with self.lock:
             stats = self.stats
             stats.requests += 1
-            stats.request_times.append(time.monotonic())  # taken under the lock so the list stays sorted
+            now = time.monotonic()  # taken under the lock so the list stays sorted
+            stats.request_times.append(now)
             stats.user_agents.add(user_agent)
             self.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, self.in_flight)
+            return now
 
-    def leave(self) -> None:
+    def leave(self, start: float, status: int, path: str, user_agent: str) -> None:
         with self.lock:
             self.in_flight -= 1
+            if len(self.log) < self.max_log_entries:
+                self.log.append(LogEntry(start, time.monotonic(), status, path, sys.intern(user_agent)))
+            else:
+                self.stats.log_dropped += 1
 
     def record_status(self, status: int) -> None:
         with self.lock:
@@ -495,6 +633,20 @@ class _Host:
         attempt = self.count_hit("fault", target)
         return _unit_float("fault", self.seed, target, attempt) < self.spec.fault_rate
 
+    def outcome(self, path: str) -> str:
+        """This URL's fate under the host's fault background (OUTCOME_OK without one)."""
+        mix = self.spec.background
+        return OUTCOME_OK if mix is None else mix.outcome(self.seed, path)
+
+    def background_fault(self, path: str) -> str | None:
+        """The background fault to play for this admitted request of ``path``, or None to serve it."""
+        outcome = self.outcome(path)
+        if outcome == OUTCOME_OK:
+            return None
+        if outcome == OUTCOME_MISSING:
+            return outcome
+        return outcome if self.count_hit("background", _split_target(path)[0]) == 1 else None
+
     def limit_headers(self, remaining: float | None) -> dict[str, str]:
         if not self.spec.advertise_limits or self.spec.rate_limit is None:
             return {}
@@ -508,9 +660,14 @@ class _Host:
         with self.lock:
             return self.stats.copy()
 
+    def request_log(self) -> list[LogEntry]:
+        with self.lock:
+            return list(self.log)
+
     def reset(self) -> None:
         with self.lock:
             self.stats = HostStats(max_in_flight=self.in_flight)
+            self.log = []
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -535,24 +692,35 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         self._head = head
         self._remaining: float | None = None
+        self._sent_status = 0
         host = self.server.host
-        host.arrive(self.headers.get("User-Agent", ""))
+        user_agent = self.headers.get("User-Agent", "")
+        start = host.arrive(user_agent)
         try:
             self._admit_and_route(host)
         finally:
-            host.leave()
+            host.leave(start, self._sent_status, self.path, user_agent)
+
+    def _record(self, status: int) -> None:
+        """The response's status, for the stats and the request log (the first one sent wins)."""
+        if not self._sent_status:
+            self._sent_status = status
+        self.server.host.record_status(status)
 
     def _admit_and_route(self, host: _Host) -> None:
         path, params = _split_target(self.path)
+        spec = host.spec
         if path != "/robots.txt":  # crawlers must be able to read the rules without paying for it
             allowed, value = host.take_token()
             if not allowed:
                 self._remaining = 0
-                self._reply(429, b"rate limited\n", _TEXT, {"Retry-After": str(max(1, math.ceil(value)))})
+                headers = {"Retry-After": str(max(1, math.ceil(value)))} if spec.retry_after else {}
+                self._reply(spec.refuse_status, b"rate limited\n", _TEXT, headers)
                 return
             self._remaining = value if host.bucket is not None else None
         if not host.try_admit():
-            self._reply(503, b"too many connections\n", _TEXT, {"Retry-After": "1"})
+            headers = {"Retry-After": "1"} if spec.connection_retry_after else {}
+            self._reply(spec.connection_refuse_status, b"too many connections\n", _TEXT, headers)
             return
         try:
             if self._pause(host.spec.latency):
@@ -633,6 +801,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, b"transient fault\n", _TEXT)
             return
         body, content_type = _body(host.seed, ref), CONTENT_TYPES[ref.ext]
+        fault = host.background_fault(path) if kind == "" else None
+        if fault == OUTCOME_MISSING:
+            self._reply(404, b"not found\n", _TEXT)
+            return
+        if fault == OUTCOME_ERROR500:
+            self._reply(500, b"internal server error\n", _TEXT)
+            return
+        if fault in (OUTCOME_RESET, OUTCOME_STALL):
+            assert host.spec.background is not None
+            self._half_then(body, content_type, reset=fault == OUTCOME_RESET, stall=host.spec.background.stall_seconds)
+            return
         if kind in ("reset", "stall"):
             self._half_then(body, content_type, reset=kind == "reset")
         elif kind == "trickle":
@@ -674,15 +853,23 @@ class _Handler(BaseHTTPRequestHandler):
         following = (index + 1) % size
         self._redirect(f"/loop/{size}" + (f"/{following}" if following else ""))
 
-    def _half_then(self, body: bytes, content_type: str, reset: bool) -> None:
-        """Headers for the whole body, half of it, then a TCP reset or silence until the farm stops."""
+    def _half_then(self, body: bytes, content_type: str, reset: bool, stall: float | None = None) -> None:
+        """Headers for the whole body, half of it, then a TCP reset or silence.
+
+        The silence lasts until the farm stops, or with ``stall`` seconds given, until then, the
+        client hangs up or the farm stops, whichever is first; then the connection is closed.
+        """
         self._start(200, content_type, len(body))
         self.close_connection = True
         if self._head:
             return
         self.wfile.write(body[: len(body) // 2])
         if not reset:
-            self.server.stopping.wait()
+            if stall is None:
+                self.server.stopping.wait()
+            else:
+                self.wfile.flush()
+                self._silence(stall)
             return
         self.server.stopping.wait(0.05)  # let the half body leave: an abortive close drops unsent data
         sock = self.connection
@@ -690,6 +877,21 @@ class _Handler(BaseHTTPRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.rfile.close()  # the reader holds a reference; close() must release the descriptor now
             sock.close()  # with SO_LINGER 0: RST instead of FIN
+
+    def _silence(self, seconds: float) -> None:
+        """Send nothing for ``seconds``, ending early when the client hangs up or the farm stops."""
+        deadline = time.monotonic() + seconds
+        sock = self.connection
+        while not self.server.stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                readable, _, _ = select.select([sock], [], [], min(0.1, remaining))
+                if readable and not sock.recv(1, socket.MSG_PEEK):
+                    return  # EOF: the client gave up (a server notices a closed connection too)
+            except (OSError, ValueError):
+                return  # reset by the client, or the farm closed the socket
 
     def _trickle(self, body: bytes, content_type: str) -> None:
         self._start(200, content_type, len(body))
@@ -704,7 +906,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _slow_headers(self) -> None:
         """A status line, then a header that never ends (1 byte per TRICKLE_SECONDS) until stop or hang-up."""
         self.close_connection = True
-        self.server.host.record_status(200)
+        self._record(200)
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slowloris: ")
         for _ in range(1_000_000):
             if self.server.stopping.wait(TRICKLE_SECONDS):
@@ -735,7 +937,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _start(self, status: int, content_type: str, length: int | None, headers: dict[str, str] | None = None) -> None:
         """Status line and headers; ``length`` None sends no Content-Length (the caller frames the body)."""
         host = self.server.host
-        host.record_status(status)
+        self._record(status)
         self.send_response(status)
         if status not in _NO_BODY_STATUSES:
             self.send_header("Content-Type", content_type)
@@ -856,7 +1058,13 @@ def _hang_up(sock: socket.socket) -> None:
 class ImageFarm:
     """Several loopback image hosts. Use ``start``/``stop`` or ``with ImageFarm(...) as farm``."""
 
-    def __init__(self, hosts: list[HostSpec] | int = 3, seed: int = 0, first_address: int = 2) -> None:
+    def __init__(
+        self,
+        hosts: list[HostSpec] | int = 3,
+        seed: int = 0,
+        first_address: int = 2,
+        max_log_entries: int = 1_000_000,
+    ) -> None:
         specs = [HostSpec(f"h{i + 1}") for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         if not specs:
             raise ValueError("an ImageFarm needs at least one host")
@@ -868,7 +1076,7 @@ class ImageFarm:
         self.addresses = [str(ipaddress.IPv4Address(first + i)) for i in range(len(specs))]
         self.base_urls: list[str] = []
         # Bookkeeping outlives start/stop so stats can be read after the farm stopped.
-        self._hosts = [_Host(i, spec, seed) for i, spec in enumerate(specs)]
+        self._hosts = [_Host(i, spec, seed, max_log_entries) for i, spec in enumerate(specs)]
         self._servers: list[_FarmServer] = []
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -936,11 +1144,28 @@ class ImageFarm:
             raise ValueError(f"{path!r} does not name an image (or never serves one whole)")
         return _body(self.seed, ref)
 
+    def expected_outcome(self, host_index: int, path: str) -> str:
+        """What a plain image path meets on this host under its fault background (no server needed).
+
+        One of OUTCOMES: ``ok``; ``missing`` (404 on every request); ``error500``, ``reset`` or
+        ``stall`` on the URL's first admitted request, served after that. The query string is
+        ignored. Routes the background does not touch (wrappers such as /slow/, /status/, /bomb.png)
+        are ``ok`` here whatever they serve.
+        """
+        path_only = _split_target(path)[0]
+        if _is_special(path_only) or _unwrap(path_only)[0]:
+            return OUTCOME_OK
+        return self._hosts[host_index].outcome(path_only)
+
     def stats(self, host_index: int) -> HostStats:
         return self._hosts[host_index].snapshot()
 
+    def request_log(self, host_index: int) -> list[LogEntry]:
+        """Every request this host saw since the start or the last ``reset_stats``, in finishing order."""
+        return self._hosts[host_index].request_log()
+
     def reset_stats(self) -> None:
-        """Clear every host's stats; /flaky/ and fault attempt counters keep counting."""
+        """Clear every host's stats and request log; /flaky/, fault and background counters keep counting."""
         for host in self._hosts:
             host.reset()
 
