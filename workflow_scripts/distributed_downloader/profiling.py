@@ -1,8 +1,17 @@
 """Profiling: probe every server for real before scheduling it.
 
-Per server (servers probed in parallel, each with at most two requests): robots.txt (rules and
-Crawl-delay), then one GET of its first URL for reachability, latency and rate-limit headers.
-Writes the profiles table, the ignored table and each server's robots.txt for the workers.
+Per server (servers probed in parallel, each with at most two requests): robots.txt by RFC 9309
+(robots.py: rules, Crawl-delay, Request-rate), then, after waiting the server's pace (Crawl-delay or
+the starting rate, bounded), one GET of the first URL robots.txt allows among the first few of its
+first partition, for reachability, latency and rate-limit headers. No allowed URL among them, or
+a Crawl-delay too long to wait: no probe, reachability from the robots.txt answer alone.
+
+robots.txt unavailable (5xx, unreachable) or rate limited (429) is a transient state, never a
+reason to ignore the server: the profile records it (``robots_status``) and nothing else is
+requested; the download stage asks the robots cache again (it re-fetches after a few minutes) and
+writes transient error rows while it stays so.
+
+Writes the profiles table, the ignored table and the robots cache (robots/<server>.txt + .json).
 """
 
 from __future__ import annotations
@@ -10,21 +19,30 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import DownloadError, ErrorCode
 from distributed_downloader.fetch import FetchSettings, HttpStatusError, ServerFetcher
-from distributed_downloader.politeness import RobotsRules, advertised_rate
+from distributed_downloader.politeness import advertised_rate
+from distributed_downloader.robots import (
+    PARSE_LIMIT,
+    RobotsCache,
+    RobotsFetch,
+    RobotsStatus,
+    fetch_robots,
+)
 from distributed_downloader.store import atomic_write_text
 
 log = logging.getLogger(__name__)
-ROBOTS_MAX_BYTES = 512 * 1024
+ROBOTS_MAX_BYTES = PARSE_LIMIT  # kept for callers of the old name
+PROBE_CANDIDATES = 10  # first URLs of partition 0 tried for one that robots.txt allows
+PROBE_MAX_WAIT = 30.0  # longest pause between robots.txt and the probe; a longer Crawl-delay skips the probe
 
 
 @dataclass
@@ -43,6 +61,16 @@ class ServerProfile:
     reachable: bool
     reason: str = ""
     error_code: int = 0
+    # Added for RFC 9309 (older tables without them read as the defaults):
+    robots_status: str = ""  # a RobotsStatus value; "" when robots.txt was not consulted
+    robots_fetched_at: float = 0.0  # epoch seconds of that robots.txt answer
+    probe_url: str = ""  # the URL probed; "" when no probe request was sent
+    last_request_at: float = 0.0  # epoch seconds when profiling's last request to the server ended
+
+    @property
+    def robots_transient(self) -> bool:
+        """robots.txt was unavailable or rate limited: nothing may be downloaded until it is fetched again."""
+        return self.robots_status in (RobotsStatus.UNAVAILABLE.value, RobotsStatus.RATE_LIMITED.value)
 
 
 @dataclass
@@ -52,36 +80,20 @@ class ProbeSettings:
     max_rate: float
     max_connections: int
     respect_robots: bool
-
-
-def robots_url(sample_url: str) -> str:
-    parts = urlsplit(sample_url)
-    return urlunsplit((parts.scheme, parts.netloc, "/robots.txt", "", ""))
-
-
-def fetch_robots(fetcher: ServerFetcher, sample_url: str) -> tuple[str | None, str]:
-    """(robots.txt text or None, reason to skip the server or '').
-
-    RFC 9309: 4xx means no rules; a 5xx or an unreachable robots.txt means disallow everything,
-    which we report as a reason to leave the server alone this time.
-    """
-    try:
-        result = fetcher.get(robots_url(sample_url))
-    except HttpStatusError as exc:
-        if 400 <= exc.code < 500:
-            return None, ""
-        return None, f"robots.txt answered HTTP {exc.code}: treated as disallow-all (RFC 9309)"
-    except DownloadError as exc:
-        if exc.code in (ErrorCode.TOO_LARGE, ErrorCode.REDIRECT, ErrorCode.X_ROBOTS_TAG):
-            return None, ""
-        raise
-    return result.body.decode("utf-8", errors="replace"), ""
+    probe_candidates: int = PROBE_CANDIDATES
+    max_probe_wait: float = PROBE_MAX_WAIT
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
 
 def probe_server(
-    name: str, sample_url: str, batches: int, urls: int, settings: ProbeSettings
-) -> tuple[ServerProfile, str | None]:
-    """Profile one server; never raises. Returns the profile and its robots.txt text."""
+    name: str, sample_urls: str | Sequence[str], batches: int, urls: int, settings: ProbeSettings
+) -> tuple[ServerProfile, RobotsFetch | None]:
+    """Profile one server; never raises. Returns the profile and the robots.txt answer (None: not asked).
+
+    ``sample_urls``: the first URLs of the server's first partition (or one URL).
+    """
+    candidates = [sample_urls] if isinstance(sample_urls, str) else list(sample_urls)
+    candidates = candidates[: max(1, settings.probe_candidates)]
     profile = ServerProfile(
         server_name=name,
         total_batches=batches,
@@ -96,29 +108,48 @@ def probe_server(
         advertised_rate=0.0,
         reachable=False,
     )
-    robots_fetch = replace(settings.fetch, max_bytes=ROBOTS_MAX_BYTES)
-    fetcher = ServerFetcher(robots_fetch, pool_size=1)
-    robots_text: str | None = None
+    fetcher = ServerFetcher(settings.fetch, pool_size=1)
+    robots: RobotsFetch | None = None
     try:
+        probe_url: str | None = candidates[0]
+        robots_done = 0.0  # time.monotonic() when the robots.txt answer arrived
         if settings.respect_robots:
-            robots_text, reason = fetch_robots(fetcher, sample_url)
-            if reason:
-                return replace(
-                    profile, reachable=True, reason=reason, error_code=int(ErrorCode.ROBOTS_DISALLOWED)
-                ), None
-            rules = RobotsRules(robots_text, settings.fetch.robots_token)
-            profile.robots_found = robots_text is not None
+            robots = fetch_robots(fetcher, candidates[0])
+            robots_done = time.monotonic()
+            profile.robots_status = robots.status.value
+            profile.robots_fetched_at = robots.fetched_at
+            profile.last_request_at = time.time()
+            profile.latency_ms = round(robots.elapsed * 1000, 1)
+            profile.reachable = robots.http_status > 0
+            rules = robots.rules(settings.fetch.robots_token)
+            if rules is None:
+                # Unavailable / rate limited: disallow everything for now, without a verdict.
+                log.info("%s: %s", name, robots.reason)
+                return profile, robots
+            profile.robots_found = robots.status is RobotsStatus.RULES
             robots_rate = rules.request_rate()
             if robots_rate:
                 profile.crawl_delay = round(1.0 / robots_rate, 3)
                 profile.max_rate = min(profile.max_rate, robots_rate)
                 profile.rate_limit = min(profile.rate_limit, robots_rate)
-        fetcher.settings = settings.fetch
+            probe_url = next((url for url in candidates if rules.allowed(url)), None)
+            if probe_url is None:
+                return profile, robots  # none of the first URLs may be fetched: the robots answer must do
+            gap = 1.0 / profile.rate_limit if profile.rate_limit > 0 else 0.0
+            if gap > settings.max_probe_wait:
+                return profile, robots  # a Crawl-delay too long to wait here: the download stage keeps it
+            wait = robots_done + gap - time.monotonic()
+            if wait > 0:
+                settings.sleep(wait)
+        assert probe_url is not None
+        profile.probe_url = probe_url
         try:
-            result = fetcher.get(sample_url)
+            result = fetcher.get(probe_url)
             profile.probe_status, headers, elapsed = 200, result.headers, result.elapsed
         except HttpStatusError as exc:
             profile.probe_status, headers, elapsed = exc.code, exc.headers, exc.elapsed
+        finally:
+            profile.last_request_at = time.time()
         profile.reachable = True
         profile.latency_ms = round(elapsed * 1000, 1)
         announced = advertised_rate(headers)
@@ -134,14 +165,22 @@ def probe_server(
         profile.error_code = int(ErrorCode.SERVER_IGNORED)
     finally:
         fetcher.close()
-    return profile, robots_text
+    return profile, robots
+
+
+def first_urls(urls_folder: Path, server: str, count: int = PROBE_CANDIDATES) -> list[str]:
+    """The first ``count`` URLs of a server's first partition."""
+    handle = pq.ParquetFile(urls_folder / f"server_name={server}" / "partition_id=0" / "urls.parquet")
+    out: list[str] = []
+    for batch in handle.iter_batches(batch_size=max(1, count), columns=["identifier"]):
+        out.extend(batch.column(0).to_pylist())
+        if len(out) >= count:
+            break
+    return out[:count]
 
 
 def first_url(urls_folder: Path, server: str) -> str:
-    table = pq.read_table(
-        urls_folder / f"server_name={server}" / "partition_id=0" / "urls.parquet", columns=["identifier"]
-    )
-    return table.column("identifier")[0].as_py()
+    return first_urls(urls_folder, server, 1)[0]
 
 
 def read_ignored_list(path: str) -> set[str]:
@@ -161,7 +200,7 @@ def profile_all(
     settings: ProbeSettings,
     user_ignored: set[str],
     threads: int = 32,
-) -> list[tuple[ServerProfile, str | None]]:
+) -> list[tuple[ServerProfile, RobotsFetch | None]]:
     servers = manifest["servers"]
     jobs = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(servers) or 1))) as pool:
@@ -187,17 +226,23 @@ def profile_all(
                 )
                 jobs.append(((profile, None), None))
                 continue
-            future = pool.submit(probe_server, name, first_url(urls_folder, name), batches, urls, settings)
+            samples = first_urls(urls_folder, name, settings.probe_candidates)
+            future = pool.submit(probe_server, name, samples, batches, urls, settings)
             jobs.append((None, future))
         return [done if future is None else future.result() for done, future in jobs]
 
 
 def write_tables(
-    results: list[tuple[ServerProfile, str | None]],
+    results: Sequence[tuple[ServerProfile, RobotsFetch | str | None]],
     profiles_table: Path,
     ignored_table: Path,
     robots_dir: Path,
 ) -> None:
+    """The profiles and ignored tables, and each server's robots.txt answer into the robots cache.
+
+    The second item of a result: a RobotsFetch (stored in the cache: ``<server>.txt`` + ``.json``),
+    a robots.txt text (stored as found now), or None (robots.txt not consulted: the cache entry goes).
+    """
     columns = [f.name for f in fields(ServerProfile)]
     profiles = io.StringIO()
     writer = csv.DictWriter(profiles, fieldnames=columns, lineterminator="\n")
@@ -206,7 +251,8 @@ def write_tables(
     ignored_writer = csv.DictWriter(ignored, fieldnames=["server_name", "reason", "error_code"], lineterminator="\n")
     ignored_writer.writeheader()
     robots_dir.mkdir(parents=True, exist_ok=True)
-    for profile, robots_text in results:
+    cache = RobotsCache(robots_dir, token="*")
+    for profile, robots in results:
         writer.writerow(asdict(profile))
         if profile.error_code:
             ignored_writer.writerow(
@@ -216,23 +262,29 @@ def write_tables(
                     "error_code": profile.error_code,
                 }
             )
-        robots_path = robots_dir / f"{profile.server_name}.txt"
-        if robots_text is not None:
-            atomic_write_text(robots_path, robots_text)
+        if isinstance(robots, str):
+            now = time.time()
+            robots = RobotsFetch(RobotsStatus.RULES, robots, "robots.txt found", now, checked_at=now)
+        if robots is not None:
+            cache.store(profile.server_name, robots)
         else:
-            robots_path.unlink(missing_ok=True)
+            for suffix in (".txt", ".json"):
+                (robots_dir / f"{profile.server_name}{suffix}").unlink(missing_ok=True)
     atomic_write_text(ignored_table, ignored.getvalue())
     atomic_write_text(profiles_table, profiles.getvalue())
 
 
 def read_profiles(profiles_table: Path) -> dict[str, ServerProfile]:
+    """The profiles table; columns an older table lacks take their defaults, unknown columns are skipped."""
     kinds = {f.name: f.type for f in fields(ServerProfile)}
     out: dict[str, ServerProfile] = {}
     with open(profiles_table, newline="") as handle:
         for row in csv.DictReader(handle):
             values = {}
             for key, text in row.items():
-                kind = kinds[key]
+                kind = kinds.get(key) if key is not None else None
+                if kind is None:
+                    continue
                 if kind in ("int", int):
                     values[key] = int(float(text or 0))
                 elif kind in ("float", float):
@@ -240,6 +292,6 @@ def read_profiles(profiles_table: Path) -> dict[str, ServerProfile]:
                 elif kind in ("bool", bool):
                     values[key] = text == "True"
                 else:
-                    values[key] = text
+                    values[key] = text or ""
             out[row["server_name"]] = ServerProfile(**values)
     return out
