@@ -31,7 +31,7 @@ class Assignment:
 
 
 class Coordinator:
-    def __init__(self, schedule: Mapping, decrease: float) -> None:
+    def __init__(self, schedule: Mapping, decrease: float, memory: Mapping[str, dict] | None = None) -> None:
         self.servers: dict[str, _ServerState] = {}
         self.order: list[str] = []
         for info in schedule["servers"]:
@@ -45,6 +45,9 @@ class Coordinator:
         self.batch_stats: list[dict] = []
         self.live: dict[int, list[dict]] = {}  # rank -> its lanes' latest snapshots
         self._congestion_seen: dict[str, int] = {}
+        # What each server taught us (rate, level, connection cap, pause), whole-server figures;
+        # persisted by the worker so rounds and resumes start where the last one left off.
+        self.memory: dict[str, dict] = {name: dict(value) for name, value in (memory or {}).items()}
 
     def _lane_limit(self, state: _ServerState) -> int:
         return max(1, state.info["lanes"]) if not state.info["ignored_code"] else 1
@@ -61,6 +64,7 @@ class Coordinator:
             "decrease": self.decrease,
             "ignored_code": info["ignored_code"],
             "ignored_reason": info["ignored_reason"],
+            "memory": self.memory.get(info["server_name"]),
         }
 
     def request_lanes(self, rank: int, free: int, held: set[str]) -> list[Assignment]:
@@ -87,9 +91,13 @@ class Coordinator:
                 held.add(name)
         return out
 
-    def next_batch(self, server: str, lane_index: int, stats: dict | None) -> dict | None:
+    def next_batch(
+        self, server: str, lane_index: int, stats: dict | None, lane: dict | None = None
+    ) -> dict | None:
         """Record a finished batch; the lane's next batch, or None (the lane is closed)."""
         state = self.servers[server]
+        if lane is not None:
+            self.learn([lane])
         if stats is not None:
             self.record(state, stats)
         if state.pending:
@@ -114,6 +122,31 @@ class Coordinator:
 
     def update_live(self, rank: int, lanes: list[dict]) -> None:
         self.live[rank] = lanes
+        self.learn(lanes)
+
+    def learn(self, lanes: list[dict]) -> None:
+        """Fold lane snapshots into the servers' memory (each lane's figures scaled to the whole server)."""
+        by_server: dict[str, list[dict]] = {}
+        for lane in lanes:
+            if lane.get("share"):
+                by_server.setdefault(lane["server"], []).append(lane)
+        for server, group in by_server.items():
+            entry = self.memory.setdefault(server, {})
+            entry["rate"] = round(sum(lane["rate"] / lane["share"] for lane in group) / len(group), 4)
+            levels = [lane["level"] / lane["share"] for lane in group if lane.get("level")]
+            entry["level"] = round(min(levels), 4) if levels else None
+            caps = [lane["connection_cap"] / lane["share"] for lane in group if lane.get("connection_cap")]
+            entry["connection_cap"] = int(min(caps)) if caps else None
+            entry["paused_until"] = max([entry.get("paused_until") or 0.0] + [lane["paused_until"] for lane in group])
+
+    def pause(self, server: str, until: float, from_rank: int) -> list[int]:
+        """A lane of `server` was told to pause until `until` (epoch): the other ranks holding it, to relay to."""
+        state = self.servers.get(server)
+        entry = self.memory.setdefault(server, {})
+        entry["paused_until"] = max(entry.get("paused_until") or 0.0, until)
+        if state is None:
+            return []
+        return sorted({rank for rank in state.holders.values() if rank != from_rank})
 
     def backing_off(self) -> list[str]:
         """Servers pausing (Retry-After, quota) or that slowed down since the last look."""

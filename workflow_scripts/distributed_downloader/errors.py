@@ -22,10 +22,12 @@ class ErrorCode(IntEnum):
     SERVER_IGNORED = -10  # server on the ignored list (unreachable at profiling, or the user's list)
     RETRIES_EXHAUSTED = -11  # transient failures in every round
     PROTOCOL = -12  # malformed HTTP response (bad Content-Length, bad encoding)
+    BANNED = -13  # refused (403) during a burst of 403s: a temporary ban, tried again next round
+    SERVER_PAUSED = -14  # the server asked us to wait (Retry-After, quota) longer than a round may wait
 
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
-TRANSIENT_CODES = frozenset({ErrorCode.NETWORK, ErrorCode.TIMEOUT})
+TRANSIENT_CODES = frozenset({ErrorCode.NETWORK, ErrorCode.TIMEOUT, ErrorCode.BANNED, ErrorCode.SERVER_PAUSED})
 
 
 def is_transient(code: int) -> bool:

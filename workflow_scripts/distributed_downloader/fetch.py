@@ -22,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -91,6 +92,22 @@ class HttpStatusError(DownloadError):
         super().__init__(status, f"HTTP {status}")
         self.headers = headers
         self.elapsed = elapsed
+
+
+class HopGate:
+    """What a fetch tells politeness about each hop (see ServerFetcher.get); this one allows all."""
+
+    def before_hop(self, url: str) -> None:
+        """Called before a redirect hop to ``url`` is sent; may wait for a rate slot or raise DownloadError."""
+
+    def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
+        """Called with every answer's status line and headers, redirects included."""
+
+    def on_network_error(self, url: str) -> None:
+        """Called when a hop to ``url`` failed without an answer (reset, timeout, refused)."""
+
+
+_OPEN_GATE = HopGate()
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -383,24 +400,38 @@ class ServerFetcher:
         self.address_policy.check_host(key[0].strip("[]"), key[1])
         self._checked_hosts[key] = now
 
-    def get(self, url: str) -> FetchResult:
-        """GET with redirects followed by hand (each hop guarded). Raises DownloadError."""
+    def get(self, url: str, gate: HopGate | None = None) -> FetchResult:
+        """GET with redirects followed by hand (each hop guarded). Raises DownloadError.
+
+        ``gate`` sees every hop: ``before_hop`` before each redirect hop is sent (it takes a rate
+        slot of the host the hop goes to, checks its robots.txt, and may refuse with a
+        DownloadError), ``on_response`` for each answer's status and headers, ``on_network_error``
+        when a hop fails without an answer. The first request's slot is the caller's.
+        """
         started = time.monotonic()
         watch = _WATCHDOG.watch(started + self.settings.total_timeout)
         _current.watch = watch
         try:
-            return self._get(url, started, watch)
+            return self._get(url, started, watch, gate or _OPEN_GATE)
         finally:
             _current.watch = None
             _WATCHDOG.finish(watch)
 
-    def _get(self, url: str, started: float, watch: _Watch) -> FetchResult:
+    def _get(self, url: str, started: float, watch: _Watch, gate: HopGate) -> FetchResult:
         seen = {url}
         current = url
-        for _hop in range(self.settings.max_redirects + 1):
+        for hop in range(self.settings.max_redirects + 1):
             self._guard(current)
-            response = self._send(current, watch)
+            if hop:
+                gate.before_hop(current)
             try:
+                response = self._send(current, watch)
+            except DownloadError as exc:
+                if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
+                    gate.on_network_error(current)
+                raise
+            try:
+                gate.on_response(current, response.status_code, response.headers, time.monotonic() - started)
                 if response.status_code in REDIRECT_STATUSES and response.headers.get("Location"):
                     target = urljoin(current, response.headers["Location"])
                     if target in seen:
@@ -408,7 +439,12 @@ class ServerFetcher:
                     seen.add(target)
                     current = target
                     continue
-                return self._finish(response, current, started, watch)
+                try:
+                    return self._finish(response, current, started, watch)
+                except DownloadError as exc:
+                    if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
+                        gate.on_network_error(current)
+                    raise
             finally:
                 response.close()
         raise DownloadError(ErrorCode.REDIRECT, f"more than {self.settings.max_redirects} redirects")
@@ -441,7 +477,7 @@ class ServerFetcher:
     def _finish(self, response: requests.Response, url: str, started: float, watch: _Watch) -> FetchResult:
         headers = response.headers
         if response.status_code != 200:
-            raise HttpStatusError(response.status_code, dict(headers), time.monotonic() - started)
+            raise HttpStatusError(response.status_code, CaseInsensitiveDict(headers), time.monotonic() - started)
         if self.settings.respect_x_robots_tag:
             directive = x_robots_opt_out(_header_values(response, "X-Robots-Tag"), self.settings.robots_token)
             if directive:
@@ -452,7 +488,7 @@ class ServerFetcher:
                 ErrorCode.TOO_LARGE, f"Content-Length {declared} over the {self.settings.max_bytes}-byte cap"
             )
         body = self._read_body(response, watch)
-        return FetchResult(200, body, dict(headers), url, time.monotonic() - started)
+        return FetchResult(200, body, CaseInsensitiveDict(headers), url, time.monotonic() - started)
 
     def _read_body(self, response: requests.Response, watch: _Watch) -> bytes:
         """The (decoded) body; the byte cap counts decoded bytes, so a gzip bomb stops at the cap."""

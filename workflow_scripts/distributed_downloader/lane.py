@@ -1,16 +1,27 @@
 """One lane: a rank's exclusive share of one server, downloading that server's batches.
 
-The lane thread walks a batch's URLs, keeps at most `concurrency_limit()` requests in flight,
-and each fetch thread claims its start slot from the lane's RateController right before sending,
-so requests reach the server paced and never bunched. Results stream to the batch's parquet
-writers (bounded memory), which are committed atomically at the end of the batch.
+The lane thread is the server's dispatcher: it takes a start slot from the lane's RateController
+at the moment it sends (no reservations ahead, so a pause or a decrease reaches the very next
+request), keeps at most ``concurrency_limit()`` requests in flight, and hands each to a fetch
+thread. Every redirect hop takes a slot of the host it goes to (hosts.py). Failed URLs wait in a
+backoff queue while the server's other URLs proceed. Results stream to the batch's parquet
+writers (bounded memory), committed atomically at the end of the batch.
+
+Retries within a round: a refusal (429/503) says nothing about the URL, so it is retried after
+the controller slowed down (up to ``MAX_REFUSALS``); a network failure or a 5xx is retried with
+backoff up to ``max_retries`` times; a timeout is not retried in the round (each try costs a
+whole read timeout; the next round tries again). A URL that failed the same way in every try of
+a round gets a single try in the next one, not the whole ladder again.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import queue
+import random
 import shutil
 import time
 from collections import Counter, deque
@@ -24,9 +35,10 @@ import pyarrow.parquet as pq
 from distributed_downloader import imaging
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import DownloadError, ErrorCode, is_transient
-from distributed_downloader.fetch import FetchSettings, HttpStatusError, ServerFetcher
+from distributed_downloader.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
+from distributed_downloader.hosts import HostRegistry, server_of
 from distributed_downloader.inputs import NOT_PROVIDED
-from distributed_downloader.politeness import LaneLimits, RateController, RobotsRules
+from distributed_downloader.politeness import LaneLimits, RateController, RobotsRules, lane_connections
 from distributed_downloader.store import (
     ERROR_SCHEMA,
     ERRORS_FILE,
@@ -40,6 +52,9 @@ from distributed_downloader.store import (
 
 log = logging.getLogger(__name__)
 RATE_SAMPLE_SECONDS = 5.0
+MAX_REFUSALS = 10  # 429/503 answers one URL may get in a round before it waits for the next
+RETRY_BASE_SECONDS = 1.0  # backoff of the n-th retry: base x 4^(n-1), jittered
+SAME_FAILURE_NOTE = "same failure in all"  # error_msg note: the next round gives the URL one try
 
 
 @dataclass
@@ -53,6 +68,7 @@ class LaneSpec:
     decrease: float
     ignored_code: int = 0
     ignored_reason: str = ""
+    memory: dict | None = None  # the whole server's learned state (rate, level, connection_cap, paused_until)
 
     @property
     def key(self) -> str:
@@ -91,8 +107,11 @@ class BatchStats:
 @dataclass
 class _Item:
     row: dict
-    attempt: int = 0  # tries made in this round
+    attempt: int = 0  # failed tries in this round (refusals not counted: they say nothing of the URL)
     prior_retries: int = 0  # retry_count carried from earlier rounds
+    max_attempts: int | None = None  # retries allowed in this round (None: max_retries)
+    refusals: int = 0
+    codes: list[int] = field(default_factory=list)  # failure codes of this round's tries
 
 
 @dataclass
@@ -102,7 +121,7 @@ class _Outcome:
     code: int = 0
     message: str = ""
     nbytes: int = 0
-    status: int = 0
+    status: int = 0  # HTTP status of the final answer; -1 network failure/timeout; 0 no request
 
 
 def is_license_full(row: Mapping) -> bool:
@@ -112,7 +131,14 @@ def is_license_full(row: Mapping) -> bool:
 class Lane:
     """Runs batches of one server for one rank; keeps its rate controller across batches."""
 
-    def __init__(self, spec: LaneSpec, config: Mapping, paths: Paths, round_no: int) -> None:
+    def __init__(
+        self,
+        spec: LaneSpec,
+        config: Mapping,
+        paths: Paths,
+        round_no: int,
+        hosts: HostRegistry | None = None,
+    ) -> None:
         params = config["downloader_parameters"]
         self.spec = spec
         self.paths = paths
@@ -126,28 +152,24 @@ class Lane:
         )
         self.max_retries = params["max_retries"]
         self.failure_threshold = params["server_failure_threshold"]
-        share = 1.0 / spec.lanes
-        connections = max(1, spec.max_connections // spec.lanes)
-        self.controller = RateController(
-            LaneLimits(
-                start_rate=spec.start_rate * share,
-                ceiling=spec.max_rate * share,
-                max_connections=connections,
-                decrease=spec.decrease,
-            ),
-            share=share,
-        )
+        self.max_pause = float(params.get("max_pause_seconds", 600))
+        self.controller = lane_controller(spec)
+        self.hosts = hosts or HostRegistry(params["default_rate_limit"], 1, spec.decrease)
+        self.hosts.register_lane(spec.server_name, self.controller)
         self.robots = RobotsRules(
             self._robots_text() if params["respect_robots_txt"] else None, self.fetch_settings.robots_token
         )
         self.fetcher: ServerFetcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         if not spec.ignored_code:
+            connections = self.controller.limits.max_connections
             self.fetcher = ServerFetcher(self.fetch_settings, pool_size=connections)
             self.pool = ThreadPoolExecutor(max_workers=connections, thread_name_prefix=f"fetch-{spec.server_name}")
         self.consecutive_failures = 0
         self.server_failed = False
         self.current: BatchStats | None = None
+        self._suspects: list[_Outcome] = []  # 403s that may turn out to be a ban
+        self._bans_seen = 0
 
     def _robots_text(self) -> str | None:
         path = self.paths.robots / f"{self.spec.server_name}.txt"
@@ -157,6 +179,7 @@ class Lane:
             return None
 
     def close(self) -> None:
+        self.hosts.unregister_lane(self.spec.server_name, self.controller)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self.fetcher is not None:
@@ -170,8 +193,12 @@ class Lane:
         return {
             "server": self.spec.server_name,
             "lane": self.spec.lane_index,
-            "rate": round(self.controller.rate, 2),
-            "paused_for": round(max(0.0, self.controller.paused_until - time.monotonic()), 1),
+            "rate": round(self.controller.rate, 3),
+            "level": None if self.controller.level is None else round(self.controller.level, 3),
+            "connection_cap": self.controller.connection_cap,
+            "paused_until": round(self.controller.paused_until_epoch(), 3),
+            "share": self.controller.share,
+            "paused_for": round(self.controller.paused_for(), 1),
             "congestion": self.controller.events["congestion"],
             "done": 0 if batch is None else batch.processed,
             "successes": 0 if batch is None else batch.new_successes,
@@ -270,7 +297,11 @@ class Lane:
                 continue
             errored.add(uuid)
             if is_transient(error["error_code"]) or mode == "ignored":
-                todo.append(_Item(by_uuid[uuid], prior_retries=error["retry_count"] + 1))
+                # A URL that failed the same way in every try of its last round: one try, no ladder.
+                single = SAME_FAILURE_NOTE in (error["error_msg"] or "")
+                todo.append(
+                    _Item(by_uuid[uuid], prior_retries=error["retry_count"] + 1, max_attempts=0 if single else None)
+                )
             else:
                 errors.append(error)
                 stats.errors += 1
@@ -285,70 +316,102 @@ class Lane:
         self, todo: list[_Item], successes: StreamingParquet, errors: StreamingParquet, stats: BatchStats
     ) -> None:
         assert self.pool is not None
-        pending: deque[_Item] = deque(todo)
+        ready: deque[_Item] = deque(todo)
+        backoff: list[tuple[float, int, _Item]] = []  # (due, order, item): failed URLs waiting to retry
+        order = itertools.count()
         results: queue.Queue[_Outcome] = queue.Queue()
         in_flight = 0
         started = time.monotonic()
         next_sample = started
-        while pending or in_flight:
+        while ready or backoff or in_flight:
             now = time.monotonic()
             if now >= next_sample:  # the rate's trajectory, for the report
                 stats.rate_samples.append([round(now - started, 1), round(self.controller.rate, 3)])
                 next_sample = now + RATE_SAMPLE_SECONDS
-            while pending and in_flight < self.controller.concurrency_limit():
-                item = pending.popleft()
+            while backoff and backoff[0][0] <= now:
+                ready.append(heapq.heappop(backoff)[2])
+            if ready or backoff:
+                stop = self._stop_reason()
+                if stop is not None:  # the rest of the batch waits for the next round
+                    for item in [*ready, *(entry[2] for entry in backoff)]:
+                        self._write_error(errors, stats, item, *stop)
+                    ready.clear()
+                    backoff.clear()
+            wait = 0.25
+            if ready and in_flight < self.controller.concurrency_limit():
+                item = ready[0]
                 if not self.robots.allowed(item.row["identifier"]):
+                    ready.popleft()
                     self._write_error(errors, stats, item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
                     continue
-                if self.server_failed:
-                    self._write_error(
-                        errors,
-                        stats,
-                        item,
-                        int(ErrorCode.NETWORK),
-                        f"server given up after {self.failure_threshold} consecutive network failures",
-                    )
+                wait = self.controller.try_take()
+                if wait <= 0:
+                    ready.popleft()
+                    ticket, concurrency = self.controller.started()
+                    self.pool.submit(self._fetch_one, item, time.monotonic(), concurrency, ticket, results)
+                    in_flight += 1
                     continue
-                self.pool.submit(self._fetch_one, item, results)
-                in_flight += 1
+            if backoff:
+                wait = min(wait, backoff[0][0] - now)
+            wait = max(0.001, min(wait, 0.25))
             if not in_flight:
+                time.sleep(wait)
                 continue
-            outcome = results.get()
-            in_flight -= 1
-            self._handle(outcome, pending, successes, errors, stats)
+            try:
+                outcome = results.get(timeout=wait)
+            except queue.Empty:
+                continue
+            while True:
+                in_flight -= 1
+                self._handle(outcome, backoff, order, errors, successes, stats)
+                try:
+                    outcome = results.get_nowait()
+                except queue.Empty:
+                    break
+        self._flush_suspects(errors, stats, banned=False)
 
-    def _fetch_one(self, item: _Item, results: queue.Queue[_Outcome]) -> None:
-        try:
-            results.put(self._fetch_and_process(item))
-        except BaseException as exc:  # never lose an item, whatever happened
-            results.put(
-                _Outcome(item, code=int(ErrorCode.NETWORK), message=f"internal error: {type(exc).__name__}: {exc}")
+    def _stop_reason(self) -> tuple[int, str] | None:
+        """Why the lane sends nothing more this round, or None."""
+        if self.server_failed:
+            return (
+                int(ErrorCode.NETWORK),
+                f"server given up after {self.failure_threshold} consecutive network failures",
             )
+        paused = self.controller.paused_for()
+        if paused > self.max_pause:
+            code = ErrorCode.BANNED if self.controller.is_banned() else ErrorCode.SERVER_PAUSED
+            return (
+                int(code),
+                f"server asked us to wait {paused:.0f}s (Retry-After, quota or ban), more than"
+                f" max_pause_seconds={self.max_pause:g}: tried again next round",
+            )
+        return None
 
-    def _fetch_and_process(self, item: _Item) -> _Outcome:
-        assert self.fetcher is not None
-        wait = self.controller.reserve()
-        if wait > 0:
-            time.sleep(wait)
-        url = item.row["identifier"]
-        self.controller.started()
+    def _fetch_one(
+        self, item: _Item, sent_at: float, concurrency: int, ticket: int, results: queue.Queue[_Outcome]
+    ) -> None:
         try:
-            result = self.fetcher.get(url)
+            outcome = self._fetch_and_process(item, sent_at, concurrency, ticket)
+        except BaseException as exc:  # never lose an item, whatever happened
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            outcome = _Outcome(item, code=int(ErrorCode.NETWORK), message=message)
+        results.put(outcome)
+
+    def _fetch_and_process(self, item: _Item, sent_at: float, concurrency: int, ticket: int) -> _Outcome:
+        assert self.fetcher is not None
+        url = item.row["identifier"]
+        gate = _LaneGate(self, sent_at, concurrency)
+        try:
+            result = self.fetcher.get(url, gate)
         except HttpStatusError as exc:
-            self.controller.on_status(exc.code, exc.headers, exc.elapsed)
             return _Outcome(item, code=exc.code, message=exc.message, status=exc.code)
         except DownloadError as exc:
-            if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
-                self.controller.on_network_error()
-            return _Outcome(
-                item,
-                code=exc.code,
-                message=exc.message,
-                status=-1 if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT) else 200,
-            )
+            network = exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT)
+            status = -1 if network else (0 if exc.code in _NOT_SENT else 200)
+            return _Outcome(item, code=exc.code, message=exc.message, status=status)
         finally:
-            self.controller.finished()
-        self.controller.on_success(result.elapsed, result.headers)
+            self.controller.finished(ticket)
+            gate.close()
         try:
             image = imaging.process_image(result.body, self.image_settings)
         except DownloadError as exc:
@@ -373,9 +436,10 @@ class Lane:
     def _handle(
         self,
         outcome: _Outcome,
-        pending: deque[_Item],
-        successes: StreamingParquet,
+        backoff: list[tuple[float, int, _Item]],
+        order: itertools.count,
         errors: StreamingParquet,
+        successes: StreamingParquet,
         stats: BatchStats,
     ) -> None:
         item = outcome.item
@@ -394,17 +458,51 @@ class Lane:
                 )
         elif outcome.status:
             self.consecutive_failures = 0
+        if self.controller.bans > self._bans_seen:  # a 403 burst turned out to be a ban
+            self._bans_seen = self.controller.bans
+            self._flush_suspects(errors, stats, banned=True)
+        if outcome.status == 403:
+            if self.controller.is_banned():
+                self._write_error(errors, stats, item, int(ErrorCode.BANNED), _BAN_MESSAGE)
+            else:
+                self._suspects.append(outcome)  # a forbidden file, or the start of a ban: decided later
+            return
+        if outcome.status:
+            self._flush_suspects(errors, stats, banned=False)
         if outcome.success is not None:
             successes.append(outcome.success)
             stats.successes += 1
             stats.new_successes += 1
             stats.processed += 1
             return
-        if is_transient(outcome.code) and item.attempt < self.max_retries and not self.server_failed:
-            item.attempt += 1
-            pending.append(item)  # retried after the rest; the controller already slowed down
-            return
-        self._write_error(errors, stats, item, outcome.code, outcome.message)
+        now = time.monotonic()
+        if outcome.status in (429, 503):
+            item.refusals += 1
+            if item.refusals <= MAX_REFUSALS:
+                heapq.heappush(backoff, (now, next(order), item))  # the controller already slowed down
+                return
+        elif is_transient(outcome.code) and outcome.code != ErrorCode.TIMEOUT and not self.server_failed:
+            item.codes.append(outcome.code)
+            allowed = self.max_retries if item.max_attempts is None else item.max_attempts
+            if item.attempt < allowed:
+                item.attempt += 1
+                delay = RETRY_BASE_SECONDS * 4 ** (item.attempt - 1) * random.uniform(0.5, 1.5)
+                heapq.heappush(backoff, (now + delay, next(order), item))
+                return
+        else:
+            item.codes.append(outcome.code)
+        message = outcome.message
+        if is_transient(outcome.code) and len(item.codes) > 1 and len(set(item.codes)) == 1:
+            message = f"{message} ({SAME_FAILURE_NOTE} {len(item.codes)} tries of round {self.round_no})"
+        self._write_error(errors, stats, item, outcome.code, message)
+
+    def _flush_suspects(self, errors: StreamingParquet, stats: BatchStats, banned: bool) -> None:
+        for suspect in self._suspects:
+            if banned:
+                self._write_error(errors, stats, suspect.item, int(ErrorCode.BANNED), _BAN_MESSAGE)
+            else:
+                self._write_error(errors, stats, suspect.item, suspect.code, suspect.message)
+        self._suspects.clear()
 
     def _write_error(self, errors: StreamingParquet, stats: BatchStats, item: _Item, code: int, message: str) -> None:
         errors.append(
@@ -421,3 +519,68 @@ class Lane:
         stats.error_codes[int(code)] += 1
         if is_transient(code):
             stats.transient += 1
+
+
+_BAN_MESSAGE = "HTTP 403 during a burst of 403s (a temporary ban, likely): tried again next round"
+_NOT_SENT = frozenset({ErrorCode.SERVER_PAUSED, ErrorCode.ROBOTS_DISALLOWED, ErrorCode.PRIVATE_ADDRESS})
+
+
+def lane_controller(spec: LaneSpec) -> RateController:
+    """The lane's controller: its share of the server's budget, started from the server's memory."""
+    share = 1.0 / max(1, spec.lanes)
+    memory = spec.memory or {}
+    ceiling = spec.max_rate * share
+    start = memory.get("rate") or spec.start_rate
+    level = memory.get("level")
+    controller = RateController(
+        LaneLimits(
+            start_rate=min(start * share, ceiling),
+            ceiling=ceiling,
+            max_connections=lane_connections(spec.max_connections, spec.lanes, spec.lane_index),
+            decrease=spec.decrease,
+            floor=share / 30,
+            level=None if level is None else min(level * share, ceiling),
+        ),
+        share=share,
+    )
+    cap = memory.get("connection_cap")
+    if cap:
+        controller.connection_cap = max(1, int(cap * share))
+    if memory.get("paused_until"):
+        controller.pause_until(float(memory["paused_until"]))
+    return controller
+
+
+class _LaneGate(HopGate):
+    """Politeness for each hop of one fetch: slots, robots and feedback go to the hop's own host."""
+
+    def __init__(self, lane: Lane, sent_at: float, concurrency: int) -> None:
+        self.lane = lane
+        self.controller = lane.controller
+        self.sent_at = sent_at
+        self.concurrency = concurrency
+        self.tickets: list[tuple[RateController, int]] = []
+
+    def before_hop(self, url: str) -> None:
+        server = server_of(url)
+        if not server:
+            raise DownloadError(ErrorCode.REDIRECT, f"redirect to a URL without a usable host: {url[:200]}")
+        own = server == self.lane.spec.server_name
+        if own and not self.lane.robots.allowed(url):
+            raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, "redirect target disallowed by robots.txt")
+        controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
+        if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0)):
+            raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {server} is pausing us: tried next round")
+        ticket, concurrency = controller.started()
+        self.tickets.append((controller, ticket))
+        self.controller, self.sent_at, self.concurrency = controller, time.monotonic(), concurrency
+
+    def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
+        self.controller.on_response(status, headers, time.monotonic() - self.sent_at, self.sent_at, self.concurrency)
+
+    def on_network_error(self, url: str) -> None:
+        self.controller.on_network_error(self.sent_at)
+
+    def close(self) -> None:
+        for controller, ticket in self.tickets:
+            controller.finished(ticket)

@@ -1,25 +1,80 @@
-"""Per-server politeness: an adaptive pacing rate, Retry-After, rate-limit headers, robots.txt.
+"""Per-server politeness: pacing, congestion control, and the limits servers announce.
 
-A server's budget is split into lanes (see schedule.py); one lane is driven by exactly one rank,
-and each lane's controller never exceeds its share, so the server's total across all ranks and
-nodes stays within the server's limit. Everything here takes an injected clock.
+One ``RateController`` paces one lane (a rank's share of one server). The rule it follows:
+
+**Signals, classified.** Only *congestion* lowers a server's rate; a *per-URL fault* never does.
+
+- Congestion (the server says "too much, slow down"):
+  - a refusal: 429, or 503 with or without Retry-After (nginx's ``limit_req`` answers a bare 503);
+  - a Retry-After on any response, or an exhausted ``RateLimit`` / ``X-RateLimit`` quota (a pause);
+  - a burst of 403s (a ban: ``BAN_STREAK`` in a row);
+  - across many URLs, a burst of network failures (resets, timeouts, refused connections) or of
+    5xx answers: at least ``BURST_MIN`` of them and at least half of the last ``OUTCOME_WINDOW``
+    outcomes (an overloaded server, not one bad file);
+  - a sustained rise of latency under load (the median of recent answers many times its baseline).
+- Per-URL faults (the URL is bad, the server is fine): 404/410, a lone 500, one reset or timeout, a
+  body that is not an image. They are retried or written as error rows, the rate is untouched.
+
+This is how TCP separates loss from corruption and how crawler autothrottles (Scrapy's AutoThrottle
+never lets an error shorten or collapse the delay; StormCrawler backs a host off only on 429/503)
+stay fast on servers with a background of broken files.
+
+**Converge and hold.** Slow start multiplies the rate by ``SLOW_START_GROWTH`` per saturated second
+until the first congestion. A congestion event sets the rate to ``1 - HEADROOM`` of the rate the
+server *accepted* lately (answers that were not refusals, per second: with a hidden token bucket
+this is its refill rate), never above the current rate; only refusals of requests sent after the
+last reaction count as a new event, so one overshoot costs one reaction. Below that level the
+rate grows briskly (``GROWTH_FAR`` per saturated second); near it, it probes gently (``GROWTH_NEAR``
+per ``PROBE_REQUESTS`` requests *and* ``PROBE_SECONDS``), so steady state sits within a few percent
+below the server's real limit, and a slow server sees as few refusals per request as a fast one.
+When nothing was accepted (or for bursts of failures), the rate is multiplied by
+``1 - decrease`` (config ``rate_multiplier``).
+
+**Connections.** A lane holds what Little's law needs (rate x latency) within its share of the
+server's connections. A connection cap is learned only from evidence that concurrency is what the
+server refuses (refusals only at >= k requests in flight, none below), and it recovers by one
+connection per ``CAP_RECOVERY_SECONDS`` without refusals.
+
+**Pauses.** Retry-After (any header case, seconds or HTTP date), a quota reset and a ban stop every
+request of the lane until the given time; the lane relays a pause to the server's other lanes on
+other ranks through the coordinator (``pause_until``). The controller keeps no reservations: the
+caller takes a slot only at the moment it sends, so a pause or a decrease reaches the very next
+request.
+
+Everything takes an injected clock, so the rules are unit-tested on a fake one.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import itertools
 import math
 import re
+import statistics
 import threading
 import time
-import urllib.robotparser
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 Clock = Callable[[], float]
-CONGESTION_STATUSES = frozenset({429, 503})
-MAX_PAUSE = 600.0  # never trust a Retry-After longer than this; the lane is re-tried next round instead
+REFUSAL_STATUSES = frozenset({429, 503})
+SERVER_ERROR_STATUSES = frozenset({500, 502, 504})
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header's value whatever the case of its name (plain dicts included)."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lower = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lower:
+            return value
+    return None
 
 
 def parse_retry_after(value: str | None, now_epoch: float | None = None) -> float | None:
@@ -31,47 +86,79 @@ def parse_retry_after(value: str | None, now_epoch: float | None = None) -> floa
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
     if when is None:
         return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
     now_epoch = time.time() if now_epoch is None else now_epoch
     return max(0.0, when.timestamp() - now_epoch)
 
 
-_POLICY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*;\s*w\s*=\s*(\d+(?:\.\d+)?)")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_OLD_POLICY = re.compile(rf"^\s*{_NUMBER}\s*;\s*w\s*=\s*{_NUMBER}")  # draft-06..08: 10;w=1
+_PARAM = re.compile(r";\s*([a-z]+)\s*=\s*([^;,\s]+)")
 
 
-def advertised_rate(headers: Mapping[str, str]) -> float | None:
-    """Requests/second a server announces: RateLimit-Policy (`10;w=1`), X-RateLimit-Limit (+ window)."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    policy = lower.get("ratelimit-policy")
+def _params(item: str) -> dict[str, str]:
+    return {key: value.strip('"') for key, value in _PARAM.findall(item.lower())}
+
+
+def advertised_rate(headers: Mapping[str, str] | None) -> float | None:
+    """Requests/second a server announces, or None.
+
+    ``RateLimit-Policy`` in both draft forms (``10;w=1`` and ``"name";q=10;w=1``, the strictest
+    policy wins) and ``X-RateLimit-Limit`` only with an explicit window (``;w=60`` or
+    ``X-RateLimit-Window``): a bare ``X-RateLimit-Limit: 1000`` is as often per hour as per second,
+    so it is not read as a rate (the quota's Remaining/Reset still pause us).
+    """
+    rates: list[float] = []
+    policy = header(headers, "RateLimit-Policy")
     if policy:
-        for part in policy.split(","):
-            match = _POLICY.match(part)
-            if match and float(match.group(2)) > 0:
-                return float(match.group(1)) / float(match.group(2))
-    limit = lower.get("x-ratelimit-limit")
+        for item in policy.split(","):
+            old = _OLD_POLICY.match(item)
+            if old and float(old.group(2)) > 0:
+                rates.append(float(old.group(1)) / float(old.group(2)))
+                continue
+            params = _params(item)
+            try:
+                quota, window = float(params["q"]), float(params.get("w", "0"))
+            except (KeyError, ValueError):
+                continue
+            if window > 0:
+                rates.append(quota / window)
+    if rates:
+        return min(rates)
+    limit = header(headers, "X-RateLimit-Limit")
     if limit:
         try:
             quota = float(limit.split(",")[0].split(";")[0])
         except ValueError:
             return None
-        window = 1.0
-        match = re.search(r"w\s*=\s*(\d+(?:\.\d+)?)", limit)
-        if match:
-            window = float(match.group(1))
-        elif lower.get("x-ratelimit-window", "").strip().replace(".", "", 1).isdigit():
-            window = float(lower["x-ratelimit-window"])
+        match = re.search(rf"w\s*=\s*{_NUMBER}", limit)
+        window_text = match.group(1) if match else (header(headers, "X-RateLimit-Window") or "").strip()
+        try:
+            window = float(window_text)
+        except ValueError:
+            return None
         return quota / window if window > 0 else None
     return None
 
 
-def exhausted_pause(headers: Mapping[str, str]) -> float | None:
-    """Seconds until the quota resets when a server says none is left (Remaining: 0)."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    remaining = lower.get("ratelimit-remaining") or lower.get("x-ratelimit-remaining")
-    reset = lower.get("ratelimit-reset") or lower.get("x-ratelimit-reset")
+def exhausted_pause(headers: Mapping[str, str] | None, now_epoch: float | None = None) -> float | None:
+    """Seconds until the quota resets when a server says none is left (remaining 0), else None."""
+    combined = header(headers, "RateLimit")  # draft-08+: RateLimit: "default";r=0;t=10
+    if combined:
+        for item in combined.split(","):
+            params = _params(item)
+            if params.get("r") == "0" and "t" in params:
+                try:
+                    return max(0.0, float(params["t"]))
+                except ValueError:
+                    return None
+    remaining = header(headers, "RateLimit-Remaining") or header(headers, "X-RateLimit-Remaining")
+    reset = header(headers, "RateLimit-Reset") or header(headers, "X-RateLimit-Reset")
     if remaining is None or reset is None:
         return None
     try:
@@ -80,202 +167,415 @@ def exhausted_pause(headers: Mapping[str, str]) -> float | None:
         value = float(reset.split(",")[0])
     except ValueError:
         return None
-    # X-RateLimit-Reset is often an epoch time rather than seconds left.
-    if value > 1e9:
-        value -= time.time()
-    return max(0.0, min(value, MAX_PAUSE))
+    if value > 1e9:  # X-RateLimit-Reset is often an epoch time rather than seconds left
+        value -= time.time() if now_epoch is None else now_epoch
+    return max(0.0, value)
 
 
 @dataclass
 class LaneLimits:
-    start_rate: float
-    ceiling: float  # this lane's share of the server's max rate
+    start_rate: float  # this lane's starting rate
+    ceiling: float  # this lane's share of the server's max rate (also Crawl-delay, advertised limits)
     max_connections: int  # this lane's share of the server's connections
-    decrease: float = 0.3  # the rate is multiplied by (1 - decrease) on congestion (config: rate_multiplier)
-    floor: float = 1 / 30
+    decrease: float = 0.3  # multiplicative cut when the accepted rate tells nothing (rate_multiplier)
+    floor: float = 1 / 30  # the lane's lowest rate (its share of the server's floor)
+    level: float | None = None  # a rate the server was seen to accept (server memory): no slow start
+
+
+@dataclass
+class ControllerState:
+    """What a lane's controller learned, kept across batches, rounds and resumes (server memory)."""
+
+    rate: float
+    level: float | None
+    connection_cap: int | None
+    paused_until_epoch: float
 
 
 class RateController:
-    """Adaptive pacing for one lane.
-
-    - Pacing: request starts are spaced at least 1/rate apart (no bursts).
-    - Slow start: while no congestion was seen, the rate grows x1.5 per second of saturated use.
-    - Congestion (429/503, a 403 burst): the rate drops by the decrease factor, at most once per
-      event; the failing level is remembered as the rate the server actually accepted lately (a
-      token bucket's burst hides how far over the limit we were). Growth then goes additive and
-      slows near that level, probing per so many requests, so steady state sits just below the
-      server's real limit; once past the level without trouble, growth speeds up again.
-    - A 503 while several requests are in flight caps the lane's connections (a connection limit),
-      rather than its rate.
-    - Retry-After / quota exhausted: no request starts before the given time.
-    - Advertised limits (RateLimit-Policy, X-RateLimit-Limit) cap the rate directly.
-    """
+    """Adaptive pacing and congestion control for one lane (see the module docstring for the rules)."""
 
     SLOW_START_GROWTH = 1.5  # per saturated second, until the first congestion
-    NEAR = 0.9  # "near" the last failing level: from this fraction of it on, grow gently
-    GROWTH_FAR = 0.05  # per saturated second, far below the last failing level
-    GROWTH_NEAR = 0.01  # per probe, near it
-    PROBE_REQUESTS = 100  # requests between two probes near the last failing level...
-    PROBE_SECONDS = 5.0  # ...or this long, whichever comes first
-    ACCEPTED_WINDOW = 10.0  # seconds of successes that estimate what the server accepts
+    HEADROOM = 0.05  # after congestion: this far below the accepted rate
+    NEAR = 0.97  # from this fraction of the level on, growth turns into gentle probing
+    GROWTH_FAR = 0.05  # per saturated second, below the level
+    GROWTH_NEAR = 0.01  # per probe, near the level
+    PROBE_REQUESTS = 100  # requests between two probes near the level...
+    PROBE_SECONDS = 8.0  # ...and at least this long
+    FORGET_LEVEL = 1.05  # this far past the level without trouble: it was low or the limit rose, grow briskly
+    ACCEPTED_WINDOW = 10.0  # seconds of accepted answers that estimate what the server accepts
+    OUTCOME_WINDOW = 16  # recent outcomes that judge a burst of failures
+    BURST_SHARE = 0.75  # share of those outcomes failing the same way that counts as congestion
+    BAN_STREAK = 5  # 403s in a row: a ban, not a forbidden file
+    BAN_PAUSE = 60.0  # seconds a ban stops the lane (doubling per ban, up to BAN_PAUSE_MAX)
+    BAN_PAUSE_MAX = 3600.0
+    CAP_EVIDENCE = 3  # refusals at >= k in flight, with none below, before a connection cap is learned
+    CAP_SAMPLES = 64
+    CAP_RECOVERY_SECONDS = 30.0
+    LATENCY_SAMPLES = 32
+    LATENCY_RISE = 5.0  # median latency this many times its baseline...
+    LATENCY_MIN_RISE = 1.0  # ...and at least this many seconds above it...
+    LATENCY_SUSTAIN = 10.0  # ...for this long: congestion
 
-    def __init__(self, limits: LaneLimits, clock: Clock = time.monotonic, share: float = 1.0) -> None:
+    def __init__(
+        self,
+        limits: LaneLimits,
+        clock: Clock = time.monotonic,
+        share: float = 1.0,
+        wall_clock: Clock = time.time,
+    ) -> None:
         self.limits = limits
         self.clock = clock
+        self.wall_clock = wall_clock
         self.share = share  # this lane's fraction of the server (1/lanes)
-        self.rate = min(limits.start_rate, limits.ceiling)
         self.ceiling = limits.ceiling
-        self.slow_start = True
-        self.congestion_rate: float | None = None
+        self.floor = min(limits.floor, limits.ceiling)
+        self.rate = max(self.floor, min(limits.start_rate, limits.ceiling))
+        self.level = limits.level
+        self.slow_start = limits.level is None
+        now = clock()
         self.paused_until = 0.0
         self.next_start = 0.0
         self.last_decrease = -math.inf
-        self.epoch_start = clock()
-        self.epoch_first = self.epoch_start
+        self.epoch_start = now
         self.epoch_sent = 0
         self.epoch_congested = False
         self.sent_since_increase = 0
-        self.last_increase = self.epoch_start
+        self.last_increase = now
+        self.created = now
+        self._flying: dict[int, float] = {}  # ticket -> send time
+        self._tickets = itertools.count()
+        self.connection_cap: int | None = None
+        self.cap_changed = now
+        self.accepted: deque[float] = deque()  # completion times of answers that were not refusals
+        self.sends: deque[float] = deque()  # slot times of the last ACCEPTED_WINDOW seconds
+        self.outcomes: deque[str] = deque(maxlen=self.OUTCOME_WINDOW)  # "ok" | "net" | "5xx"
+        self.concurrency: deque[tuple[int, bool]] = deque(maxlen=self.CAP_SAMPLES)  # (in flight at send, refused)
+        self.latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)
+        self.latency_baseline: float | None = None
+        self.latency_high_since: float | None = None
         self.forbidden_streak = 0
-        self.in_flight = 0
-        self.connection_cap = limits.max_connections
-        self.successes: deque[float] = deque()
-        self.latency = 0.0  # smoothed seconds per request
-        self.events = {"congestion": 0, "pauses": 0, "increases": 0}
+        self.bans = 0
+        self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ sending
 
+    @property
+    def latency(self) -> float:
+        return statistics.median(self.latencies) if self.latencies else 0.0
+
     def concurrency_limit(self) -> int:
-        """Connections this lane may hold: enough for rate x latency (Little's law), within its share."""
+        """Connections this lane may hold: what rate x latency needs (Little's law), within its share.
+
+        Requests stuck far beyond the usual latency (a stalled URL waiting for its timeout) are
+        added on top, so a few stalls do not starve the server's other URLs; the share and any
+        learned connection cap still bound the total.
+        """
         needed = math.ceil(self.rate * max(self.latency, 0.05) * 1.5) + 1
-        return max(1, min(self.limits.max_connections, self.connection_cap, needed))
+        cap = self.limits.max_connections if self.connection_cap is None else self.connection_cap
+        return max(1, min(self.limits.max_connections, cap, needed + self._stalled(self.clock())))
 
-    def started(self) -> None:
-        with self._lock:
-            self.in_flight += 1
+    def _stalled(self, now: float) -> int:
+        slow = max(1.0, 4 * self.latency)
+        return sum(1 for t in self._flying.values() if now - t > slow)
 
-    def finished(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    def reserve(self) -> float:
-        """Claim the next start slot; returns seconds to wait before sending (0 = now)."""
+    def try_take(self) -> float:
+        """Take a start slot now and return 0, or return the seconds until one is due (nothing taken)."""
         with self._lock:
             now = self.clock()
             self._roll_epoch(now)
-            start = max(now, self.next_start, self.paused_until)
-            self.next_start = start + 1.0 / self.rate
+            due = max(self.next_start, self.paused_until)
+            if due > now:
+                return due - now
+            # Idle time is not banked as credit: the next slot is one interval from now.
+            self.next_start = now + 1.0 / self.rate
+            self.sends.append(now)
+            while self.sends[0] < now - self.ACCEPTED_WINDOW:
+                self.sends.popleft()
             self.epoch_sent += 1
             self.sent_since_increase += 1
-            return start - now
+            return 0.0
+
+    def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+        """Block until a slot is taken (True), or return False at once if it is further than max_wait."""
+        while True:
+            wait = self.try_take()
+            if wait <= 0:
+                return True
+            if wait > max_wait:
+                return False
+            sleep(min(wait, 0.25))  # re-check: a pause or a decrease may move the slot meanwhile
+
+    def paused_for(self) -> float:
+        return max(0.0, self.paused_until - self.clock())
+
+    def started(self) -> tuple[int, int]:
+        """A request goes out: (its ticket for finished(), how many are in flight with it)."""
+        with self._lock:
+            ticket = next(self._tickets)
+            self._flying[ticket] = self.clock()
+            return ticket, len(self._flying)
+
+    def finished(self, ticket: int) -> None:
+        with self._lock:
+            self._flying.pop(ticket, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flying)
 
     # ------------------------------------------------------------------ feedback
 
-    def on_success(self, latency: float, headers: Mapping[str, str] | None = None) -> None:
+    def on_response(
+        self,
+        status: int,
+        headers: Mapping[str, str] | None,
+        latency: float,
+        sent_at: float | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        """Any HTTP answer (a redirect hop, a 200, a 404, a 429...): classify it and react."""
         with self._lock:
             now = self.clock()
-            self.successes.append(now)
-            while self.successes and self.successes[0] < now - self.ACCEPTED_WINDOW:
-                self.successes.popleft()
-            self.latency = latency if self.latency == 0 else 0.8 * self.latency + 0.2 * latency
-            self.forbidden_streak = 0
-            if headers:
-                self._apply_headers(headers)
-
-    def on_status(self, status: int, headers: Mapping[str, str], latency: float = 0.0) -> None:
-        with self._lock:
-            now = self.clock()
-            self._apply_headers(headers)
+            self._apply_headers(now, headers)
+            sent_at = now if sent_at is None else sent_at
+            if status in REFUSAL_STATUSES:
+                self.concurrency.append((concurrency, True))
+                self.forbidden_streak = 0
+                if self._explained_by_connections(now, concurrency):
+                    return
+                self._congestion(now, sent_at, factor=None)
+                return
+            self.concurrency.append((concurrency, False))
+            self._accepted(now)
             if status == 403:
                 self.forbidden_streak += 1
-                if self.forbidden_streak < 5:  # a lone 403 is a forbidden file, a burst is a ban
-                    return
-                self.forbidden_streak = 0
-            elif status not in CONGESTION_STATUSES:
+                if self.forbidden_streak >= self.BAN_STREAK:
+                    self.forbidden_streak = 0
+                    self._ban(now, sent_at)
                 return
-            pause = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
-            if pause is not None:
-                self._pause(now, min(pause, MAX_PAUSE))
-            if status == 503 and self.in_flight >= 1:
-                # Refused while others were in flight: too many connections, not too many requests.
-                self.connection_cap = max(1, min(self.connection_cap, self.in_flight))
-                self.epoch_congested = True
+            self.forbidden_streak = 0
+            if status in SERVER_ERROR_STATUSES:
+                self._outcome(now, sent_at, "5xx")
                 return
-            self._decrease(now)
+            self._outcome(now, sent_at, "ok")
+            if 200 <= status < 300:
+                self._latency(now, latency)
 
-    def on_network_error(self) -> None:
-        """Timeouts and resets: slow down gently (an overloaded server often looks like this)."""
+    def on_network_error(self, sent_at: float | None = None) -> None:
+        """A reset, a timeout or a refused connection: a per-URL fault unless many URLs fail together."""
         with self._lock:
-            self._decrease(self.clock(), factor=0.8)
+            now = self.clock()
+            self._outcome(now, now if sent_at is None else sent_at, "net")
+
+    def is_banned(self) -> bool:
+        """True while a ban's pause lasts (the lane writes refused URLs as transient, not 403)."""
+        return self.bans > 0 and self.paused_until > self.clock()
+
+    def pause_until(self, epoch: float) -> None:
+        """A pause another lane of this server saw (wall-clock time), relayed by the coordinator."""
+        with self._lock:
+            now = self.clock()
+            self._pause(now, epoch - self.wall_clock())
+
+    def paused_until_epoch(self) -> float:
+        remaining = self.paused_until - self.clock()
+        return self.wall_clock() + remaining if remaining > 0 else 0.0
+
+    # ------------------------------------------------------------------ memory
+
+    def state(self) -> ControllerState:
+        return ControllerState(self.rate, self.level, self.connection_cap, self.paused_until_epoch())
 
     # ------------------------------------------------------------------ internals
 
+    def _accepted(self, now: float) -> None:
+        self.accepted.append(now)
+        while self.accepted and self.accepted[0] < now - self.ACCEPTED_WINDOW:
+            self.accepted.popleft()
+        self._recover_cap(now)
+
+    def _measured(self, now: float) -> tuple[float, float, bool]:
+        """(accepted per second, sent per second, whether the window is full) over the last second or so.
+
+        Right after a refusal the accepted rate is the server's own limit: a token bucket that
+        refuses accepts exactly its refill rate; while it still drains its burst the estimate is
+        high, which the next refusal corrects (an estimate too low would cost minutes of probing).
+        The window spans ~8 answers' worth, at least a second; a lane younger than that has none.
+        """
+        length = min(self.ACCEPTED_WINDOW, max(1.0, 8.0 / self.rate))
+        since = max(now - length, self.created)
+        span = now - since
+        if span < 0.5:
+            return 0.0, 0.0, False
+        accepted = sum(1 for t in self.accepted if t >= since) / span
+        sent = sum(1 for t in self.sends if t >= since) / span
+        return accepted, sent, span >= length * 0.99
+
+    def _outcome(self, now: float, sent_at: float, kind: str) -> None:
+        self.outcomes.append(kind)
+        if kind == "ok" or len(self.outcomes) < self.OUTCOME_WINDOW // 2:
+            return
+        failures = sum(1 for k in self.outcomes if k == kind)
+        if failures >= self.BURST_SHARE * len(self.outcomes):
+            # Most URLs failing together: the server is struggling, not one file.
+            self.outcomes.clear()
+            self._congestion(now, sent_at, factor=1.0 - self.limits.decrease)
+
+    def _latency(self, now: float, latency: float) -> None:
+        self.latencies.append(latency)
+        if len(self.latencies) < self.LATENCY_SAMPLES // 2:
+            return
+        median = statistics.median(self.latencies)
+        if self.latency_baseline is None or median < self.latency_baseline:
+            self.latency_baseline = median
+        high = median > max(self.LATENCY_RISE * self.latency_baseline, self.latency_baseline + self.LATENCY_MIN_RISE)
+        if not high:
+            self.latency_high_since = None
+            return
+        if self.latency_high_since is None:
+            self.latency_high_since = now
+        elif now - self.latency_high_since >= self.LATENCY_SUSTAIN:
+            self.latency_high_since = None
+            self.latencies.clear()
+            self._congestion(now, now, factor=1.0 - self.limits.decrease / 2)
+
+    def _explained_by_connections(self, now: float, concurrency: int) -> bool:
+        """Whether a refusal is the server's connection limit rather than its rate limit.
+
+        Evidence: the refusals of the recent past all came with >= k requests in flight (k >= 2),
+        most requests sent at >= k were refused (a token bucket near its rate refuses a few
+        percent, a connection limit nearly all above it), and many sent at < k passed.
+        """
+        if self.connection_cap is not None and concurrency > self.connection_cap:
+            return True  # sent before the cap was learned
+        refused = [c for c, r in self.concurrency if r]
+        if len(refused) < self.CAP_EVIDENCE:
+            return False
+        k = min(refused)
+        if k < 2:
+            return False  # refused with nothing else in flight: that is the rate
+        at_or_above = [r for c, r in self.concurrency if c >= k]
+        below = sum(1 for c, _ in self.concurrency if c < k)
+        if sum(at_or_above) * 2 < len(at_or_above) or below < 4 * self.CAP_EVIDENCE:
+            return False
+        self.connection_cap = k - 1
+        self.cap_changed = now
+        self.events["caps"] += 1
+        self.concurrency.clear()
+        self.level = None  # the refusals that lowered the rate were about connections: grow again
+        return True
+
+    def _recover_cap(self, now: float) -> None:
+        if self.connection_cap is None or now - self.cap_changed < self.CAP_RECOVERY_SECONDS:
+            return
+        self.cap_changed = now
+        self.connection_cap += 1
+        if self.connection_cap >= self.limits.max_connections:
+            self.connection_cap = None
+
+    def _ban(self, now: float, sent_at: float) -> None:
+        self.bans += 1
+        self.events["bans"] += 1
+        self._pause(now, min(self.BAN_PAUSE * 2 ** (self.bans - 1), self.BAN_PAUSE_MAX))
+        self._congestion(now, sent_at, factor=1.0 - self.limits.decrease, force=True)
+
     def _pause(self, now: float, seconds: float) -> None:
-        if now + seconds > self.paused_until:
+        if seconds > 0 and now + seconds > self.paused_until:
             self.paused_until = now + seconds
             self.events["pauses"] += 1
+            self.epoch_congested = True
 
-    def _apply_headers(self, headers: Mapping[str, str]) -> None:
+    def _apply_headers(self, now: float, headers: Mapping[str, str] | None) -> None:
+        if not headers:
+            return
         announced = advertised_rate(headers)
         if announced is not None and announced > 0:
-            self.ceiling = min(self.limits.ceiling, announced * self.share)
+            self.ceiling = max(self.floor, min(self.limits.ceiling, announced * self.share))
             self.rate = min(self.rate, self.ceiling)
-        pause = exhausted_pause(headers)
-        if pause:
-            self._pause(self.clock(), pause)
+        pause = parse_retry_after(header(headers, "Retry-After"), self.wall_clock())
+        if pause is not None:
+            self._pause(now, pause)
+        quota = exhausted_pause(headers, self.wall_clock())
+        if quota:
+            self._pause(now, quota)
 
-    def _decrease(self, now: float, factor: float | None = None) -> None:
+    def _congestion(self, now: float, sent_at: float, factor: float | None, force: bool = False) -> None:
         self.epoch_congested = True
-        if now - self.last_decrease < max(1.0, self.latency * 2, 2.0 / self.rate):
-            return  # one reaction per congestion event, not per in-flight request
+        if sent_at < self.last_decrease and not force:
+            return  # sent before our last reaction: not news
         self.events["congestion"] += 1
-        self.last_decrease = now
-        # The level that just failed: what the server accepted lately, never above our own rate.
-        window = min(self.ACCEPTED_WINDOW, max(1.0, now - self.epoch_first))
-        accepted = sum(1 for t in self.successes if t >= now - window) / window
-        self.congestion_rate = max(self.limits.floor, min(self.rate, accepted)) if accepted > 0 else self.rate
+        accepted, sent, full = self._measured(now)
+        if factor is None and accepted > 0:
+            if self.slow_start:
+                # The first refusal came as our real sending rate crossed the limit (or a burst
+                # allowance ran out above it): that rate is the first guess, a refusal corrects it.
+                accepted = max(accepted, min(self.rate, sent))
+            elif not full or now - self.last_decrease > self.ACCEPTED_WINDOW:
+                # One refusal after a quiet spell (we just crossed the limit), or too young to
+                # measure: an estimate too low costs minutes of probing, so step down 10% at most.
+                accepted = max(accepted, 0.9 * min(self.rate, max(sent, accepted)))
+            self.level = min(self.rate, accepted)
+            target = self.level * (1.0 - self.HEADROOM)
+        else:
+            target = self.rate * (factor if factor is not None else 1.0 - self.limits.decrease)
+            self.level = min(self.level, self.rate) if self.level is not None else self.rate
         self.slow_start = False
-        multiplier = factor if factor is not None else 1.0 - self.limits.decrease
-        self.rate = max(self.limits.floor, self.rate * multiplier)
+        self.rate = max(self.floor, min(self.rate, target))
+        self.last_decrease = now
         self.next_start = max(self.next_start, now + 1.0 / self.rate)
+        self.sent_since_increase = 0
+        self.last_increase = now
 
     def _roll_epoch(self, now: float) -> None:
-        if now - self.epoch_start < 1.0:
-            return
+        # Epochs of a few sends (0.25-1 s) so growth is smooth: a burst-hiding token bucket then
+        # sees at most a small overshoot before its first refusal.
         elapsed = now - self.epoch_start
+        if elapsed < min(1.0, max(0.25, 3.0 / self.rate)):
+            return
         saturated = self.epoch_sent >= 0.8 * self.rate * elapsed and now >= self.paused_until
         if saturated and not self.epoch_congested and self.rate < self.ceiling:
-            if self.slow_start:
-                self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH)
-            else:
-                # Additive increase: brisk far below the level that last failed, gentle near it.
-                if self.congestion_rate is not None and self.rate > self.congestion_rate * 1.05:
-                    self.congestion_rate = None  # well past the old failing level: grow briskly again
-                near = self.congestion_rate is not None and self.rate >= self.NEAR * self.congestion_rate
-                probe_due = (
-                    self.sent_since_increase >= self.PROBE_REQUESTS or now - self.last_increase >= self.PROBE_SECONDS
-                )
-                if near and not probe_due:
-                    # Near the level that failed, probe per so many requests, not per second, so a
-                    # slow server sees as few 429s per request as a fast one.
-                    self._close_epoch(now)
-                    return
-                step = max(0.02, self.rate * (self.GROWTH_NEAR if near else self.GROWTH_FAR))
-                self.rate = min(self.ceiling, self.rate + step)
-            self.events["increases"] += 1
-            self.sent_since_increase = 0
-            self.last_increase = now
-        self._close_epoch(now)
-
-    def _close_epoch(self, now: float) -> None:
+            self._grow(now, min(elapsed, 1.0))
         self.epoch_start, self.epoch_sent, self.epoch_congested = now, 0, False
+
+    def _grow(self, now: float, elapsed: float) -> None:
+        if self.slow_start:
+            self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH**elapsed)
+            return
+        if self.level is not None and self.rate > self.level * self.FORGET_LEVEL:
+            self.level = None  # well past the old failing level: the server allows more now
+        near = self.level is not None and self.rate >= self.NEAR * self.level
+        if near:
+            due = self.sent_since_increase >= self.PROBE_REQUESTS and now - self.last_increase >= self.PROBE_SECONDS
+            if not due:
+                return
+            step = self.rate * self.GROWTH_NEAR
+        else:
+            step = self.rate * self.GROWTH_FAR * elapsed
+            if self.level is not None:  # do not jump far past the level in one step
+                step = min(step, max(self.NEAR * self.level - self.rate, self.rate * self.GROWTH_NEAR))
+        self.rate = min(self.ceiling, self.rate + max(step, 0.001))
+        self.events["increases"] += 1
+        self.sent_since_increase = 0
+        self.last_increase = now
+
+
+def lane_connections(max_connections: int, lanes: int, lane_index: int) -> int:
+    """This lane's share of the server's connections; the shares add up to max_connections exactly.
+
+    The schedule never gives a server more lanes than connections, so every share is >= 1.
+    """
+    base, extra = divmod(max(1, max_connections), max(1, lanes))
+    return max(1, base + (1 if lane_index < extra else 0))
 
 
 class RobotsRules:
-    """robots.txt for one server, matched against our product token."""
+    """robots.txt for one server, matched against our product token (replaced by robots.py)."""
 
     def __init__(self, text: str | None, robots_token: str) -> None:
+        import urllib.robotparser
+
         self.token = robots_token
         self.parser: urllib.robotparser.RobotFileParser | None = None
         if text:
@@ -292,7 +592,6 @@ class RobotsRules:
         return float(delay) if delay is not None else None
 
     def request_rate(self) -> float | None:
-        """Requests/second from Crawl-delay or Request-rate, the stricter one."""
         rates = []
         delay = self.crawl_delay()
         if delay:

@@ -45,8 +45,13 @@ class ServerWork:
         return 0.0 if self.ignored_code else self.urls_left / max(self.max_rate, 1e-9)
 
 
-def lanes_for(batches_left: int, max_rate: float, rules: Mapping, cpu_per_worker: int, ranks: int) -> int:
-    """How many ranks may share a server: by the original's schedule_rules, else by its rate ceiling."""
+def lanes_for(
+    batches_left: int, max_rate: float, rules: Mapping, cpu_per_worker: int, ranks: int, max_connections: int = 1 << 30
+) -> int:
+    """How many ranks may share a server: by the original's schedule_rules, else by its rate ceiling.
+
+    Never more lanes than the server has connections: each lane needs one of its own.
+    """
     if batches_left <= 0:
         return 0
     if rules:
@@ -54,7 +59,7 @@ def lanes_for(batches_left: int, max_rate: float, rules: Mapping, cpu_per_worker
         lanes = max(eligible) if eligible else 1
     else:
         lanes = math.ceil(max_rate / (LANE_RATE_PER_CPU * cpu_per_worker))
-    return max(1, min(lanes, batches_left, max(1, ranks)))
+    return max(1, min(lanes, batches_left, max(1, ranks), max(1, max_connections)))
 
 
 def batch_mode(batch_dir: Path, fp: str, round_no: int, ignored: bool) -> str | None:
@@ -100,7 +105,12 @@ def build(
         )
         if not work.ignored_code:
             work.lanes = lanes_for(
-                len(work.batches), work.max_rate, config["schedule_rules"], params["cpu_per_worker"], ranks
+                len(work.batches),
+                work.max_rate,
+                config["schedule_rules"],
+                params["cpu_per_worker"],
+                ranks,
+                work.max_connections,
             )
         servers.append(work)
     servers.sort(key=lambda s: (-s.estimated_seconds, s.server_name))

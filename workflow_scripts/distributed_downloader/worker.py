@@ -26,13 +26,17 @@ import pyarrow.parquet as pq
 from distributed_downloader import config as config_mod
 from distributed_downloader import ownership
 from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.ownership import Ownership
 from distributed_downloader.schedule import batch_mode
 from distributed_downloader.store import atomic_write_json, read_marker, valid_marker
 
+MEMORY_FILE = "server_memory.json"
+
 TAG_REQUEST = 11
 TAG_REPLY = 12
+TAG_PUSH = 13  # coordinator -> rank, unasked: a pause another lane of a shared server was told
 POLL_SECONDS = 0.005
 PROGRESS_SECONDS = 10.0  # a progress line this often: readable in a terminal and in Slurm logs
 STATUS_SECONDS = 2.0  # each rank reports its lanes' live state this often
@@ -49,12 +53,14 @@ def _wait_for(comm, source: int, tag: int) -> object:  # noqa: ANN001 - mpi4py t
 class CoordinatorThread(threading.Thread):
     """Serves lane and batch requests of every rank until all have said goodbye."""
 
-    def __init__(self, comm, coordinator: Coordinator, progress_path: Path) -> None:  # noqa: ANN001
+    def __init__(self, comm, coordinator: Coordinator, progress_path: Path, memory_path: Path) -> None:  # noqa: ANN001
         super().__init__(name="coordinator", daemon=True)
         self.comm = comm
         self.coordinator = coordinator
         self.progress_path = progress_path
+        self.memory_path = memory_path
         self.error: BaseException | None = None
+        self._pushes: list = []  # pending isend requests (kept alive until complete)
 
     def run(self) -> None:
         from mpi4py import MPI
@@ -91,7 +97,16 @@ class CoordinatorThread(threading.Thread):
                 "exhausted": self.coordinator.exhausted,
             }
         if kind == "next":
-            return {"batch": self.coordinator.next_batch(message["server"], message["lane_index"], message["stats"])}
+            batch = self.coordinator.next_batch(
+                message["server"], message["lane_index"], message["stats"], message.get("lane")
+            )
+            return {"batch": batch}
+        if kind == "pause":
+            for other in self.coordinator.pause(message["server"], message["until"], rank):
+                push = {"kind": "pause", "server": message["server"], "until": message["until"]}
+                self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
+            self._pushes = [request for request in self._pushes if not request.Test()]
+            return {}
         if kind == "status":
             self.coordinator.update_live(rank, message["lanes"])
         return {}
@@ -100,6 +115,7 @@ class CoordinatorThread(threading.Thread):
         progress = self.coordinator.progress()
         print(format_progress(progress), flush=True)
         atomic_write_json(self.progress_path, progress)
+        atomic_write_json(self.memory_path, self.coordinator.memory)
 
 
 def _duration(seconds: float | None) -> str:
@@ -155,9 +171,12 @@ class LaneThread(threading.Thread):
 def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner: Ownership) -> None:  # noqa: ANN001
     """One rank's loop: ask for lanes while it has free slots, feed each lane its next batch."""
     config = schedule["config"]
+    params = config["downloader_parameters"]
     round_no = schedule["round"]
     events: queue.Queue = queue.Queue()
     lanes: dict[str, LaneThread] = {}
+    hosts = HostRegistry(params["default_rate_limit"], comm.Get_size(), params["rate_multiplier"])
+    relayed: dict[str, float] = {}  # server -> the pause (epoch) last relayed or received
     exhausted = False
     next_status = time.monotonic() + STATUS_SECONDS
 
@@ -181,7 +200,15 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
                 stats["errors"],
                 stats["seconds"],
             )
-            reply = rpc({"kind": "next", "server": spec.server_name, "lane_index": spec.lane_index, "stats": stats})
+            reply = rpc(
+                {
+                    "kind": "next",
+                    "server": spec.server_name,
+                    "lane_index": spec.lane_index,
+                    "stats": stats,
+                    "lane": lanes[spec.server_name].lane.snapshot(),
+                }
+            )
             thread = lanes[spec.server_name]
             thread.inbox.put(reply["batch"])
             if reply["batch"] is None:
@@ -195,7 +222,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             reply = rpc({"kind": "lanes", "free": slots - len(lanes), "held": sorted(lanes)})
             for assignment in reply["assignments"]:
                 lane_spec = LaneSpec(**assignment["lane"])
-                thread = LaneThread(Lane(lane_spec, config, paths, round_no), events)
+                thread = LaneThread(Lane(lane_spec, config, paths, round_no, hosts), events)
                 lanes[lane_spec.server_name] = thread
                 thread.start()
                 thread.inbox.put(assignment["batch"])
@@ -212,6 +239,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             rpc({"kind": "status", "lanes": []})
             rpc({"kind": "bye"})
             return
+        _relay_pauses(comm, lanes, relayed, rpc)
         if time.monotonic() >= next_status:
             rpc({"kind": "status", "lanes": [thread.lane.snapshot() for thread in lanes.values()]})
             next_status = time.monotonic() + STATUS_SECONDS
@@ -219,6 +247,23 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             log.warning("stopping: %s", reason)
             print(f"[download] rank {comm.Get_rank()} stopping: {reason}", file=sys.stderr, flush=True)
             comm.Abort(4)
+
+
+def _relay_pauses(comm, lanes: Mapping[str, LaneThread], relayed: dict[str, float], rpc) -> None:  # noqa: ANN001
+    """Share pauses between the lanes of a server on different ranks, both ways, through rank 0."""
+    while comm.Iprobe(source=0, tag=TAG_PUSH):
+        push = comm.recv(source=0, tag=TAG_PUSH)
+        relayed[push["server"]] = max(relayed.get(push["server"], 0.0), push["until"])
+        thread = lanes.get(push["server"])
+        if thread is not None:
+            thread.lane.controller.pause_until(push["until"])
+    for server, thread in lanes.items():
+        if thread.lane.spec.lanes < 2:
+            continue  # nobody else to tell
+        until = thread.lane.controller.paused_until_epoch()
+        if until > relayed.get(server, 0.0) + 0.5:
+            relayed[server] = until
+            rpc({"kind": "pause", "server": server, "until": until})
 
 
 def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
@@ -256,6 +301,15 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
             if marker is None or (batch["mode"] != "full" and marker.round < schedule["round"]):
                 missing.append(f"{server['server_name']}/{batch['partition_id']}")
     return missing
+
+
+def read_memory(path: Path) -> dict[str, dict]:
+    """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _setup_logging(paths: config_mod.Paths, round_no: int, rank: int, level: str) -> None:
@@ -315,8 +369,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{schedule['totals']['servers']} servers, lower bound {schedule['totals']['lower_bound_seconds']}s",
             flush=True,
         )
-        coordinator = Coordinator(remaining_work(schedule, paths), decrease=params["rate_multiplier"])
-        coordinator_thread = CoordinatorThread(comm, coordinator, paths.state / f"round_{round_no}_progress.json")
+        memory_path = paths.state / MEMORY_FILE
+        coordinator = Coordinator(
+            remaining_work(schedule, paths), decrease=params["rate_multiplier"], memory=read_memory(memory_path)
+        )
+        coordinator_thread = CoordinatorThread(
+            comm, coordinator, paths.state / f"round_{round_no}_progress.json", memory_path
+        )
         coordinator_thread.start()
     try:
         run_rank(comm, schedule, paths, slots, owner)
