@@ -91,9 +91,7 @@ class Coordinator:
                 held.add(name)
         return out
 
-    def next_batch(
-        self, server: str, lane_index: int, stats: dict | None, lane: dict | None = None
-    ) -> dict | None:
+    def next_batch(self, server: str, lane_index: int, stats: dict | None, lane: dict | None = None) -> dict | None:
         """Record a finished batch; the lane's next batch, or None (the lane is closed)."""
         state = self.servers[server]
         if lane is not None:
