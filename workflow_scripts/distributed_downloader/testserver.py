@@ -19,6 +19,7 @@ URL space (identical on every host)::
     /slow/<secs>/<rest>    /img/<rest> after sleeping <secs> (float, capped at 30)
     /flaky/<n>/<rest>      503 + Retry-After: 1 for the first n requests of this path, then /img/<rest>
     /status/<code>         that status (200-599) with a short text body
+    /reply/<code>?h=&v=    that status with the header h: v spelled as given (v=date+N: an HTTP date N s ahead)
     /html/<anything>       an HTML page labelled image/jpeg (a lying server)
     /robots.txt            HostSpec.robots_txt, or 404; exempt from the rate limit
 
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email.utils
 import functools
 import gzip
 import hashlib
@@ -744,6 +746,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._robots(host)
         elif path.startswith("/status/"):
             self._status(path[len("/status/") :])
+        elif path.startswith("/reply/"):
+            self._reply_with_header(path[len("/reply/") :], params)
         elif path.startswith("/html/"):
             self._reply(200, _HTML_PAGE, "image/jpeg")  # deliberately lies
         elif path.startswith("/json/"):
@@ -777,6 +781,23 @@ class _Handler(BaseHTTPRequestHandler):
         if not 200 <= code <= 599:
             raise _BadRequest("status code must be within 200..599")
         headers = {"Retry-After": "1"} if code in (429, 503) else {}
+        self._reply(code, f"status {code}\n".encode(), _TEXT, headers)
+
+    def _reply_with_header(self, code_text: str, params: dict[str, str]) -> None:
+        """/reply/<code>?h=<name>&v=<value>: that status with one header exactly as spelled.
+
+        ``v=date+N`` sends an HTTP date N seconds from now (Retry-After as a date).
+        """
+        try:
+            code = int(code_text.strip("/"))
+        except ValueError:
+            raise _BadRequest("status code must be an integer") from None
+        if not 200 <= code <= 599:
+            raise _BadRequest("status code must be within 200..599")
+        name, value = params.get("h", ""), params.get("v", "")
+        if value.startswith("date+"):
+            value = email.utils.formatdate(time.time() + _parse_seconds(value[len("date+") :]), usegmt=True)
+        headers = {_header_value(name): _header_value(value)} if name else {}
         self._reply(code, f"status {code}\n".encode(), _TEXT, headers)
 
     def _image_route(self, host: _Host, path: str, params: dict[str, str]) -> None:

@@ -1,0 +1,181 @@
+"""One lane against real loopback servers with hidden limits, counted at the server (its own request log).
+
+No MPI here: a Lane runs one batch as a rank's lane thread would, so each politeness rule is
+checked in seconds against a real HTTP server: faults that never slow a server, Retry-After in any
+form, redirect hops that each take a slot of their own host, bans and long pauses that become
+transient rows.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distributed_downloader import config as config_mod
+from distributed_downloader import lane as lane_module
+from distributed_downloader.errors import ErrorCode
+from distributed_downloader.hosts import HostRegistry
+from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.partition import URL_SCHEMA
+from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm, LogEntry, max_requests_in_window
+from tests.e2e.helpers import read_all
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(tmp_path: Path, **downloader: object) -> dict:
+    return config_mod.validate(
+        {
+            "path_to_input": str(tmp_path / "unused.csv"),
+            "path_to_output": str(tmp_path / "out"),
+            "downloader_parameters": {
+                "allow_private_addresses": True,
+                "respect_robots_txt": False,
+                "timeout": {"connect": 3, "read": 3, "total": 10},
+                **downloader,
+            },
+        }
+    )
+
+
+def _run(
+    tmp_path: Path,
+    farm: ImageFarm,
+    urls: list[str],
+    start: float = 3.0,
+    ceiling: float = 80.0,
+    connections: int = 8,
+    hosts: HostRegistry | None = None,
+    **downloader: object,
+) -> tuple[list[dict], list[dict], float]:
+    """Run one batch of `urls` (all on farm host 0) through a real Lane; (successes, errors, seconds)."""
+    config = _config(tmp_path, **downloader)
+    paths = config_mod.paths(config)
+    server = farm.base_urls[0].split("//", 1)[1]
+    table = pa.table(
+        {
+            "uuid": [str(uuid.uuid4()) for _ in urls],
+            "source_id": [f"s{i}" for i in range(len(urls))],
+            "identifier": urls,
+            "license": [""] * len(urls),
+            "source": [""] * len(urls),
+            "title": [""] * len(urls),
+        },
+        schema=URL_SCHEMA,
+    )
+    paths.batch_urls(server, 0).parent.mkdir(parents=True)
+    pq.write_table(table, paths.batch_urls(server, 0))
+    spec = LaneSpec(server, 0, 1, start_rate=start, max_rate=ceiling, max_connections=connections, decrease=0.3)
+    lane = Lane(spec, config, paths, round_no=1, hosts=hosts)
+    began = time.monotonic()
+    try:
+        lane.run_batch(0, "f" * 32, "full")
+    finally:
+        lane.close()
+    seconds = time.monotonic() - began
+    return read_all(paths.images, "successes.parquet"), read_all(paths.images, "errors.parquet"), seconds
+
+
+def _images(log: list[LogEntry]) -> list[LogEntry]:
+    return [entry for entry in log if entry.path != "/robots.txt"]
+
+
+def test_everyday_faults_never_hold_a_server_below_its_limit(tmp_path: Path) -> None:
+    """3% of URLs fail on their own (404, one-off 500, reset, stall): the rate still reaches the limit."""
+    limit, burst = 25.0, 6.0
+    spec = HostSpec(
+        "h0",
+        rate_limit=limit,
+        burst=burst,
+        refuse_status=503,
+        retry_after=False,
+        latency=0.01,
+        background=FaultMix.everyday(0.03, stall_seconds=4.0),
+    )
+    with ImageFarm([spec], seed=5) as farm:
+        urls = [farm.url(0, f"/img/f{i}.jpg?w=32&h=24") for i in range(500)]
+        successes, errors, seconds = _run(tmp_path, farm, urls, max_retries=2)
+        log = _images(farm.request_log(0))
+    assert len(successes) + len(errors) == len(urls)
+    missing = sum(1 for url in urls if farm.expected_outcome(0, url.split("/", 3)[3]) == "missing")
+    assert len(successes) >= len(urls) - missing - 3  # a stall may still be waiting for the next round
+    starts = sorted(entry.start for entry in log)
+    assert max_requests_in_window(starts) <= limit + burst
+    second_half = [t for t in starts if t >= starts[0] + (starts[-1] - starts[0]) / 2]
+    rate = len(second_half) / (second_half[-1] - second_half[0])
+    assert rate >= 0.85 * limit, f"held {rate:.1f}/s of {limit}"
+    refused = sum(1 for entry in log if entry.status in (429, 503))
+    assert refused <= max(4, 0.01 * len(log))
+
+
+@pytest.mark.parametrize(("name", "value"), [("retry-after", "3"), ("RETRY-AFTER", "3"), ("Retry-After", "date+3")])
+def test_retry_after_in_any_form_stops_every_request_until_it_ends(
+    tmp_path: Path, name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One URL answers 429 with a Retry-After: the server sees no request before the pause ends."""
+    monkeypatch.setattr(lane_module, "MAX_REFUSALS", 1)
+    with ImageFarm(1, seed=2) as farm:
+        urls = [farm.url(0, f"/img/r{i}.jpg?w=32&h=24") for i in range(8)]
+        urls.insert(2, farm.url(0, f"/reply/429?h={name}&v={value.replace('+', '%2B')}"))
+        successes, errors, _ = _run(tmp_path, farm, urls, start=20.0, ceiling=20.0, max_retries=0)
+        log = _images(farm.request_log(0))
+    refused = [entry for entry in log if entry.path.startswith("/reply/")]
+    assert len(refused) == 2  # retried once after the pause (MAX_REFUSALS patched to 1), then left for next round
+    for pause in refused:
+        after = sorted(entry.start for entry in log if entry.start > pause.end)
+        assert not after or after[0] - pause.end >= 3 - 1.05  # HTTP dates carry whole seconds
+    assert len(successes) == 8
+    assert len(errors) == 1 and errors[0]["error_code"] == 429
+
+
+def test_a_redirect_chain_takes_one_slot_per_hop(tmp_path: Path) -> None:
+    """A 4-hop chain is 5 requests: at a ceiling of 10 req/s the server sees 10 requests a second, not 50."""
+    ceiling = 10.0
+    with ImageFarm([HostSpec("h0", latency=0.005)], seed=3) as farm:
+        urls = [farm.url(0, f"/redirect/4/c{i}.jpg?w=32&h=24") for i in range(20)]
+        successes, errors, _ = _run(tmp_path, farm, urls, start=ceiling, ceiling=ceiling)
+        log = _images(farm.request_log(0))
+    assert len(successes) == 20 and not errors
+    assert len(log) == 100
+    starts = sorted(entry.start for entry in log)
+    assert max_requests_in_window(starts) <= ceiling + 1
+
+
+def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -> None:
+    """Host 0 sends every URL on to host 1: host 1 sees at most the default rate split over the ranks."""
+    with ImageFarm(2, seed=4) as farm:
+        target = farm.base_urls[1]
+        urls = [farm.url(0, f"/redirect-to/{target}/img/x{i}.jpg%3Fw=32%26h=24") for i in range(12)]
+        hosts = HostRegistry(default_rate=4.0, ranks=2, decrease=0.3)  # 2 req/s for this rank
+        successes, errors, seconds = _run(tmp_path, farm, urls, start=50.0, ceiling=50.0, hosts=hosts)
+        other = _images(farm.request_log(1))
+    assert len(successes) == 12 and not errors, errors[:2]
+    starts = sorted(entry.start for entry in other)
+    assert max_requests_in_window(starts) <= 2 + 1
+    assert seconds >= (12 - 1) / 2.0 - 0.5
+
+
+def test_a_burst_of_403s_is_a_ban_whose_urls_are_tried_next_round(tmp_path: Path) -> None:
+    with ImageFarm(1, seed=6) as farm:
+        urls = [farm.url(0, f"/status/403?n={i}") for i in range(8)]
+        successes, errors, _ = _run(tmp_path, farm, urls, start=20.0, max_pause_seconds=1)
+    assert not successes
+    codes = [row["error_code"] for row in errors]
+    assert codes.count(int(ErrorCode.BANNED)) >= 5  # the burst, and all refused during the ban
+    assert set(codes) <= {403, int(ErrorCode.BANNED)}
+
+
+def test_a_pause_longer_than_the_round_may_wait_leaves_urls_for_the_next_round(tmp_path: Path) -> None:
+    with ImageFarm(1, seed=8) as farm:
+        urls = [farm.url(0, "/reply/429?h=Retry-After&v=3600")]
+        urls += [farm.url(0, f"/img/p{i}.jpg?w=32&h=24") for i in range(10)]
+        successes, errors, seconds = _run(tmp_path, farm, urls, start=1.0, ceiling=1.0, max_pause_seconds=30)
+    assert seconds < 15
+    paused = [row for row in errors if row["error_code"] == int(ErrorCode.SERVER_PAUSED)]
+    assert len(successes) + len(errors) == 11
+    assert len(paused) >= 9 and "Retry-After" in paused[0]["error_msg"]
