@@ -65,6 +65,7 @@ class Coordinator:
             "ignored_code": info["ignored_code"],
             "ignored_reason": info["ignored_reason"],
             "memory": self.memory.get(info["server_name"]),
+            "not_before": info.get("not_before", 0.0),
         }
 
     def request_lanes(self, rank: int, free: int, held: set[str]) -> list[Assignment]:

@@ -24,10 +24,13 @@ class ErrorCode(IntEnum):
     PROTOCOL = -12  # malformed HTTP response (bad Content-Length, bad encoding)
     BANNED = -13  # refused (403) during a burst of 403s: a temporary ban, tried again next round
     SERVER_PAUSED = -14  # the server asked us to wait (Retry-After, quota) longer than a round may wait
+    ROBOTS_UNAVAILABLE = -15  # robots.txt answered 5xx / was unreachable: disallow all for now (RFC 9309)
 
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
-TRANSIENT_CODES = frozenset({ErrorCode.NETWORK, ErrorCode.TIMEOUT, ErrorCode.BANNED, ErrorCode.SERVER_PAUSED})
+TRANSIENT_CODES = frozenset(
+    {ErrorCode.NETWORK, ErrorCode.TIMEOUT, ErrorCode.BANNED, ErrorCode.SERVER_PAUSED, ErrorCode.ROBOTS_UNAVAILABLE}
+)
 
 
 def is_transient(code: int) -> bool:

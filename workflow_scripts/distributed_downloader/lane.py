@@ -38,7 +38,8 @@ from distributed_downloader.errors import DownloadError, ErrorCode, is_transient
 from distributed_downloader.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
 from distributed_downloader.hosts import HostRegistry, server_of
 from distributed_downloader.inputs import NOT_PROVIDED
-from distributed_downloader.politeness import LaneLimits, RateController, RobotsRules, lane_connections
+from distributed_downloader.politeness import LaneLimits, RateController, lane_connections
+from distributed_downloader.robots import RobotsCache, RobotsFetch, RobotsRules
 from distributed_downloader.store import (
     ERROR_SCHEMA,
     ERRORS_FILE,
@@ -69,6 +70,7 @@ class LaneSpec:
     ignored_code: int = 0
     ignored_reason: str = ""
     memory: dict | None = None  # the whole server's learned state (rate, level, connection_cap, paused_until)
+    not_before: float = 0.0  # epoch: profiling's last request + one interval (no back-to-back requests)
 
     @property
     def key(self) -> str:
@@ -138,6 +140,7 @@ class Lane:
         paths: Paths,
         round_no: int,
         hosts: HostRegistry | None = None,
+        robots_cache: RobotsCache | None = None,
     ) -> None:
         params = config["downloader_parameters"]
         self.spec = spec
@@ -156,9 +159,15 @@ class Lane:
         self.controller = lane_controller(spec)
         self.hosts = hosts or HostRegistry(params["default_rate_limit"], 1, spec.decrease)
         self.hosts.register_lane(spec.server_name, self.controller)
-        self.robots = RobotsRules(
-            self._robots_text() if params["respect_robots_txt"] else None, self.fetch_settings.robots_token
-        )
+        self.robots_cache: RobotsCache | None = None
+        if params["respect_robots_txt"]:
+            self.robots_cache = robots_cache or RobotsCache(paths.robots, self.fetch_settings.robots_token)
+        self.robots = RobotsRules(None, self.fetch_settings.robots_token)
+        self.robots_unavailable: str = ""  # why robots.txt forbids everything for now ('' when it does not)
+        self._robots_checked = -1e9
+        self._sample_url = ""
+        if spec.not_before:
+            self.controller.not_before(spec.not_before)
         self.fetcher: ServerFetcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         if not spec.ignored_code:
@@ -171,12 +180,30 @@ class Lane:
         self._suspects: list[_Outcome] = []  # 403s that may turn out to be a ban
         self._bans_seen = 0
 
-    def _robots_text(self) -> str | None:
-        path = self.paths.robots / f"{self.spec.server_name}.txt"
-        try:
-            return path.read_text()
-        except OSError:
-            return None
+    def _robots_fetcher(self) -> ServerFetcher:
+        return ServerFetcher(self.fetch_settings, pool_size=1)
+
+    def rules_for(self, server: str, url: str) -> RobotsRules | RobotsFetch:
+        """robots.txt rules of any host (fetched on first need, cached on disk for every rank)."""
+        if self.robots_cache is None:
+            return self.robots
+        return self.robots_cache.get(server, url, self._robots_fetcher)
+
+    def _refresh_robots(self, force: bool = False) -> None:
+        """Look at the server's robots.txt again (a dict lookup until the cached copy is 24 h old)."""
+        now = time.monotonic()
+        if self.robots_cache is None or not self._sample_url or (not force and now - self._robots_checked < 30):
+            return
+        self._robots_checked = now
+        got = self.rules_for(self.spec.server_name, self._sample_url)
+        if isinstance(got, RobotsFetch):
+            self.robots_unavailable = got.reason or "robots.txt unavailable"
+            return
+        self.robots_unavailable = ""
+        if got is not self.robots:
+            self.robots = got
+            rate = got.request_rate()
+            self.controller.cap_rate(None if rate is None else rate * self.controller.share)
 
     def close(self) -> None:
         self.hosts.unregister_lane(self.spec.server_name, self.controller)
@@ -223,6 +250,9 @@ class Lane:
         try:
             urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
             stats.urls = len(urls)
+            if urls:
+                self._sample_url = urls[0]["identifier"]
+                self._refresh_robots(force=True)
             todo = self._carry_over(final_dir, urls, mode, successes, errors, stats)
             stats.todo = len(todo)
             if mode == "ignored" or self.spec.ignored_code:
@@ -372,6 +402,12 @@ class Lane:
 
     def _stop_reason(self) -> tuple[int, str] | None:
         """Why the lane sends nothing more this round, or None."""
+        self._refresh_robots()
+        if self.robots_unavailable:
+            return (
+                int(ErrorCode.ROBOTS_UNAVAILABLE),
+                f"{self.robots_unavailable}: nothing may be fetched for now (RFC 9309), tried again next round",
+            )
         if self.server_failed:
             return (
                 int(ErrorCode.NETWORK),
@@ -522,7 +558,9 @@ class Lane:
 
 
 _BAN_MESSAGE = "HTTP 403 during a burst of 403s (a temporary ban, likely): tried again next round"
-_NOT_SENT = frozenset({ErrorCode.SERVER_PAUSED, ErrorCode.ROBOTS_DISALLOWED, ErrorCode.PRIVATE_ADDRESS})
+_NOT_SENT = frozenset(
+    {ErrorCode.SERVER_PAUSED, ErrorCode.ROBOTS_DISALLOWED, ErrorCode.ROBOTS_UNAVAILABLE, ErrorCode.PRIVATE_ADDRESS}
+)
 
 
 def lane_controller(spec: LaneSpec) -> RateController:
@@ -566,8 +604,13 @@ class _LaneGate(HopGate):
         if not server:
             raise DownloadError(ErrorCode.REDIRECT, f"redirect to a URL without a usable host: {url[:200]}")
         own = server == self.lane.spec.server_name
-        if own and not self.lane.robots.allowed(url):
-            raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, "redirect target disallowed by robots.txt")
+        rules = self.lane.robots if own else self.lane.rules_for(server, url)
+        if isinstance(rules, RobotsFetch):
+            raise DownloadError(
+                ErrorCode.ROBOTS_UNAVAILABLE, f"redirect target {server}: {rules.reason}; tried again next round"
+            )
+        if not rules.allowed(url):
+            raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, f"redirect target disallowed by {server}'s robots.txt")
         controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
         if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0)):
             raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {server} is pausing us: tried next round")

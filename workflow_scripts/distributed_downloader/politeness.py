@@ -307,6 +307,18 @@ class RateController:
                 return False
             sleep(min(wait, 0.25))  # re-check: a pause or a decrease may move the slot meanwhile
 
+    def cap_rate(self, rate: float | None) -> None:
+        """An extra ceiling for this lane (its share of robots.txt's Crawl-delay / Request-rate)."""
+        with self._lock:
+            self.ceiling = self.limits.ceiling if rate is None else max(1e-6, min(self.limits.ceiling, rate))
+            self.floor = min(self.limits.floor, self.ceiling)
+            self.rate = min(self.rate, self.ceiling)
+
+    def not_before(self, epoch: float) -> None:
+        """No request before this wall-clock time (the pace after profiling's last request)."""
+        with self._lock:
+            self.next_start = max(self.next_start, self.clock() + epoch - self.wall_clock())
+
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - self.clock())
 
@@ -568,36 +580,3 @@ def lane_connections(max_connections: int, lanes: int, lane_index: int) -> int:
     """
     base, extra = divmod(max(1, max_connections), max(1, lanes))
     return max(1, base + (1 if lane_index < extra else 0))
-
-
-class RobotsRules:
-    """robots.txt for one server, matched against our product token (replaced by robots.py)."""
-
-    def __init__(self, text: str | None, robots_token: str) -> None:
-        import urllib.robotparser
-
-        self.token = robots_token
-        self.parser: urllib.robotparser.RobotFileParser | None = None
-        if text:
-            self.parser = urllib.robotparser.RobotFileParser()
-            self.parser.parse(text.splitlines())
-
-    def allowed(self, url: str) -> bool:
-        return True if self.parser is None else self.parser.can_fetch(self.token, url)
-
-    def crawl_delay(self) -> float | None:
-        if self.parser is None:
-            return None
-        delay = self.parser.crawl_delay(self.token)
-        return float(delay) if delay is not None else None
-
-    def request_rate(self) -> float | None:
-        rates = []
-        delay = self.crawl_delay()
-        if delay:
-            rates.append(1.0 / delay)
-        if self.parser is not None:
-            rr = self.parser.request_rate(self.token)
-            if rr is not None and rr.seconds > 0:
-                rates.append(rr.requests / rr.seconds)
-        return min(rates) if rates else None

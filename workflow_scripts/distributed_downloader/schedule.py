@@ -38,6 +38,7 @@ class ServerWork:
     urls_left: int
     ignored_code: int = 0
     ignored_reason: str = ""
+    not_before: float = 0.0  # epoch: profiling's last request + one interval at the starting rate
     batches: list[BatchWork] = field(default_factory=list)
 
     @property
@@ -60,6 +61,13 @@ def lanes_for(
     else:
         lanes = math.ceil(max_rate / (LANE_RATE_PER_CPU * cpu_per_worker))
     return max(1, min(lanes, batches_left, max(1, ranks), max(1, max_connections)))
+
+
+def _not_before(profile: ServerProfile) -> float:
+    """No download request before one interval after profiling's last request to the server."""
+    last = getattr(profile, "last_request_at", 0.0) or 0.0
+    rate = min(r for r in (profile.rate_limit, profile.max_rate) if r > 0) if profile.rate_limit > 0 else 0.0
+    return last + 1.0 / rate if last and rate else 0.0
 
 
 def batch_mode(batch_dir: Path, fp: str, round_no: int, ignored: bool) -> str | None:
@@ -93,6 +101,7 @@ def build(
             urls_left=0,
             ignored_code=profile.error_code,
             ignored_reason=profile.reason,
+            not_before=_not_before(profile),
         )
         for partition_id, fp in enumerate(info["fingerprints"]):
             mode = batch_mode(paths.batch_images(name, partition_id), fp, round_no, bool(profile.error_code))

@@ -26,9 +26,11 @@ import pyarrow.parquet as pq
 from distributed_downloader import config as config_mod
 from distributed_downloader import ownership
 from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.ownership import Ownership
+from distributed_downloader.robots import RobotsCache
 from distributed_downloader.schedule import batch_mode
 from distributed_downloader.store import atomic_write_json, read_marker, valid_marker
 
@@ -176,6 +178,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
     events: queue.Queue = queue.Queue()
     lanes: dict[str, LaneThread] = {}
     hosts = HostRegistry(params["default_rate_limit"], comm.Get_size(), params["rate_multiplier"])
+    robots = RobotsCache(paths.robots, FetchSettings.from_config(params).robots_token)  # one per rank, shared
     relayed: dict[str, float] = {}  # server -> the pause (epoch) last relayed or received
     exhausted = False
     next_status = time.monotonic() + STATUS_SECONDS
@@ -222,7 +225,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             reply = rpc({"kind": "lanes", "free": slots - len(lanes), "held": sorted(lanes)})
             for assignment in reply["assignments"]:
                 lane_spec = LaneSpec(**assignment["lane"])
-                thread = LaneThread(Lane(lane_spec, config, paths, round_no, hosts), events)
+                thread = LaneThread(Lane(lane_spec, config, paths, round_no, hosts, robots), events)
                 lanes[lane_spec.server_name] = thread
                 thread.start()
                 thread.inbox.put(assignment["batch"])
