@@ -248,3 +248,24 @@ def test_profile_all_probes_an_allowed_url_of_the_first_partition(tmp_path: Path
     by_name = {p.server_name: (p, r) for p, r in results}
     assert by_name["h"][0].probe_url == urls[3] and stats.requests == 2 and 400 not in stats.by_status
     assert by_name["mine"][0].error_code == int(ErrorCode.SERVER_IGNORED) and by_name["mine"][1] is None
+
+
+# ---------------------------------------------------------------- one broken URL never judges a server
+
+
+@pytest.mark.parametrize("respect_robots", [True, False])
+def test_a_broken_first_url_does_not_write_off_the_server(respect_robots: bool) -> None:
+    """The first URL resets the connection: the next one is probed, the server is downloaded."""
+    with farm_with(None) as farm:
+        candidates = [farm.url(0, "/reset/a.jpg?w=8&h=8"), farm.url(0, IMG)]
+        profile, _ = probe_server("h", candidates, 1, 2, probe_settings(respect_robots=respect_robots))
+    assert profile.error_code == 0 and profile.reachable
+    if not respect_robots:
+        assert profile.probe_url == candidates[1] and profile.probe_status == 200
+
+
+def test_a_server_that_answers_nothing_is_still_ignored() -> None:
+    port = closed_port()
+    candidates = [f"http://127.0.0.1:{port}/a.jpg", f"http://127.0.0.1:{port}/b.jpg"]
+    profile, _ = probe_server("h", candidates, 1, 2, probe_settings(respect_robots=False))
+    assert profile.error_code == int(ErrorCode.SERVER_IGNORED) and "refused" in profile.reason

@@ -105,6 +105,12 @@ class Coordinator:
         state.holders.pop(lane_index, None)
         return None
 
+    def finished_batch(self, server: str, stats: dict, lane: dict | None = None) -> None:
+        """A lane committed a batch (lanes ask for their next batch before the last one is done)."""
+        if lane is not None:
+            self.learn([lane])
+        self.record(self.servers[server], stats)
+
     def record(self, state: _ServerState, stats: dict) -> None:
         state.done_batches += 1
         state.failed = state.failed or bool(stats.get("server_failed"))

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ RATE_SAMPLE_SECONDS = 5.0
 MAX_REFUSALS = 10  # 429/503 answers one URL may get in a round before it waits for the next
 RETRY_BASE_SECONDS = 1.0  # backoff of the n-th retry: base x 4^(n-1), jittered
 SAME_FAILURE_NOTE = "same failure in all"  # error_msg note: the next round gives the URL one try
+PROCESS_STARTED = time.time()  # one download job per round: when this round's worker started
 
 
 @dataclass
@@ -114,6 +115,7 @@ class _Item:
     max_attempts: int | None = None  # retries allowed in this round (None: max_retries)
     refusals: int = 0
     codes: list[int] = field(default_factory=list)  # failure codes of this round's tries
+    run: _BatchRun | None = None  # the batch the item belongs to
 
 
 @dataclass
@@ -124,6 +126,38 @@ class _Outcome:
     message: str = ""
     nbytes: int = 0
     status: int = 0  # HTTP status of the final answer; -1 network failure/timeout; 0 no request
+
+
+@dataclass(eq=False)
+class _BatchRun:
+    """One batch in progress: its writers, its URLs still to send, waiting to retry, or in flight."""
+
+    partition_id: int
+    fingerprint: str
+    mode: str
+    stats: BatchStats
+    final_dir: Path
+    staging: Path
+    successes: StreamingParquet
+    errors: StreamingParquet
+    ready: deque = field(default_factory=deque)  # items to send now
+    backoff: list = field(default_factory=list)  # heap of (due, order, item): failed items waiting to retry
+    in_flight: int = 0
+    suspects: int = 0  # 403s held until we know whether they were a ban
+    started: float = 0.0
+    next_sample: float = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """Work left besides what is in flight."""
+        return bool(self.ready or self.backoff)
+
+    @property
+    def idle(self) -> bool:
+        return not self.ready and not self.backoff and self.in_flight == 0
+
+
+END_OF_BATCHES = None  # what a lane's inbox carries when the coordinator has no more batches for it
 
 
 def is_license_full(row: Mapping) -> bool:
@@ -165,6 +199,7 @@ class Lane:
         self.robots = RobotsRules(None, self.fetch_settings.robots_token)
         self.robots_unavailable: str = ""  # why robots.txt forbids everything for now ('' when it does not)
         self._robots_checked = -1e9
+        self._robots_round_checked = False
         self._sample_url = ""
         if spec.not_before:
             self.controller.not_before(spec.not_before)
@@ -195,6 +230,13 @@ class Lane:
         if self.robots_cache is None or not self._sample_url or (not force and now - self._robots_checked < 30):
             return
         self._robots_checked = now
+        if not self._robots_round_checked:
+            self._robots_round_checked = True
+            # RFC 9309: an unavailable robots.txt forbids everything *for now*; a later round asks again.
+            held = self.robots_cache.status(self.spec.server_name)
+            stale = held is not None and (held.checked_at or held.fetched_at) < PROCESS_STARTED
+            if held is not None and held.transient and self.round_no > 1 and stale:
+                self.robots_cache.refresh(self.spec.server_name, self._sample_url, self._robots_fetcher)
         got = self.rules_for(self.spec.server_name, self._sample_url)
         if isinstance(got, RobotsFetch):
             self.robots_unavailable = got.reason or "robots.txt unavailable"
@@ -234,6 +276,64 @@ class Lane:
         }
 
     def run_batch(self, partition_id: int, fingerprint: str, mode: str) -> BatchStats:
+        """Download one batch and commit it (no pipelining: tests and one-off use)."""
+        done: list[BatchStats] = []
+        inbox: queue.Queue = queue.Queue()
+        inbox.put({"partition_id": partition_id, "fingerprint": fingerprint, "mode": mode})
+        inbox.put(END_OF_BATCHES)
+        self.run_lane(inbox, ask_more=lambda: None, finished=done.append)
+        return done[0]
+
+    def run_lane(
+        self, inbox: queue.Queue, ask_more: Callable[[], None], finished: Callable[[BatchStats], None]
+    ) -> None:
+        """Download the batches the inbox brings, pipelined, until it brings END_OF_BATCHES.
+
+        The next batch is asked for (``ask_more``) as soon as every URL of the current ones has been
+        sent, so the lane keeps the server busy while the last requests of a batch (a stall waiting
+        for its timeout, a retry waiting for its backoff) finish; each batch is committed on its own
+        the moment its last URL has a row (``finished``).
+        """
+        runs: list[_BatchRun] = []
+        results: queue.Queue[_Outcome] = queue.Queue()
+        order = itertools.count()
+        asked, ended = True, False  # the first batch comes with the lane
+        try:
+            while True:
+                while not ended:  # batches that arrived
+                    try:
+                        batch = inbox.get(block=not runs, timeout=0.25)
+                    except queue.Empty:
+                        break
+                    asked = False
+                    if batch is END_OF_BATCHES:
+                        ended = True
+                        break
+                    runs.append(self._open(batch["partition_id"], batch["fingerprint"], batch["mode"]))
+                if not ended and not asked and not any(run.waiting for run in runs):
+                    asked = True  # everything sent: the next batch, while the last answers come back
+                    ask_more()
+                for run in [run for run in runs if run.idle]:
+                    if run.suspects:
+                        if any(other.in_flight for other in runs):
+                            continue  # a 403 burst may still turn out to be a ban
+                        self._flush_suspects(runs, banned=False)
+                    runs.remove(run)
+                    finished(self._commit(run))
+                if not runs:
+                    if ended:
+                        return
+                    continue
+                self._pump(runs, results, order)
+        except BaseException:
+            for run in runs:
+                run.successes.abort()
+                run.errors.abort()
+                shutil.rmtree(run.staging, ignore_errors=True)
+            raise
+
+    def _open(self, partition_id: int, fingerprint: str, mode: str) -> _BatchRun:
+        """Stage a batch: its writers, the rows kept from earlier rounds, the items to try."""
         started = time.monotonic()
         stats = BatchStats(self.spec.server_name, partition_id, mode, started_at=round(time.time(), 3))
         self.current = stats
@@ -245,50 +345,64 @@ class Lane:
         )
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        successes = StreamingParquet(staging / SUCCESSES_FILE, SUCCESS_SCHEMA)
-        errors = StreamingParquet(staging / ERRORS_FILE, ERROR_SCHEMA)
+        run = _BatchRun(
+            partition_id,
+            fingerprint,
+            mode,
+            stats,
+            final_dir,
+            staging,
+            StreamingParquet(staging / SUCCESSES_FILE, SUCCESS_SCHEMA),
+            StreamingParquet(staging / ERRORS_FILE, ERROR_SCHEMA),
+            started=started,
+            next_sample=started,
+        )
         try:
             urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
             stats.urls = len(urls)
             if urls:
                 self._sample_url = urls[0]["identifier"]
                 self._refresh_robots(force=True)
-            todo = self._carry_over(final_dir, urls, mode, successes, errors, stats)
+            todo = self._carry_over(final_dir, urls, mode, run.successes, run.errors, stats)
             stats.todo = len(todo)
+            for item in todo:
+                item.run = run
             if mode == "ignored" or self.spec.ignored_code:
                 for item in todo:
-                    self._write_error(
-                        errors,
-                        stats,
-                        item,
-                        self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED),
-                        self.spec.ignored_reason or "server ignored",
-                    )
+                    code = self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED)
+                    self._write_error(item, code, self.spec.ignored_reason or "server ignored")
             else:
-                self._download(todo, successes, errors, stats)
-            successes.commit()
-            errors.commit()
-            final_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / SUCCESSES_FILE, final_dir / SUCCESSES_FILE)
-            os.replace(staging / ERRORS_FILE, final_dir / ERRORS_FILE)
-            write_marker(final_dir, Marker(fingerprint, self.round_no, stats.successes, stats.errors, stats.transient))
+                run.ready.extend(todo)
+        except BaseException:
+            run.successes.abort()
+            run.errors.abort()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return run
+
+    def _commit(self, run: _BatchRun) -> BatchStats:
+        """Rename the batch's files into place, then its marker: the batch is done."""
+        stats = run.stats
+        try:
+            run.successes.commit()
+            run.errors.commit()
+            run.final_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(run.staging / SUCCESSES_FILE, run.final_dir / SUCCESSES_FILE)
+            os.replace(run.staging / ERRORS_FILE, run.final_dir / ERRORS_FILE)
+            marker = Marker(run.fingerprint, self.round_no, stats.successes, stats.errors, stats.transient)
+            write_marker(run.final_dir, marker)
         except OSError as exc:
-            successes.abort()
-            errors.abort()
+            run.successes.abort()
+            run.errors.abort()
             raise OSError(
                 exc.errno,
-                f"batch {self.spec.server_name}/partition_id={partition_id} not written: {exc.strerror}",
-                str(staging),
+                f"batch {self.spec.server_name}/partition_id={run.partition_id} not written: {exc.strerror}",
+                str(run.staging),
             ) from exc
-        except BaseException:
-            successes.abort()
-            errors.abort()
-            raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        stats.seconds = round(time.monotonic() - started, 3)
+            shutil.rmtree(run.staging, ignore_errors=True)
+        stats.seconds = round(time.monotonic() - run.started, 3)
         stats.rate_end = self.controller.rate
-        self.current = None
         stats.server_failed = self.server_failed
         return stats
 
@@ -342,63 +456,59 @@ class Lane:
 
     # ------------------------------------------------------------------ the download loop
 
-    def _download(
-        self, todo: list[_Item], successes: StreamingParquet, errors: StreamingParquet, stats: BatchStats
-    ) -> None:
+    def _pump(self, runs: list[_BatchRun], results: queue.Queue[_Outcome], order: itertools.count) -> None:
+        """One step of the dispatcher: send what is due, or wait a little for answers and handle them."""
         assert self.pool is not None
-        ready: deque[_Item] = deque(todo)
-        backoff: list[tuple[float, int, _Item]] = []  # (due, order, item): failed URLs waiting to retry
-        order = itertools.count()
-        results: queue.Queue[_Outcome] = queue.Queue()
-        in_flight = 0
-        started = time.monotonic()
-        next_sample = started
-        while ready or backoff or in_flight:
-            now = time.monotonic()
-            if now >= next_sample:  # the rate's trajectory, for the report
-                stats.rate_samples.append([round(now - started, 1), round(self.controller.rate, 3)])
-                next_sample = now + RATE_SAMPLE_SECONDS
-            while backoff and backoff[0][0] <= now:
-                ready.append(heapq.heappop(backoff)[2])
-            if ready or backoff:
-                stop = self._stop_reason()
-                if stop is not None:  # the rest of the batch waits for the next round
-                    for item in [*ready, *(entry[2] for entry in backoff)]:
-                        self._write_error(errors, stats, item, *stop)
-                    ready.clear()
-                    backoff.clear()
-            wait = 0.25
-            if ready and in_flight < self.controller.concurrency_limit():
-                item = ready[0]
-                if not self.robots.allowed(item.row["identifier"]):
-                    ready.popleft()
-                    self._write_error(errors, stats, item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
-                    continue
-                wait = self.controller.try_take()
-                if wait <= 0:
-                    ready.popleft()
-                    ticket, concurrency = self.controller.started()
-                    self.pool.submit(self._fetch_one, item, time.monotonic(), concurrency, ticket, results)
-                    in_flight += 1
-                    continue
-            if backoff:
-                wait = min(wait, backoff[0][0] - now)
-            wait = max(0.001, min(wait, 0.25))
-            if not in_flight:
-                time.sleep(wait)
-                continue
+        now = time.monotonic()
+        for run in runs:
+            if now >= run.next_sample:  # the rate's trajectory, for the report
+                run.stats.rate_samples.append([round(now - run.started, 1), round(self.controller.rate, 3)])
+                run.next_sample = now + RATE_SAMPLE_SECONDS
+            while run.backoff and run.backoff[0][0] <= now:
+                run.ready.append(heapq.heappop(run.backoff)[2])
+        if any(run.waiting for run in runs):
+            stop = self._stop_reason()
+            if stop is not None:  # the rest waits for the next round
+                for run in runs:
+                    for item in [*run.ready, *(entry[2] for entry in run.backoff)]:
+                        self._write_error(item, *stop)
+                    run.ready.clear()
+                    run.backoff.clear()
+        in_flight = sum(run.in_flight for run in runs)
+        wait = 0.25
+        sender = next((run for run in runs if run.ready), None)  # the oldest batch first
+        if sender is not None and in_flight < self.controller.concurrency_limit():
+            item = sender.ready[0]
+            if not self.robots.allowed(item.row["identifier"]):
+                sender.ready.popleft()
+                self._write_error(item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
+                return
+            wait = self.controller.try_take()
+            if wait <= 0:
+                sender.ready.popleft()
+                ticket, concurrency = self.controller.started()
+                sender.in_flight += 1
+                self.pool.submit(self._fetch_one, item, time.monotonic(), concurrency, ticket, results)
+                return
+        due = [run.backoff[0][0] for run in runs if run.backoff]
+        if due:
+            wait = min(wait, min(due) - now)
+        wait = max(0.001, min(wait, 0.25))
+        if not in_flight:
+            time.sleep(wait)
+            return
+        try:
+            outcome = results.get(timeout=wait)
+        except queue.Empty:
+            return
+        while True:
+            assert outcome.item.run is not None
+            outcome.item.run.in_flight -= 1
+            self._handle(outcome, runs, order)
             try:
-                outcome = results.get(timeout=wait)
+                outcome = results.get_nowait()
             except queue.Empty:
-                continue
-            while True:
-                in_flight -= 1
-                self._handle(outcome, backoff, order, errors, successes, stats)
-                try:
-                    outcome = results.get_nowait()
-                except queue.Empty:
-                    break
-        self._flush_suspects(errors, stats, banned=False)
+                return
 
     def _stop_reason(self) -> tuple[int, str] | None:
         """Why the lane sends nothing more this round, or None."""
@@ -469,16 +579,11 @@ class Lane:
         }
         return _Outcome(item, success=success, nbytes=len(result.body), status=200)
 
-    def _handle(
-        self,
-        outcome: _Outcome,
-        backoff: list[tuple[float, int, _Item]],
-        order: itertools.count,
-        errors: StreamingParquet,
-        successes: StreamingParquet,
-        stats: BatchStats,
-    ) -> None:
+    def _handle(self, outcome: _Outcome, runs: list[_BatchRun], order: itertools.count) -> None:
         item = outcome.item
+        run = item.run
+        assert run is not None
+        stats = run.stats
         if outcome.status:
             stats.requests += 1
             stats.statuses[outcome.status] += 1
@@ -496,17 +601,18 @@ class Lane:
             self.consecutive_failures = 0
         if self.controller.bans > self._bans_seen:  # a 403 burst turned out to be a ban
             self._bans_seen = self.controller.bans
-            self._flush_suspects(errors, stats, banned=True)
+            self._flush_suspects(runs, banned=True)
         if outcome.status == 403:
             if self.controller.is_banned():
-                self._write_error(errors, stats, item, int(ErrorCode.BANNED), _BAN_MESSAGE)
+                self._write_error(item, int(ErrorCode.BANNED), _BAN_MESSAGE)
             else:
                 self._suspects.append(outcome)  # a forbidden file, or the start of a ban: decided later
+                run.suspects += 1
             return
         if outcome.status:
-            self._flush_suspects(errors, stats, banned=False)
+            self._flush_suspects(runs, banned=False)
         if outcome.success is not None:
-            successes.append(outcome.success)
+            run.successes.append(outcome.success)
             stats.successes += 1
             stats.new_successes += 1
             stats.processed += 1
@@ -515,7 +621,7 @@ class Lane:
         if outcome.status in (429, 503):
             item.refusals += 1
             if item.refusals <= MAX_REFUSALS:
-                heapq.heappush(backoff, (now, next(order), item))  # the controller already slowed down
+                heapq.heappush(run.backoff, (now, next(order), item))  # the controller already slowed down
                 return
         elif is_transient(outcome.code) and outcome.code != ErrorCode.TIMEOUT and not self.server_failed:
             item.codes.append(outcome.code)
@@ -523,25 +629,29 @@ class Lane:
             if item.attempt < allowed:
                 item.attempt += 1
                 delay = RETRY_BASE_SECONDS * 4 ** (item.attempt - 1) * random.uniform(0.5, 1.5)
-                heapq.heappush(backoff, (now + delay, next(order), item))
+                heapq.heappush(run.backoff, (now + delay, next(order), item))
                 return
         else:
             item.codes.append(outcome.code)
         message = outcome.message
         if is_transient(outcome.code) and len(item.codes) > 1 and len(set(item.codes)) == 1:
             message = f"{message} ({SAME_FAILURE_NOTE} {len(item.codes)} tries of round {self.round_no})"
-        self._write_error(errors, stats, item, outcome.code, message)
+        self._write_error(item, outcome.code, message)
 
-    def _flush_suspects(self, errors: StreamingParquet, stats: BatchStats, banned: bool) -> None:
+    def _flush_suspects(self, runs: list[_BatchRun], banned: bool) -> None:
         for suspect in self._suspects:
+            assert suspect.item.run is not None
+            suspect.item.run.suspects -= 1
             if banned:
-                self._write_error(errors, stats, suspect.item, int(ErrorCode.BANNED), _BAN_MESSAGE)
+                self._write_error(suspect.item, int(ErrorCode.BANNED), _BAN_MESSAGE)
             else:
-                self._write_error(errors, stats, suspect.item, suspect.code, suspect.message)
+                self._write_error(suspect.item, suspect.code, suspect.message)
         self._suspects.clear()
 
-    def _write_error(self, errors: StreamingParquet, stats: BatchStats, item: _Item, code: int, message: str) -> None:
-        errors.append(
+    def _write_error(self, item: _Item, code: int, message: str) -> None:
+        run = item.run
+        assert run is not None
+        run.errors.append(
             {
                 "uuid": item.row["uuid"],
                 "identifier": item.row["identifier"],
@@ -550,6 +660,7 @@ class Lane:
                 "error_msg": message,
             }
         )
+        stats = run.stats
         stats.errors += 1
         stats.processed += 1
         stats.error_codes[int(code)] += 1

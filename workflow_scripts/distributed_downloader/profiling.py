@@ -142,14 +142,9 @@ def probe_server(
             if wait > 0:
                 settings.sleep(wait)
         assert probe_url is not None
-        profile.probe_url = probe_url
-        try:
-            result = fetcher.get(probe_url)
-            profile.probe_status, headers, elapsed = 200, result.headers, result.elapsed
-        except HttpStatusError as exc:
-            profile.probe_status, headers, elapsed = exc.code, exc.headers, exc.elapsed
-        finally:
-            profile.last_request_at = time.time()
+        allowed = [url for url in candidates if url == probe_url or rules_allow(robots, settings, url)]
+        result_headers, elapsed = _probe(fetcher, allowed, profile, reachable=profile.reachable)
+        headers = result_headers
         profile.reachable = True
         profile.latency_ms = round(elapsed * 1000, 1)
         announced = advertised_rate(headers)
@@ -166,6 +161,50 @@ def probe_server(
     finally:
         fetcher.close()
     return profile, robots
+
+
+def rules_allow(robots: RobotsFetch | None, settings: ProbeSettings, url: str) -> bool:
+    rules = robots.rules(settings.fetch.robots_token) if robots is not None else None
+    return rules is None or rules.allowed(url)
+
+
+PROBE_TRIES = 3  # URLs tried before a server that never answered is judged unreachable
+
+
+def _probe(
+    fetcher: ServerFetcher, allowed: Sequence[str], profile: ServerProfile, reachable: bool
+) -> tuple[Mapping[str, str], float]:
+    """GET allowed URLs until one gets an answer: one broken URL never judges a whole server.
+
+    A server that answered robots.txt is reachable whatever its URLs do; one that answered nothing
+    is tried on up to PROBE_TRIES URLs (stopping at once when the connection is refused, and after
+    two timeouts). Raises the last DownloadError when every try failed on a server not known to answer.
+    """
+    last: DownloadError | None = None
+    timeouts = 0
+    for url in allowed[:PROBE_TRIES]:
+        profile.probe_url = url
+        try:
+            result = fetcher.get(url)
+            profile.probe_status = 200
+            return result.headers, result.elapsed
+        except HttpStatusError as exc:
+            profile.probe_status = exc.code
+            return exc.headers, exc.elapsed
+        except DownloadError as exc:
+            last = exc
+            if exc.code == ErrorCode.PRIVATE_ADDRESS or "refused" in exc.message or "DNS" in exc.message:
+                break
+            timeouts += exc.code == ErrorCode.TIMEOUT
+            if timeouts >= 2:
+                break
+        finally:
+            profile.last_request_at = time.time()
+    assert last is not None
+    if reachable:  # robots.txt answered: the server is up, its probed URLs are just broken
+        profile.reason = f"probe URLs failed ({last.message}); the server answered robots.txt"
+        return {}, profile.latency_ms / 1000
+    raise last
 
 
 def first_urls(urls_folder: Path, server: str, count: int = PROBE_CANDIDATES) -> list[str]:

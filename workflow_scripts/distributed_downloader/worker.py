@@ -103,6 +103,9 @@ class CoordinatorThread(threading.Thread):
                 message["server"], message["lane_index"], message["stats"], message.get("lane")
             )
             return {"batch": batch}
+        if kind == "done":
+            self.coordinator.finished_batch(message["server"], message["stats"], message.get("lane"))
+            return {}
         if kind == "pause":
             for other in self.coordinator.pause(message["server"], message["until"], rank):
                 push = {"kind": "pause", "server": message["server"], "until": message["until"]}
@@ -149,7 +152,12 @@ def format_progress(progress: Mapping) -> str:
 
 
 class LaneThread(threading.Thread):
-    """Runs the batches the coordinator gives one lane, one after the other."""
+    """Runs the batches the coordinator gives one lane, pipelined (Lane.run_lane).
+
+    Talks to the rank's main loop through ``events``: ("more", spec, None) when the lane wants its
+    next batch, ("done", spec, stats) for each committed batch, ("exit", spec, None) at the end,
+    ("error", spec, exception) if the lane failed.
+    """
 
     def __init__(self, lane: Lane, events: queue.Queue) -> None:
         super().__init__(name=f"lane-{lane.spec.key}", daemon=True)
@@ -158,14 +166,16 @@ class LaneThread(threading.Thread):
         self.events = events
 
     def run(self) -> None:
+        spec = self.lane.spec
         try:
-            while (batch := self.inbox.get()) is not None:
-                try:
-                    stats = self.lane.run_batch(batch["partition_id"], batch["fingerprint"], batch["mode"])
-                    self.events.put((self.lane.spec, stats.to_json(), None))
-                except BaseException as exc:
-                    self.events.put((self.lane.spec, None, exc))
-                    return
+            self.lane.run_lane(
+                self.inbox,
+                ask_more=lambda: self.events.put((spec, "more", None)),
+                finished=lambda stats: self.events.put((spec, "done", stats.to_json())),
+            )
+            self.events.put((spec, "exit", None))
+        except BaseException as exc:
+            self.events.put((spec, "error", exc))
         finally:
             self.lane.close()
 
@@ -189,36 +199,39 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
 
     while True:
         try:
-            spec, stats, error = events.get(timeout=0.05 if (lanes and not exhausted) or not lanes else 0.5)
+            spec, kind, payload = events.get(timeout=0.05 if (lanes and not exhausted) or not lanes else 0.5)
         except queue.Empty:
             spec = None
         while spec is not None:
-            if error is not None:
-                raise RuntimeError(f"lane {spec.key} failed") from error
-            log.info(
-                "batch done %s/%s: %s ok, %s errors in %.1fs",
-                stats["server_name"],
-                stats["partition_id"],
-                stats["successes"],
-                stats["errors"],
-                stats["seconds"],
-            )
-            reply = rpc(
-                {
-                    "kind": "next",
-                    "server": spec.server_name,
-                    "lane_index": spec.lane_index,
-                    "stats": stats,
-                    "lane": lanes[spec.server_name].lane.snapshot(),
-                }
-            )
             thread = lanes[spec.server_name]
-            thread.inbox.put(reply["batch"])
-            if reply["batch"] is None:
+            if kind == "error":
+                raise RuntimeError(f"lane {spec.key} failed") from payload
+            if kind == "done":
+                log.info(
+                    "batch done %s/%s: %s ok, %s errors in %.1fs",
+                    payload["server_name"],
+                    payload["partition_id"],
+                    payload["successes"],
+                    payload["errors"],
+                    payload["seconds"],
+                )
+                rpc({"kind": "done", "server": spec.server_name, "stats": payload, "lane": thread.lane.snapshot()})
+            elif kind == "more":
+                reply = rpc(
+                    {
+                        "kind": "next",
+                        "server": spec.server_name,
+                        "lane_index": spec.lane_index,
+                        "stats": None,
+                        "lane": thread.lane.snapshot(),
+                    }
+                )
+                thread.inbox.put(reply["batch"])
+            elif kind == "exit":
                 thread.join()
                 del lanes[spec.server_name]
             try:
-                spec, stats, error = events.get_nowait()
+                spec, kind, payload = events.get_nowait()
             except queue.Empty:
                 spec = None
         if not exhausted and len(lanes) < slots:
