@@ -179,3 +179,15 @@ def test_a_pause_longer_than_the_round_may_wait_leaves_urls_for_the_next_round(t
     paused = [row for row in errors if row["error_code"] == int(ErrorCode.SERVER_PAUSED)]
     assert len(successes) + len(errors) == 11
     assert len(paused) >= 9 and "Retry-After" in paused[0]["error_msg"]
+
+
+def test_a_stalled_request_at_the_tail_is_hedged_not_waited_for(tmp_path: Path) -> None:
+    """Each URL stalls on its first request (30 s of silence): the lane sends one more copy after ~2 s."""
+    spec = HostSpec("h0", background=FaultMix(stall=1.0, stall_seconds=30.0))
+    with ImageFarm([spec], seed=12) as farm:
+        urls = [farm.url(0, f"/img/s{i}.jpg?w=32&h=24") for i in range(3)]
+        successes, errors, seconds = _run(tmp_path, farm, urls, timeout={"connect": 3, "read": 20, "total": 40})
+        log = _images(farm.request_log(0))
+    assert len(successes) == 3 and not errors
+    assert seconds < 12, f"waited {seconds:.1f}s for stalls"
+    assert len(log) == 6  # each URL twice: the stalled copy and its hedge, nothing more

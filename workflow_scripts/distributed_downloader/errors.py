@@ -25,6 +25,7 @@ class ErrorCode(IntEnum):
     BANNED = -13  # refused (403) during a burst of 403s: a temporary ban, tried again next round
     SERVER_PAUSED = -14  # the server asked us to wait (Retry-After, quota) longer than a round may wait
     ROBOTS_UNAVAILABLE = -15  # robots.txt answered 5xx / was unreachable: disallow all for now (RFC 9309)
+    TDM_RESERVED = -16  # opted out by `tdm-reservation: 1` (W3C TDM Reservation Protocol): permanent
 
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})

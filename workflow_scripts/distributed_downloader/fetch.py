@@ -1,6 +1,7 @@
 """HTTP for one server: a pooled session, manual redirects with an address guard at every hop
 (and on every new connection), timeouts on connect, read and total time (the total enforced by a
-deadline watchdog), a byte cap on the decoded body, and X-Robots-Tag opt-outs."""
+deadline watchdog), a byte cap on the decoded body, and the opt-outs an answer carries: X-Robots-Tag
+(noai, noimageai) and the W3C TDM Reservation Protocol's ``tdm-reservation: 1``."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 COLON_DIRECTIVES = frozenset({"max-image-preview", "max-snippet", "max-video-preview", "unavailable_after"})
 _CRAWLER_NAME = re.compile(r"^[A-Za-z0-9._*-]+$")
 CHUNK_BYTES = 64 * 1024
+ROBOTS_TXT_PATH = "/robots.txt"  # a fetch of robots.txt (and its redirects) never counts as opted out
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class FetchSettings:
     max_redirects: int = 5
     allow_private_addresses: bool = False
     respect_x_robots_tag: bool = True
+    respect_tdm_reservation: bool = True
 
     @property
     def robots_token(self) -> str:
@@ -73,6 +76,7 @@ class FetchSettings:
             max_redirects=int(params["max_redirects"]),
             allow_private_addresses=bool(params["allow_private_addresses"]),
             respect_x_robots_tag=bool(params["respect_x_robots_tag"]),
+            respect_tdm_reservation=bool(params.get("respect_tdm_reservation", True)),
         )
 
 
@@ -95,7 +99,22 @@ class HttpStatusError(DownloadError):
 
 
 class HopGate:
-    """What a fetch tells politeness about each hop (see ServerFetcher.get); this one allows all."""
+    """What a fetch tells politeness about each hop (see ServerFetcher.get); this one allows all.
+
+    ``cancel()`` ends the fetch the gate belongs to from another thread (a hedged request whose
+    other copy already answered); the fetch then fails with a timeout error.
+    """
+
+    _watch: _Watch | None = None
+    cancelled: bool = False
+
+    def attach(self, watch: _Watch) -> None:
+        self._watch = watch
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._watch is not None:
+            _WATCHDOG.cancel(self._watch)
 
     def before_hop(self, url: str) -> None:
         """Called before a redirect hop to ``url`` is sent; may wait for a rate slot or raise DownloadError."""
@@ -227,6 +246,15 @@ class _Watchdog:
         with self._cond:
             watch.sock = None
 
+    def cancel(self, watch: _Watch) -> None:
+        """End a fetch now, as if its deadline had passed (its answer is no longer wanted)."""
+        with self._cond:
+            if watch.done:
+                return
+            watch.fired = True
+            if watch.sock is not None:
+                _shutdown(watch.sock)
+
     def finish(self, watch: _Watch) -> None:
         with self._cond:
             watch.done = True
@@ -336,22 +364,37 @@ class _GuardedAdapter(HTTPAdapter):
 
 
 def x_robots_opt_out(values: list[str], robots_token: str) -> str | None:
-    """The opt-out directive that applies to us, if any ('noai', 'noimageai')."""
+    """The opt-out directive that applies to us, if any ('noai', 'noimageai').
+
+    Each value is a comma-separated list of directives; ``<crawler>: <directives>`` scopes what follows
+    (up to the next ``<crawler>:``) to that crawler, so a value folded from several header lines
+    (``googlebot: noindex, our-bot: noai``) reads like the lines did. Scopes that apply to us: none,
+    ``*``, and our product token (case-insensitive). ``max-image-preview:none`` and the other
+    directives that carry a colon are directives, not crawler names.
+    """
     token = robots_token.lower()
     for value in values:
-        scope = None
-        directives = value
-        head, sep, rest = value.partition(":")
-        name = head.strip().lower()
-        # "googlebot: noindex" scopes the rules to a crawler; "max-image-preview:none" is a directive.
-        if sep and _CRAWLER_NAME.match(name) and name not in OPT_OUT_DIRECTIVES | COLON_DIRECTIVES:
-            scope, directives = name, rest
-        if scope not in (None, "*", token):
-            continue
-        for directive in directives.replace(",", " ").split():
-            if directive.strip().lower() in OPT_OUT_DIRECTIVES:
-                return directive.strip().lower()
+        scope = None  # a new header line starts unscoped
+        for part in value.split(","):
+            head, sep, rest = part.partition(":")
+            name = head.strip().lower()
+            if sep and _CRAWLER_NAME.match(name) and name not in OPT_OUT_DIRECTIVES | COLON_DIRECTIVES:
+                scope, part = name, rest
+            if scope not in (None, "*", token):
+                continue
+            for directive in part.split():
+                if directive.lower() in OPT_OUT_DIRECTIVES:
+                    return directive.lower()
     return None
+
+
+def tdm_reserved(values: list[str]) -> bool:
+    """Whether ``tdm-reservation`` values reserve text and data mining rights (W3C TDMRep: ``1``).
+
+    ``0`` or no header: not reserved. Several headers (or a folded ``0, 1``): reserved when any says 1.
+    Anything else is not a valid value and reserves nothing.
+    """
+    return any(item.strip().strip('"').strip() == "1" for value in values for item in value.split(","))
 
 
 class ServerFetcher:
@@ -411,6 +454,8 @@ class ServerFetcher:
         started = time.monotonic()
         watch = _WATCHDOG.watch(started + self.settings.total_timeout)
         _current.watch = watch
+        if gate is not None:
+            gate.attach(watch)
         try:
             return self._get(url, started, watch, gate or _OPEN_GATE)
         finally:
@@ -440,7 +485,7 @@ class ServerFetcher:
                     current = target
                     continue
                 try:
-                    return self._finish(response, current, started, watch)
+                    return self._finish(response, current, started, watch, opt_outs=not _is_robots_txt(url))
                 except DownloadError as exc:
                     if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
                         gate.on_network_error(current)
@@ -474,14 +519,14 @@ class ServerFetcher:
             raise self._out_of_time("waiting for the response headers")
         return response
 
-    def _finish(self, response: requests.Response, url: str, started: float, watch: _Watch) -> FetchResult:
+    def _finish(
+        self, response: requests.Response, url: str, started: float, watch: _Watch, opt_outs: bool = True
+    ) -> FetchResult:
         headers = response.headers
         if response.status_code != 200:
             raise HttpStatusError(response.status_code, CaseInsensitiveDict(headers), time.monotonic() - started)
-        if self.settings.respect_x_robots_tag:
-            directive = x_robots_opt_out(_header_values(response, "X-Robots-Tag"), self.settings.robots_token)
-            if directive:
-                raise DownloadError(ErrorCode.X_ROBOTS_TAG, f"X-Robots-Tag: {directive}")
+        if opt_outs:
+            self._check_opt_outs(response)
         declared = headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > self.settings.max_bytes:
             raise DownloadError(
@@ -489,6 +534,20 @@ class ServerFetcher:
             )
         body = self._read_body(response, watch)
         return FetchResult(200, body, CaseInsensitiveDict(headers), url, time.monotonic() - started)
+
+    def _check_opt_outs(self, response: requests.Response) -> None:
+        """Raise the opt-out row's error when a 200's headers forbid us its content (before any body byte)."""
+        if self.settings.respect_x_robots_tag:
+            directive = x_robots_opt_out(_header_values(response, "X-Robots-Tag"), self.settings.robots_token)
+            if directive:
+                raise DownloadError(ErrorCode.X_ROBOTS_TAG, f"X-Robots-Tag: {directive}")
+        if self.settings.respect_tdm_reservation and tdm_reserved(_header_values(response, "tdm-reservation")):
+            policy = " ".join(_header_values(response, "tdm-policy"))
+            raise DownloadError(
+                ErrorCode.TDM_RESERVED,
+                "tdm-reservation: 1 (W3C TDM Reservation Protocol: text and data mining rights reserved)"
+                + (f"; tdm-policy: {policy[:200]}" if policy else ""),
+            )
 
     def _read_body(self, response: requests.Response, watch: _Watch) -> bytes:
         """The (decoded) body; the byte cap counts decoded bytes, so a gzip bomb stops at the cap."""
@@ -601,6 +660,14 @@ def _body_error(exc: Exception, size: int, read_timeout: float) -> DownloadError
         # A broken chunked framing, an unparsable length...: the response itself is malformed.
         return DownloadError(ErrorCode.PROTOCOL, f"malformed response body: {_short(exc)}")
     return DownloadError(ErrorCode.NETWORK, f"connection broken mid-body after {size} bytes: {_short(exc)}")
+
+
+def _is_robots_txt(url: str) -> bool:
+    """A request for robots.txt: protocol, not content, so no opt-out header applies to it or its redirects."""
+    try:
+        return urlsplit(url).path == ROBOTS_TXT_PATH
+    except ValueError:
+        return False
 
 
 def _header_values(response: requests.Response, name: str) -> list[str]:

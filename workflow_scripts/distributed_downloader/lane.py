@@ -54,7 +54,8 @@ from distributed_downloader.store import (
 log = logging.getLogger(__name__)
 RATE_SAMPLE_SECONDS = 5.0
 MAX_REFUSALS = 10  # 429/503 answers one URL may get in a round before it waits for the next
-RETRY_BASE_SECONDS = 1.0  # backoff of the n-th retry: base x 4^(n-1), jittered
+RETRY_BASE_SECONDS = 0.5  # backoff of the n-th retry: base x 4^(n-1), jittered
+HEDGE_AFTER_SECONDS = 2.0  # at a lane's tail, a request silent this long (and 8x the usual latency) is hedged
 SAME_FAILURE_NOTE = "same failure in all"  # error_msg note: the next round gives the URL one try
 PROCESS_STARTED = time.time()  # one download job per round: when this round's worker started
 
@@ -107,7 +108,7 @@ class BatchStats:
         return data
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     row: dict
     attempt: int = 0  # failed tries in this round (refusals not counted: they say nothing of the URL)
@@ -116,6 +117,11 @@ class _Item:
     refusals: int = 0
     codes: list[int] = field(default_factory=list)  # failure codes of this round's tries
     run: _BatchRun | None = None  # the batch the item belongs to
+    copies: int = 0  # requests for this URL in flight now (2 while hedged)
+    sent_at: float = 0.0  # when the oldest copy in flight was sent
+    hedged: bool = False  # a second copy was sent for a stalled first one (once per round)
+    settled: bool = False  # its row is written: any later answer is dropped
+    gates: list = field(default_factory=list)  # the gates of its copies in flight (to cancel a loser)
 
 
 @dataclass
@@ -143,6 +149,7 @@ class _BatchRun:
     ready: deque = field(default_factory=deque)  # items to send now
     backoff: list = field(default_factory=list)  # heap of (due, order, item): failed items waiting to retry
     in_flight: int = 0
+    flying: set = field(default_factory=set)  # items with a request in flight
     suspects: int = 0  # 403s held until we know whether they were a ban
     started: float = 0.0
     next_sample: float = 0.0
@@ -471,14 +478,20 @@ class Lane:
             if stop is not None:  # the rest waits for the next round
                 for run in runs:
                     for item in [*run.ready, *(entry[2] for entry in run.backoff)]:
-                        self._write_error(item, *stop)
+                        if not item.settled and not item.copies:  # a hedged copy's first is still out
+                            self._write_error(item, *stop)
                     run.ready.clear()
                     run.backoff.clear()
+        if not any(run.ready for run in runs):
+            self._hedge_stalled(runs, now)
         in_flight = sum(run.in_flight for run in runs)
         wait = 0.25
         sender = next((run for run in runs if run.ready), None)  # the oldest batch first
         if sender is not None and in_flight < self.controller.concurrency_limit():
             item = sender.ready[0]
+            if item.settled:  # a hedge whose first copy answered meanwhile
+                sender.ready.popleft()
+                return
             if not self.robots.allowed(item.row["identifier"]):
                 sender.ready.popleft()
                 self._write_error(item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
@@ -488,6 +501,10 @@ class Lane:
                 sender.ready.popleft()
                 ticket, concurrency = self.controller.started()
                 sender.in_flight += 1
+                if not item.copies:
+                    item.sent_at = time.monotonic()
+                item.copies += 1
+                sender.flying.add(item)
                 self.pool.submit(self._fetch_one, item, time.monotonic(), concurrency, ticket, results)
                 return
         due = [run.backoff[0][0] for run in runs if run.backoff]
@@ -502,13 +519,31 @@ class Lane:
         except queue.Empty:
             return
         while True:
-            assert outcome.item.run is not None
-            outcome.item.run.in_flight -= 1
+            item = outcome.item
+            assert item.run is not None
+            item.run.in_flight -= 1
+            item.copies -= 1
+            if not item.copies:
+                item.run.flying.discard(item)
             self._handle(outcome, runs, order)
             try:
                 outcome = results.get_nowait()
             except queue.Empty:
                 return
+
+    def _hedge_stalled(self, runs: list[_BatchRun], now: float) -> None:
+        """At the lane's tail, send a second copy of a request stuck far beyond the usual latency.
+
+        A one-off stall would otherwise hold the lane (and the end of the run) until its read
+        timeout; the copy takes a rate slot like any request, the first answer wins, the other is
+        dropped. Once per URL and round.
+        """
+        after = max(HEDGE_AFTER_SECONDS, 8 * self.controller.latency)
+        for run in runs:
+            for item in list(run.flying):
+                if not item.hedged and not item.settled and now - item.sent_at > after:
+                    item.hedged = True
+                    run.ready.append(item)
 
     def _stop_reason(self) -> tuple[int, str] | None:
         """Why the lane sends nothing more this round, or None."""
@@ -547,6 +582,9 @@ class Lane:
         assert self.fetcher is not None
         url = item.row["identifier"]
         gate = _LaneGate(self, sent_at, concurrency)
+        item.gates.append(gate)
+        if item.settled:  # settled between dispatch and now
+            gate.cancel()
         try:
             result = self.fetcher.get(url, gate)
         except HttpStatusError as exc:
@@ -558,6 +596,7 @@ class Lane:
         finally:
             self.controller.finished(ticket)
             gate.close()
+            item.gates.remove(gate)
         try:
             image = imaging.process_image(result.body, self.image_settings)
         except DownloadError as exc:
@@ -588,6 +627,8 @@ class Lane:
             stats.requests += 1
             stats.statuses[outcome.status] += 1
         stats.bytes += outcome.nbytes
+        if item.settled or (outcome.success is None and item.copies):
+            return  # a hedged URL: the other copy's answer won, or may still win
         if outcome.status == -1:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.failure_threshold and not self.server_failed:
@@ -612,6 +653,7 @@ class Lane:
         if outcome.status:
             self._flush_suspects(runs, banned=False)
         if outcome.success is not None:
+            self._settle(item)
             run.successes.append(outcome.success)
             stats.successes += 1
             stats.new_successes += 1
@@ -648,9 +690,16 @@ class Lane:
                 self._write_error(suspect.item, suspect.code, suspect.message)
         self._suspects.clear()
 
+    def _settle(self, item: _Item) -> None:
+        """The URL's row is being written: a hedged copy still out is no longer wanted."""
+        item.settled = True
+        for gate in list(item.gates):
+            gate.cancel()
+
     def _write_error(self, item: _Item, code: int, message: str) -> None:
         run = item.run
         assert run is not None
+        self._settle(item)
         run.errors.append(
             {
                 "uuid": item.row["uuid"],
@@ -733,7 +782,8 @@ class _LaneGate(HopGate):
         self.controller.on_response(status, headers, time.monotonic() - self.sent_at, self.sent_at, self.concurrency)
 
     def on_network_error(self, url: str) -> None:
-        self.controller.on_network_error(self.sent_at)
+        if not self.cancelled:  # a hedge we ended ourselves says nothing about the server
+            self.controller.on_network_error(self.sent_at)
 
     def close(self) -> None:
         for controller, ticket in self.tickets:

@@ -21,7 +21,9 @@ URL space (identical on every host)::
     /status/<code>         that status (200-599) with a short text body
     /reply/<code>?h=&v=    that status with the header h: v spelled as given (v=date+N: an HTTP date N s ahead)
     /html/<anything>       an HTML page labelled image/jpeg (a lying server)
-    /robots.txt            HostSpec.robots_txt, or 404; exempt from the rate limit
+    /robots.txt            HostSpec.robots_txt, or 404; exempt from the rate limit. HostSpec.robots_failures:
+                           the first N requests get robots_failure_status (503) instead (ImageFarm.set_robots_failures
+                           changes N live); HostSpec.robots_location: a 301 to that path, which serves robots_txt
 
 Hostile routes (every host), for timeout, guard and error-code tests::
 
@@ -43,6 +45,7 @@ Hostile routes (every host), for timeout, guard and error-code tests::
     /badgzip/<rest>        /img/<rest> as is, but labelled Content-Encoding: gzip
     /badchunk/<rest>       chunked transfer encoding: half of /img/<rest>, then a chunk size that is not hex
     /xrobots/<directive>/<rest>  /img/<rest> plus ``X-Robots-Tag: <percent-decoded directive>``
+    /tdm/<value>/<rest>    /img/<rest> plus ``tdm-reservation: <percent-decoded value>`` (W3C TDMRep)
 
 Hidden limits and the everyday fault background (``HostSpec``)::
 
@@ -211,6 +214,9 @@ class HostSpec:
     connection_refuse_status: int = 503  # connection-cap refusal: 503 or 429
     connection_retry_after: bool = True  # connection-cap refusals carry Retry-After: 1
     background: FaultMix | None = None  # per-URL everyday faults on plain image requests
+    robots_failures: int = 0  # the first N requests of robots.txt answer robots_failure_status
+    robots_failure_status: int = 503
+    robots_location: str | None = None  # /robots.txt answers 301 to this path, which serves robots_txt
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None and not self.rate_limit > 0:
@@ -225,6 +231,14 @@ class HostSpec:
             raise ValueError("latency must be >= 0")
         if self.refuse_status not in _REFUSAL_STATUSES or self.connection_refuse_status not in _REFUSAL_STATUSES:
             raise ValueError("refusal statuses must be 429 or 503")
+        if self.robots_failures < 0:
+            raise ValueError("robots_failures must be >= 0")
+        if not 400 <= self.robots_failure_status <= 599:
+            raise ValueError("robots_failure_status must be within 400..599")
+        if self.robots_location is not None and (
+            not self.robots_location.startswith("/") or self.robots_location == "/robots.txt"
+        ):
+            raise ValueError("robots_location must be a path other than /robots.txt")
 
     @property
     def bucket_capacity(self) -> float | None:
@@ -450,6 +464,7 @@ _WRAPPERS: dict[str, bool] = {
     "flaky": True,
     "redirect": True,
     "xrobots": True,
+    "tdm": True,
     "reset": False,
     "stall": False,
     "trickle": False,
@@ -461,7 +476,7 @@ _WRAPPERS: dict[str, bool] = {
     "badchunk": False,
 }
 # Wrappers whose response, once complete and decoded, is exactly the /img/<rest> bytes.
-_FAITHFUL = frozenset({"", "slow", "flaky", "redirect", "xrobots", "trickle", "gzip"})
+_FAITHFUL = frozenset({"", "slow", "flaky", "redirect", "xrobots", "tdm", "trickle", "gzip"})
 # Routes that name no image at all.
 _SPECIAL_PREFIXES = ("/status/", "/html/", "/json/", "/big/", "/gzbomb/", "/loop/", "/redirect-to/")
 
@@ -572,6 +587,7 @@ class _Host:
         self.in_flight = 0  # every request being handled, for stats
         self.admitted = 0  # requests past the limits, for max_connections
         self.hits: dict[tuple[str, str], int] = {}  # (purpose, path) -> requests so far
+        self.robots_failures_left = spec.robots_failures
         self.bucket: _TokenBucket | None = None
         if spec.rate_limit is not None and spec.bucket_capacity is not None:
             self.bucket = _TokenBucket(spec.rate_limit, spec.bucket_capacity)
@@ -628,6 +644,21 @@ class _Host:
             count = self.hits.get((purpose, path), 0) + 1
             self.hits[(purpose, path)] = count
             return count
+
+    def robots_fails(self) -> bool:
+        """Whether this robots.txt request gets the failure status (counts one failure down)."""
+        with self.lock:
+            if self.robots_failures_left <= 0:
+                return False
+            self.robots_failures_left -= 1
+            return True
+
+    def set_robots_failures(self, count: int) -> None:
+        with self.lock:
+            self.robots_failures_left = count
+
+    def is_robots_path(self, path: str) -> bool:
+        return path == "/robots.txt" or (self.spec.robots_location is not None and path == self.spec.robots_location)
 
     def should_fault(self, target: str) -> bool:
         if self.spec.fault_rate <= 0:
@@ -712,7 +743,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _admit_and_route(self, host: _Host) -> None:
         path, params = _split_target(self.path)
         spec = host.spec
-        if path != "/robots.txt":  # crawlers must be able to read the rules without paying for it
+        if not host.is_robots_path(path):  # crawlers must be able to read the rules without paying for it
             allowed, value = host.take_token()
             if not allowed:
                 self._remaining = 0
@@ -742,8 +773,8 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _route(self, host: _Host, path: str, params: dict[str, str]) -> None:
-        if path == "/robots.txt":
-            self._robots(host)
+        if host.is_robots_path(path):
+            self._robots(host, path)
         elif path.startswith("/status/"):
             self._status(path[len("/status/") :])
         elif path.startswith("/reply/"):
@@ -767,11 +798,17 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._image_route(host, path, params)
 
-    def _robots(self, host: _Host) -> None:
-        if host.spec.robots_txt is None:
+    def _robots(self, host: _Host, path: str) -> None:
+        spec = host.spec
+        if path == "/robots.txt" and host.robots_fails():
+            status = spec.robots_failure_status
+            self._reply(status, f"robots.txt unavailable ({status})\n".encode(), _TEXT)
+        elif path == "/robots.txt" and spec.robots_location is not None:
+            self._reply(301, b"moved\n", _TEXT, {"Location": spec.robots_location})
+        elif spec.robots_txt is None:
             self._reply(404, b"no robots.txt\n", _TEXT)
         else:
-            self._reply(200, host.spec.robots_txt.encode(), _TEXT)
+            self._reply(200, spec.robots_txt.encode(), _TEXT)
 
     def _status(self, code_text: str) -> None:
         try:
@@ -857,6 +894,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, body, content_type, {"Content-Encoding": "gzip"})
         elif kind == "xrobots":
             self._reply(200, body, content_type, {"X-Robots-Tag": _header_value(unquote(arg))})
+        elif kind == "tdm":
+            self._reply(200, body, content_type, {"tdm-reservation": _header_value(unquote(arg))})
         else:
             self._reply(200, body, content_type)
 
@@ -1155,7 +1194,7 @@ class ImageFarm:
     def expected_bytes(self, path: str) -> bytes:
         """The exact body a client ends up with for an image path (query string allowed; full URLs too).
 
-        /redirect/, /xrobots/, /trickle/ and /gzip/ (once decoded) give the /img/ bytes; routes that
+        /redirect/, /xrobots/, /tdm/, /trickle/ and /gzip/ (once decoded) give the /img/ bytes; routes that
         never deliver a whole image (/reset/, /stall/, /badlength/, /status/, /big/...) raise ValueError.
         """
         path_only, params = _split_target(path)
@@ -1184,6 +1223,12 @@ class ImageFarm:
     def request_log(self, host_index: int) -> list[LogEntry]:
         """Every request this host saw since the start or the last ``reset_stats``, in finishing order."""
         return self._hosts[host_index].request_log()
+
+    def set_robots_failures(self, host_index: int, count: int) -> None:
+        """From now on, the next ``count`` robots.txt requests of this host fail (0: robots.txt answers again)."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._hosts[host_index].set_robots_failures(count)
 
     def reset_stats(self) -> None:
         """Clear every host's stats and request log; /flaky/, fault and background counters keep counting."""
