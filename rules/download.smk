@@ -28,6 +28,7 @@ rule download:
     params:
         python=PYTHON,
         worker=str(SCRIPTS_DIR / "download_worker.py"),
+        empty=str(SCRIPTS_DIR / "empty_round.py"),
     threads: 1
     resources:
         nodes=config["downloader_parameters"]["max_nodes"],
@@ -35,5 +36,6 @@ rule download:
         cpus_per_task=config["downloader_parameters"]["cpu_per_worker"],
         mpi="mpiexec",
     shell:
-        "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
+        "{params.python:q} {params.empty:q} {input.schedule:q} {output:q} > {log:q} 2>&1"
+        " || {resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
         " {input.schedule:q} {output:q} 2>&1 | tee {log:q}"

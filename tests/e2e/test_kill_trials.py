@@ -39,6 +39,7 @@ def _worker_pids(output: Path) -> list[int]:
                 len(argv) > 1
                 and b"python" in Path(argv[0].decode()).name.encode()
                 and argv[1].endswith(b"download_worker.py")
+                and any(str(output).encode() in arg for arg in argv[2:])  # its schedule lies under output
             ):
                 pids.append(int(entry.name))
     return pids

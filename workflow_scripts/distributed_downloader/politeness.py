@@ -19,7 +19,8 @@ This is how TCP separates loss from corruption and how crawler autothrottles (Sc
 never lets an error shorten or collapse the delay; StormCrawler backs a host off only on 429/503)
 stay fast on servers with a background of broken files.
 
-**Converge and hold.** Slow start multiplies the rate by ``SLOW_START_GROWTH`` per saturated second
+**Converge and hold.** Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second, in steps
+of a quarter second or a few sends,
 until the first congestion. A congestion event sets the rate to ``1 - HEADROOM`` of the rate the
 server *accepted* lately (answers that were not refusals, per second: with a hidden token bucket
 this is its refill rate), never above the current rate; only refusals of requests sent after the

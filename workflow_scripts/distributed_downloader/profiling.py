@@ -169,6 +169,7 @@ def rules_allow(robots: RobotsFetch | None, settings: ProbeSettings, url: str) -
 
 
 PROBE_TRIES = 3  # URLs tried before a server that never answered is judged unreachable
+_ANSWERED = frozenset({ErrorCode.X_ROBOTS_TAG, ErrorCode.TDM_RESERVED, ErrorCode.TOO_LARGE, ErrorCode.REDIRECT})
 
 
 def _probe(
@@ -192,6 +193,9 @@ def _probe(
             profile.probe_status = exc.code
             return exc.headers, exc.elapsed
         except DownloadError as exc:
+            if exc.code in _ANSWERED:  # the server answered (an opt-out, a body over the cap): it is up
+                profile.probe_status = 200
+                return {}, profile.latency_ms / 1000
             last = exc
             if exc.code == ErrorCode.PRIVATE_ADDRESS or "refused" in exc.message or "DNS" in exc.message:
                 break

@@ -319,6 +319,20 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     return missing
 
 
+def finish_if_empty(schedule_path: Path, done_path: Path) -> bool:
+    """Write the round's done file when its schedule has no batch left; False when there is work.
+
+    A round after a clean one has nothing to retry: starting MPI ranks for it would cost seconds.
+    """
+    schedule = json.loads(schedule_path.read_text())
+    paths = config_mod.paths(schedule["config"])
+    if remaining_work(schedule, paths)["servers"]:
+        return False
+    atomic_write_json(done_path, {"round": schedule["round"], "ranks": 0, "progress": {}})
+    print(f"[download] round {schedule['round']}: nothing to do", flush=True)
+    return True
+
+
 def read_memory(path: Path) -> dict[str, dict]:
     """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable)."""
     try:
@@ -363,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         "thread_level": MPI.Query_thread(),
     }
     ranks = comm.gather(identity, root=0)
-    slots = max(1, params["threads_per_worker"] // 2)
+    # A lane is one thread plus the connections its server allows: a slow server's lane is nearly
+    # idle, so a rank holds as many lanes as it has download threads; then no server waits for a
+    # slot while faster ones run (the slowest small servers often set the makespan).
+    slots = max(1, params["threads_per_worker"])
     coordinator_thread = None
     owner_path = paths.state / f"round_{round_no}.owner"
     claimed = None
