@@ -1,0 +1,79 @@
+"""One server shared by two lanes on two MPI ranks: together they stay within its limits, counted at the server.
+
+The lanes' shares of the rate and the connections must add up to the server's budget: if each lane
+took the whole budget (or its share of connections were rounded up), the server would see twice its
+connection cap and far more refusals; if a pause reached only one lane, the other would keep sending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed_downloader import demo
+from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm, max_concurrency, max_requests_in_window
+from tests.conftest import run, snakemake_cmd
+from tests.e2e.helpers import check_dataset
+
+pytestmark = pytest.mark.e2e
+
+RATE, BURST, CONNECTIONS = 16.0, 4.0, 3
+
+
+def test_two_lanes_on_two_ranks_share_one_servers_limits(tmp_path: Path) -> None:
+    spec = HostSpec(
+        "shared",
+        rate_limit=RATE,
+        burst=BURST,
+        max_connections=CONNECTIONS,
+        refuse_status=503,
+        retry_after=False,  # nginx-style bare refusals
+        latency=0.25,  # slow answers: the connection cap, not the rate, binds (3 / 0.25 s = 12 req/s)
+        background=FaultMix(missing=0.01, error500=0.01),
+    )
+    with ImageFarm([spec], seed=21) as farm:
+        rows = []
+        for i in range(300):
+            path = f"/img/sh{i}.jpg?w=32&h=24"
+            missing = farm.expected_outcome(0, path) == "missing"
+            md5 = None if missing else hashlib.md5(farm.expected_bytes(path)).hexdigest()
+            rows.append(demo.Expected(f"shared-{i}", farm.url(0, path), md5, 404 if missing else None))
+        config = demo.write_config(
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=40,
+            default_rate_limit=4,
+            max_rate_limit=40,
+            max_connections_per_server=CONNECTIONS,
+            max_retries=2,
+        )
+        data = yaml.safe_load(config.read_text())
+        data["schedule_rules"] = {"1": 2}  # every server: two lanes (the original's schedule_rules)
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        run(snakemake_cmd(config, tmp_path), timeout=600)
+        log = [entry for entry in farm.request_log(0) if entry.path != "/robots.txt"]
+    output = tmp_path / "output"
+    check_dataset(output, rows, image_size=720)
+    assert json.loads((output / "reports" / "verification.json").read_text())["ok"]
+
+    # Both ranks held a lane of the server.
+    holders = set()
+    for rank_log in (output / "logs" / "download" / "round_1").glob("rank_*.log"):
+        text = rank_log.read_text()
+        holders.update(lane for lane in ("#0 (of 2)", "#1 (of 2)") if lane in text)
+    assert holders == {"#0 (of 2)", "#1 (of 2)"}, holders
+
+    starts = sorted(entry.start for entry in log)
+    refused = sum(1 for entry in log if entry.status in (429, 503))
+    report = (
+        f"{len(log)} requests, worst 1-s window {max_requests_in_window(starts)} (limit {RATE:g}+{BURST:g}), "
+        f"peak concurrency {max_concurrency(log)} (cap {CONNECTIONS}), refused {refused}"
+    )
+    print(report)
+    assert max_concurrency(log) <= CONNECTIONS, report
+    assert max_requests_in_window(starts) <= RATE + BURST + 1, report
+    assert refused <= 10, report
