@@ -42,6 +42,10 @@ def test_two_lanes_on_two_ranks_share_one_servers_limits(tmp_path: Path) -> None
             missing = farm.expected_outcome(0, path) == "missing"
             md5 = None if missing else hashlib.md5(farm.expected_bytes(path)).hexdigest()
             rows.append(demo.Expected(f"shared-{i}", farm.url(0, path), md5, 404 if missing else None))
+        # One URL answers 503 + Retry-After: 3 once: both lanes, on both ranks, must pause.
+        pause_path = "/flaky/1/sh-pause.jpg?w=32&h=24&ra=3"
+        expected = hashlib.md5(farm.expected_bytes("/img/sh-pause.jpg?w=32&h=24")).hexdigest()
+        rows.insert(150, demo.Expected("shared-pause", farm.url(0, pause_path), expected, None))
         config = demo.write_config(
             tmp_path,
             demo.write_input(rows, tmp_path / "urls.csv"),
@@ -66,6 +70,11 @@ def test_two_lanes_on_two_ranks_share_one_servers_limits(tmp_path: Path) -> None
         text = rank_log.read_text()
         holders.update(lane for lane in ("#0 (of 2)", "#1 (of 2)") if lane in text)
     assert holders == {"#0 (of 2)", "#1 (of 2)"}, holders
+
+    # The pause reached the other lane too (relayed through rank 0 within a fraction of a second).
+    paused_at = next(entry.end for entry in log if entry.path.startswith("/flaky/") and entry.status == 503)
+    during = [entry for entry in log if paused_at + 0.5 < entry.start < paused_at + 3.0 - 0.05]
+    assert not during, f"{len(during)} requests during the Retry-After pause"
 
     starts = sorted(entry.start for entry in log)
     refused = sum(1 for entry in log if entry.status in (429, 503))

@@ -248,6 +248,7 @@ class RateController:
         self._tickets = itertools.count()
         self.connection_cap: int | None = None
         self.cap_changed = now
+        self.last_pressed = -math.inf  # when the lane last sent with all its connections busy
         self.accepted: deque[float] = deque()  # completion times of answers that were not refusals
         self.sends: deque[float] = deque()  # slot times of the last ACCEPTED_WINDOW seconds
         self.outcomes: deque[str] = deque(maxlen=self.OUTCOME_WINDOW)  # "ok" | "net" | "5xx"
@@ -326,8 +327,11 @@ class RateController:
     def started(self) -> tuple[int, int]:
         """A request goes out: (its ticket for finished(), how many are in flight with it)."""
         with self._lock:
+            now = self.clock()
+            if len(self._flying) + 1 >= self.concurrency_limit():
+                self.last_pressed = now  # every connection the lane may hold is busy: connection-bound
             ticket = next(self._tickets)
-            self._flying[ticket] = self.clock()
+            self._flying[ticket] = now
             return ticket, len(self._flying)
 
     def finished(self, ticket: int) -> None:
@@ -457,12 +461,27 @@ class RateController:
     def _explained_by_connections(self, now: float, concurrency: int) -> bool:
         """Whether a refusal is the server's connection limit rather than its rate limit.
 
-        Evidence: the refusals of the recent past all came with >= k requests in flight (k >= 2),
-        most requests sent at >= k were refused (a token bucket near its rate refuses a few
-        percent, a connection limit nearly all above it), and many sent at < k passed.
+        A rate limit refuses us when we send faster than it allows; a refusal that comes while the
+        lane is bound by its connections (all busy: slow answers, a stalled request, another lane
+        holding the server's connections) and sends well below the rate the server accepted
+        before says "fewer at once", not "slower": the lane then holds one connection less
+        (recovering one per CAP_RECOVERY_SECONDS) and keeps its rate. Otherwise the evidence must be
+        plain: the recent refusals all came with >= k requests in flight (k >= 2), most requests
+        sent at >= k were refused (a token bucket near its rate refuses a few percent, a connection
+        limit nearly all above it),
+        and many sent at < k passed. Either way, lowering the rate on connection refusals would
+        spiral: each cut lowers what the server accepts next, which sets the next cut.
         """
         if self.connection_cap is not None and concurrency > self.connection_cap:
-            return True  # sent before the cap was learned
+            return True  # sent before the cap was lowered
+        pressed = now - self.last_pressed < max(1.0, 2 * self.latency)
+        if concurrency >= 2 and pressed and self.level is not None:
+            span = max(2.0, 8.0 / self.rate)
+            since = max(now - span, self.created)
+            sent = sum(1 for t in self.sends if t >= since) / max(now - since, 1e-9)
+            if now - since >= 1.0 and sent < 0.9 * self.level:
+                self._lower_cap(now, concurrency - 1)
+                return True
         refused = [c for c, r in self.concurrency if r]
         if len(refused) < self.CAP_EVIDENCE:
             return False
@@ -473,12 +492,16 @@ class RateController:
         below = sum(1 for c, _ in self.concurrency if c < k)
         if sum(at_or_above) * 2 < len(at_or_above) or below < 4 * self.CAP_EVIDENCE:
             return False
-        self.connection_cap = k - 1
-        self.cap_changed = now
-        self.events["caps"] += 1
+        self._lower_cap(now, k - 1)
         self.concurrency.clear()
         self.level = None  # the refusals that lowered the rate were about connections: grow again
         return True
+
+    def _lower_cap(self, now: float, cap: int) -> None:
+        current = self.limits.max_connections if self.connection_cap is None else self.connection_cap
+        self.connection_cap = max(1, min(current, cap))
+        self.cap_changed = now
+        self.events["caps"] += 1
 
     def _recover_cap(self, now: float) -> None:
         if self.connection_cap is None or now - self.cap_changed < self.CAP_RECOVERY_SECONDS:

@@ -17,7 +17,7 @@ URL space (identical on every host)::
     /<any path>.<suffix>   image keyed by the full path (rewritten real URLs, e.g. .../original.jpeg)
     /truncated/<rest>      first half of /img/<rest>, with Content-Length equal to that half
     /slow/<secs>/<rest>    /img/<rest> after sleeping <secs> (float, capped at 30)
-    /flaky/<n>/<rest>      503 + Retry-After: 1 for the first n requests of this path, then /img/<rest>
+    /flaky/<n>/<rest>      503 + Retry-After: 1 (?ra=N: N) for the first n requests of this path, then /img/<rest>
     /status/<code>         that status (200-599) with a short text body
     /reply/<code>?h=&v=    that status with the header h: v spelled as given (v=date+N: an HTTP date N s ahead)
     /html/<anything>       an HTML page labelled image/jpeg (a lying server)
@@ -846,7 +846,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "slow" and not self._pause(_parse_seconds(arg)):
             return
         if kind == "flaky" and host.count_hit("flaky", path) <= _parse_count(arg):
-            self._reply(503, b"try again later\n", _TEXT, {"Retry-After": "1"})
+            retry_after = str(_parse_count(params.get("ra", "1"), 600))  # ?ra=N: another Retry-After
+            self._reply(503, b"try again later\n", _TEXT, {"Retry-After": retry_after})
             return
         if kind == "redirect":
             hops = _parse_count(arg, MAX_REDIRECT_HOPS)
