@@ -233,6 +233,7 @@ class RateController:
         self.floor = min(limits.floor, limits.ceiling)
         self.rate = max(self.floor, min(limits.start_rate, limits.ceiling))
         self.level = limits.level
+        self.level_measured = True  # the level came from sending at our rate (else: our own limits)
         self.slow_start = limits.level is None
         now = clock()
         self.paused_until = 0.0
@@ -557,6 +558,9 @@ class RateController:
         else:
             target = self.rate * (factor if factor is not None else 1.0 - self.limits.decrease)
             self.level = min(self.level, self.rate) if self.level is not None else self.rate
+        # Measured only if we really sent at our rate: a lane held back by its connections or by
+        # the CPU measures itself, not the server, and must not hold that level for minutes.
+        self.level_measured = sent >= 0.8 * self.rate
         self.slow_start = False
         self.rate = max(self.floor, min(self.rate, target))
         self.last_decrease = now
@@ -582,6 +586,9 @@ class RateController:
         if self.level is not None and self.rate > self.level * self.FORGET_LEVEL:
             self.level = None  # well past the old failing level: the server allows more now
         near = self.level is not None and self.rate >= self.NEAR * self.level
+        if near and not self.level_measured and now - self.last_decrease > self.PROBE_SECONDS:
+            self.level = None  # a level we never really sent at: find the server's own by growing
+            near = False
         if near:
             due = self.sent_since_increase >= self.PROBE_REQUESTS and now - self.last_increase >= self.PROBE_SECONDS
             if not due:
