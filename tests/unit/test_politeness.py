@@ -578,3 +578,20 @@ def test_a_connection_cap_holds_refusals_down() -> None:
     refused = sum(1 for _, o in log if o == 503)
     assert refused <= 0.02 * len(log)
     assert sum(1 for t, o in log if t >= 60.0 and o == 200) / 60.0 >= 10.0  # ~2 connections / 0.1 s
+
+
+def test_a_level_measured_under_load_is_not_held_for_minutes() -> None:
+    """A lane slowed to 4/s by refusals under load, on a server that took 20/s from it before, climbs back."""
+    ctl, clock = controller(start=20.0, level=20.0)
+    send_saturated(ctl, clock, 4.0)  # the server accepts 20/s: that is its peak for this lane
+    assert ctl.peak >= 15.0
+    ctl.level, ctl.rate, ctl.last_decrease = 4.0, 3.8, clock.t  # a level measured while the lane was starved
+    send_saturated(ctl, clock, 20.0)  # no refusal since
+    assert ctl.rate >= 12.0, ctl.rate
+
+
+def test_a_correct_level_is_held_with_few_probes() -> None:
+    ctl, clock = controller(start=20.0, level=20.0)
+    ctl.rate = 19.0
+    send_saturated(ctl, clock, 30.0)
+    assert ctl.rate <= 20.0 * 1.05

@@ -11,6 +11,7 @@ import heapq
 import http.client
 import ipaddress
 import itertools
+import os
 import re
 import socket
 import threading
@@ -420,6 +421,13 @@ class ServerFetcher:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"User-Agent": settings.user_agent, **settings.extra_headers})
+        # requests reads the proxy variables of the environment on every request (a fifth of a
+        # rank's CPU in the politeness bench): read them once per host instead, with the same rules
+        # (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), and the CA bundle variables once.
+        self.session.trust_env = False
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            self.session.verify = bundle
         self._checked_hosts: dict[tuple[str, int], float] = {}
 
     def close(self) -> None:
@@ -503,7 +511,9 @@ class ServerFetcher:
             raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
         try:
-            response = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout)
+            response = self.session.get(
+                url, stream=True, allow_redirects=False, timeout=timeout, proxies=_proxies_for(url)
+            )
         except requests.exceptions.RequestException as exc:
             if watch.fired:
                 raise self._out_of_time("waiting for the response headers") from exc
@@ -576,6 +586,17 @@ class ServerFetcher:
         if watch.fired:  # the watchdog's shutdown looks like a clean end of a body without a length
             raise self._out_of_time(f"mid-body after {size} bytes")
         return b"".join(chunks)
+
+
+def _proxies_for(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    return _host_proxies(parts.scheme, parts.netloc)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_proxies(scheme: str, netloc: str) -> dict[str, str]:
+    """The environment's proxies for a host, as requests would pick them (NO_PROXY honoured)."""
+    return requests.utils.get_environ_proxies(f"{scheme}://{netloc}/")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -19,7 +19,8 @@ This is how TCP separates loss from corruption and how crawler autothrottles (Sc
 never lets an error shorten or collapse the delay; StormCrawler backs a host off only on 429/503)
 stay fast on servers with a background of broken files.
 
-**Converge and hold.** Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second, in steps
+**Converge and hold.** (A level left alone for ``LEVEL_HOLD`` seconds is stale: brisk growth again.)
+Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second, in steps
 of a quarter second or a few sends,
 until the first congestion. A congestion event sets the rate to ``1 - HEADROOM`` of the rate the
 server *accepted* lately (answers that were not refusals, per second: with a hidden token bucket
@@ -203,6 +204,7 @@ class RateController:
     GROWTH_NEAR = 0.01  # per probe, near the level
     PROBE_REQUESTS = 100  # requests between two probes near the level...
     PROBE_SECONDS = 8.0  # ...and at least this long
+    LEVEL_HOLD = 60.0  # seconds without congestion after which a level is stale: grow briskly again
     FORGET_LEVEL = 1.05  # this far past the level without trouble: it was low or the limit rose, grow briskly
     ACCEPTED_WINDOW = 10.0  # seconds of accepted answers that estimate what the server accepts
     OUTCOME_WINDOW = 16  # recent outcomes that judge a burst of failures
@@ -234,6 +236,8 @@ class RateController:
         self.rate = max(self.floor, min(limits.start_rate, limits.ceiling))
         self.level = limits.level
         self.level_measured = True  # the level came from sending at our rate (else: our own limits)
+        self.level_since = clock()  # when the level was last set
+        self.peak = 0.0  # the most this lane has seen the server accept per second (2-s windows)
         self.slow_start = limits.level is None
         now = clock()
         self.paused_until = 0.0
@@ -561,6 +565,7 @@ class RateController:
         # Measured only if we really sent at our rate: a lane held back by its connections or by
         # the CPU measures itself, not the server, and must not hold that level for minutes.
         self.level_measured = sent >= 0.8 * self.rate
+        self.level_since = now
         self.slow_start = False
         self.rate = max(self.floor, min(self.rate, target))
         self.last_decrease = now
@@ -574,6 +579,8 @@ class RateController:
         elapsed = now - self.epoch_start
         if elapsed < min(1.0, max(0.25, 3.0 / self.rate)):
             return
+        if now - self.created >= 2.0:
+            self.peak = max(self.peak, sum(1 for t in self.accepted if t >= now - 2.0) / 2.0)
         saturated = self.epoch_sent >= 0.8 * self.rate * elapsed and now >= self.paused_until
         if saturated and not self.epoch_congested and self.rate < self.ceiling:
             self._grow(now, min(elapsed, 1.0))
@@ -585,15 +592,27 @@ class RateController:
             return
         if self.level is not None and self.rate > self.level * self.FORGET_LEVEL:
             self.level = None  # well past the old failing level: the server allows more now
+        if self.level is not None and now - max(self.last_decrease, self.level_since) > self.LEVEL_HOLD:
+            # Long quiet: the level may have been measured under load, or the server allows more
+            # now (CUBIC speeds up the longer it goes without loss).
+            self.level = None
         near = self.level is not None and self.rate >= self.NEAR * self.level
-        if near and not self.level_measured and now - self.last_decrease > self.PROBE_SECONDS:
-            self.level = None  # a level we never really sent at: find the server's own by growing
+        # A level we never really sent at, or far below what the server has accepted from us:
+        # it measured us (connections, CPU, slow answers), not the server. Grow to find its own.
+        suspect = not self.level_measured or (self.level is not None and self.level < 0.5 * self.peak)
+        if near and suspect and now - self.last_decrease > self.PROBE_SECONDS:
+            self.level = None
             near = False
         if near:
             due = self.sent_since_increase >= self.PROBE_REQUESTS and now - self.last_increase >= self.PROBE_SECONDS
             if not due:
                 return
             step = self.rate * self.GROWTH_NEAR
+        elif self.level is None and self.rate < 0.5 * self.peak:
+            # Far below what the server accepted before: back up at slow-start pace.
+            self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH**elapsed)
+            self.events["increases"] += 1
+            return
         else:
             step = self.rate * self.GROWTH_FAR * elapsed
             if self.level is not None:  # do not jump far past the level in one step
