@@ -740,6 +740,7 @@ def lane_controller(spec: LaneSpec) -> RateController:
             level=None if level is None else min(level * share, ceiling),
         ),
         share=share,
+        name=spec.key,
     )
     cap = memory.get("connection_cap")
     if cap:

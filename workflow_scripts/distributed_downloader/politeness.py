@@ -51,6 +51,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import itertools
+import logging
 import math
 import re
 import statistics
@@ -60,6 +61,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 REFUSAL_STATUSES = frozenset({429, 503})
 SERVER_ERROR_STATUSES = frozenset({500, 502, 504})
@@ -226,7 +228,9 @@ class RateController:
         clock: Clock = time.monotonic,
         share: float = 1.0,
         wall_clock: Clock = time.time,
+        name: str = "",
     ) -> None:
+        self.name = name  # for the log
         self.limits = limits
         self.clock = clock
         self.wall_clock = wall_clock
@@ -507,6 +511,7 @@ class RateController:
         self.connection_cap = max(1, min(current, cap))
         self.cap_changed = now
         self.events["caps"] += 1
+        log.info("%s: refused with %d in flight: holds %d connections", self.name, cap + 1, self.connection_cap)
 
     def _recover_cap(self, now: float) -> None:
         if self.connection_cap is None or now - self.cap_changed < self.CAP_RECOVERY_SECONDS:
@@ -567,7 +572,17 @@ class RateController:
         self.level_measured = sent >= 0.8 * self.rate
         self.level_since = now
         self.slow_start = False
+        before = self.rate
         self.rate = max(self.floor, min(self.rate, target))
+        log.info(
+            "%s: congestion (%s): %.2f -> %.2f req/s; accepted %.2f/s, sent %.2f/s",
+            self.name,
+            "refusal" if factor is None else f"x{factor:.2f}",
+            before,
+            self.rate,
+            accepted,
+            sent,
+        )
         self.last_decrease = now
         self.next_start = max(self.next_start, now + 1.0 / self.rate)
         self.sent_since_increase = 0
