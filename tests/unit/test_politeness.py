@@ -595,3 +595,25 @@ def test_a_correct_level_is_held_with_few_probes() -> None:
     ctl.rate = 19.0
     send_saturated(ctl, clock, 30.0)
     assert ctl.rate <= 20.0 * 1.05
+
+
+def test_concurrency_limit_survives_a_request_finishing_while_it_counts() -> None:
+    """The lane thread calls concurrency_limit() without the lock while fetch threads call finished().
+
+    A request finishing mid-count used to raise 'dictionary changed size during iteration' in the
+    lane thread, which ends the whole MPI job. The interleaving is forced here: the first send time
+    compared is the moment another thread finishes a request.
+    """
+    ctl, clock = controller(start=4.0, connections=8)
+    tickets = [ctl.started()[0] for _ in range(4)]
+
+    class FinishesOne(float):
+        def __rsub__(self, other: float) -> float:
+            if tickets:
+                ctl.finished(tickets.pop())
+            return float(other) - float(self)
+
+    ctl._flying = {ticket: FinishesOne(sent) for ticket, sent in ctl._flying.items()}
+    clock.advance(30.0)
+    assert 1 <= ctl.concurrency_limit() <= 8
+    assert ctl.in_flight == 0

@@ -289,7 +289,8 @@ class RateController:
 
     def _stalled(self, now: float) -> int:
         slow = max(1.0, 4 * self.latency)
-        return sum(1 for t in self._flying.values() if now - t > slow)
+        # A copy: the lane thread calls this without the lock while fetch threads finish requests.
+        return sum(1 for t in list(self._flying.values()) if now - t > slow)
 
     def try_take(self) -> float:
         """Take a start slot now and return 0, or return the seconds until one is due (nothing taken)."""
