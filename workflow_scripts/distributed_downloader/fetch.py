@@ -111,6 +111,8 @@ class HopGate:
 
     def attach(self, watch: _Watch) -> None:
         self._watch = watch
+        if self.cancelled:  # cancelled before its fetch began (a hedge whose twin answered): send nothing
+            _WATCHDOG.cancel(watch)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -507,7 +509,7 @@ class ServerFetcher:
 
     def _send(self, url: str, watch: _Watch) -> requests.Response:
         remaining = watch.deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or watch.fired:
             raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
         try:

@@ -132,6 +132,7 @@ class _Outcome:
     message: str = ""
     nbytes: int = 0
     status: int = 0  # HTTP status of the final answer; -1 network failure/timeout; 0 no request
+    cancelled: bool = False  # we ended the request ourselves (a stalled copy, resent)
 
 
 @dataclass(eq=False)
@@ -482,8 +483,9 @@ class Lane:
                             self._write_error(item, *stop)
                     run.ready.clear()
                     run.backoff.clear()
-        if not any(run.ready for run in runs):
-            self._hedge_stalled(runs, now)
+        tail = not any(run.ready for run in runs)
+        if tail or sum(run.in_flight for run in runs) >= self.controller.concurrency_limit():
+            self._hedge_stalled(runs, now, resend=not tail)
         in_flight = sum(run.in_flight for run in runs)
         wait = 0.25
         sender = next((run for run in runs if run.ready), None)  # the oldest batch first
@@ -531,19 +533,24 @@ class Lane:
             except queue.Empty:
                 return
 
-    def _hedge_stalled(self, runs: list[_BatchRun], now: float) -> None:
-        """At the lane's tail, send a second copy of a request stuck far beyond the usual latency.
+    def _hedge_stalled(self, runs: list[_BatchRun], now: float, resend: bool) -> None:
+        """Send a second copy of a request stuck far beyond the usual latency (once per URL and round).
 
-        A one-off stall would otherwise hold the lane (and the end of the run) until its read
-        timeout; the copy takes a rate slot like any request, the first answer wins, the other is
-        dropped. Once per URL and round.
+        A one-off stall would otherwise hold a connection, and at a lane's tail the end of the
+        run, until its read timeout. At the tail the stuck request keeps running beside its copy
+        (the first answer wins, the other is cancelled); while the lane is short of connections
+        it is cancelled at once (``resend``), which frees the server's connection too. The copy
+        takes a rate slot like any request.
         """
         after = max(HEDGE_AFTER_SECONDS, 8 * self.controller.latency)
         for run in runs:
             for item in list(run.flying):
                 if not item.hedged and not item.settled and now - item.sent_at > after:
                     item.hedged = True
-                    run.ready.append(item)
+                    run.ready.appendleft(item)
+                    if resend:
+                        for gate in list(item.gates):
+                            gate.cancel()
 
     def _stop_reason(self) -> tuple[int, str] | None:
         """Why the lane sends nothing more this round, or None."""
@@ -588,11 +595,11 @@ class Lane:
         try:
             result = self.fetcher.get(url, gate)
         except HttpStatusError as exc:
-            return _Outcome(item, code=exc.code, message=exc.message, status=exc.code)
+            return _Outcome(item, code=exc.code, message=exc.message, status=exc.code, cancelled=gate.cancelled)
         except DownloadError as exc:
             network = exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT)
             status = -1 if network else (0 if exc.code in _NOT_SENT else 200)
-            return _Outcome(item, code=exc.code, message=exc.message, status=status)
+            return _Outcome(item, code=exc.code, message=exc.message, status=status, cancelled=gate.cancelled)
         finally:
             self.controller.finished(ticket)
             gate.close()
@@ -629,6 +636,10 @@ class Lane:
         stats.bytes += outcome.nbytes
         if item.settled or (outcome.success is None and item.copies):
             return  # a hedged URL: the other copy's answer won, or may still win
+        if outcome.cancelled and outcome.success is None:
+            if item not in run.ready:  # its resend was flushed meanwhile: send (or flush) it again
+                run.ready.appendleft(item)
+            return
         if outcome.status == -1:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.failure_threshold and not self.server_failed:
