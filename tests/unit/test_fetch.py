@@ -15,6 +15,7 @@ from distributed_downloader.errors import DownloadError, ErrorCode
 from distributed_downloader.fetch import (
     AddressPolicy,
     FetchSettings,
+    HopGate,
     HttpStatusError,
     ServerFetcher,
     is_public_address,
@@ -59,6 +60,18 @@ def test_success_returns_the_exact_body(farm: ImageFarm, fetcher: ServerFetcher)
     assert result.headers["Content-Type"] == "image/jpeg"
     assert result.url == farm.url(0, path)
     assert 0 < result.elapsed < 5
+
+
+def test_a_gate_cancelled_before_its_fetch_starts_sends_nothing(farm: ImageFarm, fetcher: ServerFetcher) -> None:
+    """A hedged copy whose twin answered before its fetch thread began: nothing may reach the server."""
+    path = f"/img/cancelled-early.jpg?{SMALL}"
+    gate = HopGate()
+    gate.cancel()
+    with pytest.raises(DownloadError) as info:
+        fetcher.get(farm.url(0, path), gate)
+    assert info.value.code == ErrorCode.TIMEOUT
+    assert not [entry for entry in farm.request_log(0) if entry.path == path]
+    assert fetcher.get(farm.url(0, path), HopGate()).body == farm.expected_bytes(path)  # a fresh gate fetches
 
 
 def test_cache_buster_query_and_free_path(farm: ImageFarm, fetcher: ServerFetcher) -> None:
