@@ -8,6 +8,7 @@ transient rows.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +52,7 @@ def _run(
     ceiling: float = 80.0,
     connections: int = 8,
     hosts: HostRegistry | None = None,
+    memory: dict | None = None,
     **downloader: object,
 ) -> tuple[list[dict], list[dict], float]:
     """Run one batch of `urls` (all on farm host 0) through a real Lane; (successes, errors, seconds)."""
@@ -70,7 +72,9 @@ def _run(
     )
     paths.batch_urls(server, 0).parent.mkdir(parents=True)
     pq.write_table(table, paths.batch_urls(server, 0))
-    spec = LaneSpec(server, 0, 1, start_rate=start, max_rate=ceiling, max_connections=connections, decrease=0.3)
+    spec = LaneSpec(
+        server, 0, 1, start_rate=start, max_rate=ceiling, max_connections=connections, decrease=0.3, memory=memory
+    )
     lane = Lane(spec, config, paths, round_no=1, hosts=hosts)
     began = time.monotonic()
     try:
@@ -158,6 +162,35 @@ def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -
     starts = sorted(entry.start for entry in other)
     assert max_requests_in_window(starts) <= 2 + 1
     assert seconds >= (12 - 1) / 2.0 - 0.5
+
+
+def test_robots_txt_requests_take_a_rate_slot_of_their_host(tmp_path: Path) -> None:
+    """A lane's own robots.txt fetch and a redirect target's are requests like any other: at 1 req/s
+    each host sees its next request a whole interval after its robots.txt, not right behind it."""
+    rules = "User-agent: *\nDisallow: /private/\n"
+    with ImageFarm([HostSpec("h0", robots_txt=rules), HostSpec("h1", robots_txt=rules)], seed=4) as farm:
+        target = farm.base_urls[1]
+        urls = [farm.url(0, f"/redirect-to/{target}/img/x{i}.jpg%3Fw=32%26h=24") for i in range(3)]
+        hosts = HostRegistry(default_rate=1.0, ranks=1, decrease=0.3)  # 1 req/s for host 1
+        successes, errors, _ = _run(tmp_path, farm, urls, start=1.0, ceiling=1.0, hosts=hosts, respect_robots_txt=True)
+        logs = [sorted(farm.request_log(i)) for i in (0, 1)]
+    assert len(successes) == 3 and not errors, errors[:2]
+    for log in logs:
+        assert log[0].path == "/robots.txt"
+        gaps = [b.start - a.start for a, b in itertools.pairwise(log)]
+        assert min(gaps) >= 0.75, gaps
+
+
+def test_a_paused_server_gets_no_robots_txt_request_either(tmp_path: Path) -> None:
+    """A server that asked for an hour's pause (server memory) hears nothing, robots.txt included."""
+    with ImageFarm([HostSpec("h0", robots_txt="User-agent: *\nDisallow: /private/\n")], seed=4) as farm:
+        urls = [farm.url(0, f"/img/q{i}.jpg?w=32&h=24") for i in range(3)]
+        memory = {"paused_until": time.time() + 3600}
+        successes, errors, _ = _run(tmp_path, farm, urls, memory=memory, respect_robots_txt=True, max_pause_seconds=30)
+        log = farm.request_log(0)
+    assert not log, log
+    assert not successes and len(errors) == 3
+    assert {row["error_code"] for row in errors} <= {int(ErrorCode.SERVER_PAUSED), int(ErrorCode.ROBOTS_UNAVAILABLE)}
 
 
 def test_a_burst_of_403s_is_a_ban_whose_urls_are_tried_next_round(tmp_path: Path) -> None:

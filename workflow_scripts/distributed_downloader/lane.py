@@ -16,6 +16,7 @@ a round gets a single try in the next one, not the whole ladder again.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -165,6 +166,10 @@ class _BatchRun:
         return not self.ready and not self.backoff and self.in_flight == 0
 
 
+class _NoRobotsSlot(Exception):
+    """A robots.txt fetch found no rate slot of its host within the wait allowed (a long pause)."""
+
+
 END_OF_BATCHES = None  # what a lane's inbox carries when the coordinator has no more batches for it
 
 
@@ -208,6 +213,7 @@ class Lane:
         self.robots_unavailable: str = ""  # why robots.txt forbids everything for now ('' when it does not)
         self._robots_checked = -1e9
         self._robots_round_checked = False
+        self._robots_known = False  # rules obtained from the cache at least once
         self._sample_url = ""
         if spec.not_before:
             self.controller.not_before(spec.not_before)
@@ -223,14 +229,25 @@ class Lane:
         self._suspects: list[_Outcome] = []  # 403s that may turn out to be a ban
         self._bans_seen = 0
 
-    def _robots_fetcher(self) -> ServerFetcher:
-        return ServerFetcher(self.fetch_settings, pool_size=1)
+    def _robots_fetcher(self, server: str) -> Callable[[], ServerFetcher]:
+        """What the cache calls only when it must fetch: a robots.txt request takes a rate slot of its
+        host like any request (raises _NoRobotsSlot while the host pauses us beyond what we may wait)."""
+        own = server == self.spec.server_name
+        controller = self.controller if own else self.hosts.controller_for(server)
+        max_wait = self.max_pause if own else min(self.max_pause, 60.0)
+
+        def make() -> ServerFetcher:
+            if not controller.acquire(max_wait=max_wait):
+                raise _NoRobotsSlot(f"{server} is pausing us: its robots.txt is not fetched now")
+            return ServerFetcher(self.fetch_settings, pool_size=1)
+
+        return make
 
     def rules_for(self, server: str, url: str) -> RobotsRules | RobotsFetch:
         """robots.txt rules of any host (fetched on first need, cached on disk for every rank)."""
         if self.robots_cache is None:
             return self.robots
-        return self.robots_cache.get(server, url, self._robots_fetcher)
+        return self.robots_cache.get(server, url, self._robots_fetcher(server))
 
     def _refresh_robots(self, force: bool = False) -> None:
         """Look at the server's robots.txt again (a dict lookup until the cached copy is 24 h old)."""
@@ -244,12 +261,21 @@ class Lane:
             held = self.robots_cache.status(self.spec.server_name)
             stale = held is not None and (held.checked_at or held.fetched_at) < PROCESS_STARTED
             if held is not None and held.transient and self.round_no > 1 and stale:
-                self.robots_cache.refresh(self.spec.server_name, self._sample_url, self._robots_fetcher)
-        got = self.rules_for(self.spec.server_name, self._sample_url)
+                with contextlib.suppress(_NoRobotsSlot):  # then the cache's answer below stands
+                    self.robots_cache.refresh(
+                        self.spec.server_name, self._sample_url, self._robots_fetcher(self.spec.server_name)
+                    )
+        try:
+            got = self.rules_for(self.spec.server_name, self._sample_url)
+        except _NoRobotsSlot as exc:  # paused beyond max_pause: the rules known so far stand, if any
+            if not self._robots_known:
+                self.robots_unavailable = str(exc)
+            return
         if isinstance(got, RobotsFetch):
             self.robots_unavailable = got.reason or "robots.txt unavailable"
             return
         self.robots_unavailable = ""
+        self._robots_known = True
         if got is not self.robots:
             self.robots = got
             rate = got.request_rate()
@@ -776,7 +802,10 @@ class _LaneGate(HopGate):
         if not server:
             raise DownloadError(ErrorCode.REDIRECT, f"redirect to a URL without a usable host: {url[:200]}")
         own = server == self.lane.spec.server_name
-        rules = self.lane.robots if own else self.lane.rules_for(server, url)
+        try:
+            rules = self.lane.robots if own else self.lane.rules_for(server, url)
+        except _NoRobotsSlot as exc:
+            raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {exc}: tried next round") from exc
         if isinstance(rules, RobotsFetch):
             raise DownloadError(
                 ErrorCode.ROBOTS_UNAVAILABLE, f"redirect target {server}: {rules.reason}; tried again next round"
