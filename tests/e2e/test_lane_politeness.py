@@ -164,6 +164,20 @@ def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -
     assert seconds >= (12 - 1) / 2.0 - 0.5
 
 
+def test_a_fetch_queued_for_its_redirect_targets_slot_is_not_hedged(tmp_path: Path) -> None:
+    """Fetches wait for a slow redirect target's slots: waiting is not a stall, so no copy is sent
+    (a copy re-asks the origin and queues behind it) and no slot of the target goes to a copy."""
+    with ImageFarm(2, seed=4) as farm:
+        target = farm.base_urls[1]
+        urls = [farm.url(0, f"/redirect-to/{target}/img/w{i}.jpg%3Fw=32%26h=24") for i in range(12)]
+        hosts = HostRegistry(default_rate=4.0, ranks=2, decrease=0.3)  # 2 req/s for this rank
+        successes, errors, seconds = _run(tmp_path, farm, urls, start=50.0, ceiling=50.0, hosts=hosts)
+        origin = _images(farm.request_log(0))
+    assert len(successes) == 12 and not errors, errors[:2]
+    assert len(origin) == 12
+    assert seconds < (12 - 1) / 2.0 + 2.0
+
+
 def test_robots_txt_requests_take_a_rate_slot_of_their_host(tmp_path: Path) -> None:
     """A lane's own robots.txt fetch and a redirect target's are requests like any other: at 1 req/s
     each host sees its next request a whole interval after its robots.txt, not right behind it."""

@@ -571,7 +571,10 @@ class Lane:
         after = max(HEDGE_AFTER_SECONDS, 8 * self.controller.latency)
         for run in runs:
             for item in list(run.flying):
-                if not item.hedged and not item.settled and now - item.sent_at > after:
+                gates = list(item.gates)
+                if item.hedged or item.settled or any(gate.waiting for gate in gates):
+                    continue  # queued for a redirect target's slot: a copy would queue behind it
+                if now - max([item.sent_at, *(gate.sent_at for gate in gates)]) > after:
                     item.hedged = True
                     run.ready.appendleft(item)
                     if resend:
@@ -796,28 +799,41 @@ class _LaneGate(HopGate):
         self.sent_at = sent_at
         self.concurrency = concurrency
         self.tickets: list[tuple[RateController, int]] = []
+        self.waiting = False  # in before_hop, waiting for robots.txt or a slot (silent, but not stalled)
 
     def before_hop(self, url: str) -> None:
         server = server_of(url)
         if not server:
             raise DownloadError(ErrorCode.REDIRECT, f"redirect to a URL without a usable host: {url[:200]}")
         own = server == self.lane.spec.server_name
+        self.waiting = True
         try:
-            rules = self.lane.robots if own else self.lane.rules_for(server, url)
-        except _NoRobotsSlot as exc:
-            raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {exc}: tried next round") from exc
-        if isinstance(rules, RobotsFetch):
-            raise DownloadError(
-                ErrorCode.ROBOTS_UNAVAILABLE, f"redirect target {server}: {rules.reason}; tried again next round"
-            )
-        if not rules.allowed(url):
-            raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, f"redirect target disallowed by {server}'s robots.txt")
-        controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
-        if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0)):
-            raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {server} is pausing us: tried next round")
+            self._sleep(0)
+            try:
+                rules = self.lane.robots if own else self.lane.rules_for(server, url)
+            except _NoRobotsSlot as exc:
+                raise DownloadError(ErrorCode.SERVER_PAUSED, f"redirect target {exc}: tried next round") from exc
+            if isinstance(rules, RobotsFetch):
+                raise DownloadError(
+                    ErrorCode.ROBOTS_UNAVAILABLE, f"redirect target {server}: {rules.reason}; tried again next round"
+                )
+            if not rules.allowed(url):
+                raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, f"redirect target disallowed by {server}'s robots.txt")
+            controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
+            if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0), sleep=self._sleep):
+                raise DownloadError(
+                    ErrorCode.SERVER_PAUSED, f"redirect target {server} is pausing us: tried next round"
+                )
+        finally:
+            self.waiting = False
         ticket, concurrency = controller.started()
         self.tickets.append((controller, ticket))
         self.controller, self.sent_at, self.concurrency = controller, time.monotonic(), concurrency
+
+    def _sleep(self, seconds: float) -> None:
+        if self.cancelled:  # a copy no longer wanted leaves the queue without spending a slot
+            raise DownloadError(ErrorCode.TIMEOUT, "cancelled while waiting for a redirect target's slot")
+        time.sleep(seconds)
 
     def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
         self.controller.on_response(status, headers, time.monotonic() - self.sent_at, self.sent_at, self.concurrency)
