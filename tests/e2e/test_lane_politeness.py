@@ -23,7 +23,14 @@ from distributed_downloader.errors import ErrorCode
 from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.partition import URL_SCHEMA
-from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm, LogEntry, max_requests_in_window
+from distributed_downloader.testserver import (
+    FaultMix,
+    HostSpec,
+    ImageFarm,
+    LogEntry,
+    max_concurrency,
+    max_requests_in_window,
+)
 from tests.e2e.helpers import read_all
 
 pytestmark = pytest.mark.e2e
@@ -162,6 +169,19 @@ def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -
     starts = sorted(entry.start for entry in other)
     assert max_requests_in_window(starts) <= 2 + 1
     assert seconds >= (12 - 1) / 2.0 - 0.5
+
+
+def test_a_slow_redirect_target_gets_one_connection_per_rank(tmp_path: Path) -> None:
+    """The budget of a host outside the rank's lanes is one connection per rank, however many of the
+    lane's fetches are redirected there at once and however slowly it answers."""
+    with ImageFarm([HostSpec("h0"), HostSpec("h1", latency=1.0)], seed=4) as farm:
+        target = farm.base_urls[1]
+        urls = [farm.url(0, f"/redirect-to/{target}/img/c{i}.jpg%3Fw=32%26h=24") for i in range(5)]
+        hosts = HostRegistry(default_rate=4.0, ranks=1, decrease=0.3)
+        successes, errors, _ = _run(tmp_path, farm, urls, start=20.0, ceiling=20.0, hosts=hosts)
+        other = _images(farm.request_log(1))
+    assert len(successes) == 5 and not errors, errors[:2]
+    assert max_concurrency(other) == 1
 
 
 def test_a_fetch_queued_for_its_redirect_targets_slot_is_not_hedged(tmp_path: Path) -> None:

@@ -272,6 +272,22 @@ def test_acquire_waits_for_its_slot_or_refuses_a_long_pause() -> None:
     assert not ctl.acquire(max_wait=10.0, sleep=sleep)
 
 
+def test_acquire_with_a_connection_waits_for_one_to_be_free() -> None:
+    """A redirect hop to a budget of one connection waits while another request holds it, up to max_wait."""
+    ctl, clock = controller(start=4.0, connections=1)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+
+    ticket, _ = ctl.started()
+    assert not ctl.acquire(max_wait=2.0, sleep=sleep, connection=True)
+    assert 2.0 <= sum(slept) <= 2.1
+    ctl.finished(ticket)
+    assert ctl.acquire(max_wait=2.0, sleep=sleep, connection=True)
+
+
 def test_pause_relayed_from_another_lane_as_wall_clock_time() -> None:
     ctl, clock = controller(start=10.0)
     ctl.pause_until(clock.t + WALL + 7.0)

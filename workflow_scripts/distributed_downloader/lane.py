@@ -820,7 +820,10 @@ class _LaneGate(HopGate):
             if not rules.allowed(url):
                 raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, f"redirect target disallowed by {server}'s robots.txt")
             controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
-            if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0), sleep=self._sleep):
+            self.close()  # the earlier hops' answers are read: their connections are free
+            # Another host's budget (or lane) counts its connections in its tickets: wait for one of them.
+            wait = min(self.lane.max_pause, 60.0)
+            if not controller.acquire(max_wait=wait, sleep=self._sleep, connection=not own):
                 raise DownloadError(
                     ErrorCode.SERVER_PAUSED, f"redirect target {server} is pausing us: tried next round"
                 )
@@ -845,3 +848,4 @@ class _LaneGate(HopGate):
     def close(self) -> None:
         for controller, ticket in self.tickets:
             controller.finished(ticket)
+        self.tickets.clear()

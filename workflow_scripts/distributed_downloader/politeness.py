@@ -309,9 +309,20 @@ class RateController:
             self.sent_since_increase += 1
             return 0.0
 
-    def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
-        """Block until a slot is taken (True), or return False at once if it is further than max_wait."""
+    def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep, connection: bool = False) -> bool:
+        """Block until a slot is taken (True), or return False at once if it is further than max_wait.
+
+        ``connection``: first wait, up to ``max_wait`` in all, until fewer than ``concurrency_limit()``
+        requests are in flight (a redirect hop to a host whose connections someone else counts).
+        """
+        waited = 0.0
         while True:
+            if connection and self.in_flight >= self.concurrency_limit():
+                if waited >= max_wait:
+                    return False
+                sleep(0.05)
+                waited += 0.05
+                continue
             wait = self.try_take()
             if wait <= 0:
                 return True
