@@ -542,6 +542,22 @@ def test_store_seeds_the_cache_and_an_unreadable_sidecar_refetches(tmp_path: Pat
     assert not fresh.allowed("/t/") and fresh.allowed("/s/")
 
 
+def test_the_cache_keeps_a_bounded_number_of_servers_in_memory(tmp_path: Path, clock: FakeClock) -> None:
+    """A rank meets thousands of servers: memory keeps the latest few, the disk answers for the others."""
+    cache = RobotsCache(tmp_path, TOKEN, clock=clock, max_entries=4)
+    for i in range(10):
+        text = f"User-agent: *\nDisallow: /s{i}/\n"
+        cache.store(f"srv{i}", RobotsFetch(RobotsStatus.RULES, text, "profiling", clock.t, checked_at=clock.t))
+    assert len(cache._entries) == 4
+
+    def no_fetch() -> ServerFetcher:
+        raise AssertionError("must not fetch")
+
+    rules = cache.get("srv0", "http://h/", no_fetch)
+    assert not rules.allowed("/s0/a") and rules.allowed("/s1/a")
+    assert len(cache._entries) == 4 and "srv0" in cache._entries
+
+
 def test_refresh_fetches_whatever_the_cache_holds(tmp_path: Path, clock: FakeClock) -> None:
     with RobotsServer({"/robots.txt": Reply(200, b"User-agent: *\nDisallow: /a/\n")}) as srv:
         cache = RobotsCache(tmp_path, TOKEN, clock=clock)

@@ -69,6 +69,7 @@ STALE_LIMIT = 30 * 24 * 3600.0  # ...unless robots.txt is unreachable meanwhile 
 UNAVAILABLE_RETRY = 600.0  # a 5xx / unreachable robots.txt is fetched again after this long
 RATE_LIMITED_RETRY = 60.0  # a 429 without Retry-After is fetched again after this long
 MAX_RETRY_AFTER = 600.0  # never trust a longer Retry-After on robots.txt
+MEMORY_ENTRIES = 256  # servers whose parsed rules a cache keeps in memory (the disk keeps every one)
 ROBOTS_PATH = "/robots.txt"
 _CHUNK = 64 * 1024
 
@@ -544,8 +545,12 @@ class RobotsCache:
         rate_limited_retry: float = RATE_LIMITED_RETRY,
         stale_limit: float = STALE_LIMIT,
         clock: Callable[[], float] = time.time,
+        max_entries: int = MEMORY_ENTRIES,
     ) -> None:
         self.folder = Path(folder)
+        # A rank meets thousands of servers in a round, and parsed rules weigh 30-400 KB each:
+        # memory holds the latest ones, the others are read back from disk when needed again.
+        self.max_entries = max(1, max_entries)
         self.token = token
         self.max_age = max_age
         self.unavailable_retry = unavailable_retry
@@ -654,7 +659,7 @@ class RobotsCache:
     def _remember(self, server: str, fetch: RobotsFetch) -> _Entry:
         self._write(server, fetch)
         entry = _Entry(fetch, self._due_at(fetch), fetch.rules(self.token))
-        self._entries[server] = entry
+        self._keep(server, entry)
         return entry
 
     def _from_disk(self, server: str) -> _Entry | None:
@@ -667,8 +672,15 @@ class RobotsCache:
             current.due_at = due_at
             return current
         entry = _Entry(fetch, due_at, fetch.rules(self.token))
-        self._entries[server] = entry
+        self._keep(server, entry)
         return entry
+
+    def _keep(self, server: str, entry: _Entry) -> None:
+        with self._guard:
+            self._entries.pop(server, None)
+            self._entries[server] = entry
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]
 
     def _paths(self, server: str) -> tuple[Path, Path]:
         return self.folder / f"{server}.txt", self.folder / f"{server}.json"
