@@ -558,6 +558,25 @@ def test_the_cache_keeps_a_bounded_number_of_servers_in_memory(tmp_path: Path, c
     assert len(cache._entries) == 4 and "srv0" in cache._entries
 
 
+@pytest.mark.parametrize("length", [200, 237, 253])
+def test_a_server_name_as_long_as_dns_allows_is_cached(tmp_path: Path, clock: FakeClock, length: int) -> None:
+    """Its batch folder exists (server_name=<name>), so its robots.txt must be storable too (it used to
+    raise 'File name too long' from profiling and from the lane thread, which ends the MPI job)."""
+    name = ".".join(["a" * 60] * 5)[:length]
+    others = name[:-1] + "b"
+    cache = RobotsCache(tmp_path, TOKEN, clock=clock)
+    for server, path in ((name, "/x/"), (others, "/y/")):
+        text = f"User-agent: *\nDisallow: {path}\n"
+        cache.store(server, RobotsFetch(RobotsStatus.RULES, text, "profiling", clock.t, checked_at=clock.t))
+
+    def no_fetch() -> ServerFetcher:
+        raise AssertionError("must not fetch")
+
+    fresh = RobotsCache(tmp_path, TOKEN, clock=clock)
+    assert not fresh.get(name, "http://h/", no_fetch).allowed("/x/") and fresh.status(name) is not None
+    assert fresh.get(others, "http://h/", no_fetch).allowed("/x/")
+
+
 def test_refresh_fetches_whatever_the_cache_holds(tmp_path: Path, clock: FakeClock) -> None:
     with RobotsServer({"/robots.txt": Reply(200, b"User-agent: *\nDisallow: /a/\n")}) as srv:
         cache = RobotsCache(tmp_path, TOKEN, clock=clock)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import json
 import math
 import re
@@ -69,6 +70,7 @@ STALE_LIMIT = 30 * 24 * 3600.0  # ...unless robots.txt is unreachable meanwhile 
 UNAVAILABLE_RETRY = 600.0  # a 5xx / unreachable robots.txt is fetched again after this long
 RATE_LIMITED_RETRY = 60.0  # a 429 without Retry-After is fetched again after this long
 MAX_RETRY_AFTER = 600.0  # never trust a longer Retry-After on robots.txt
+MAX_STEM = 200  # longest server name used as is in the cache's file names
 MEMORY_ENTRIES = 256  # servers whose parsed rules a cache keeps in memory (the disk keeps every one)
 ROBOTS_PATH = "/robots.txt"
 _CHUNK = 64 * 1024
@@ -524,6 +526,14 @@ class _Entry:
     rules: RobotsRules | None
 
 
+def _file_stem(server: str) -> str:
+    """The server's name as a file name stem; a name too long for a file name with its temp-file
+    affixes (DNS allows 253 characters, a file name 255) is cut and made unique by its hash."""
+    if len(server) <= MAX_STEM:
+        return server
+    return f"{server[: MAX_STEM - 17]}-{hashlib.sha256(server.encode()).hexdigest()[:16]}"
+
+
 class RobotsCache:
     """robots.txt per server on disk (``<server>.txt`` + ``<server>.json``), shared by threads and ranks.
 
@@ -683,7 +693,8 @@ class RobotsCache:
                 del self._entries[next(iter(self._entries))]
 
     def _paths(self, server: str) -> tuple[Path, Path]:
-        return self.folder / f"{server}.txt", self.folder / f"{server}.json"
+        stem = _file_stem(server)
+        return self.folder / f"{stem}.txt", self.folder / f"{stem}.json"
 
     def _write(self, server: str, fetch: RobotsFetch) -> None:
         text_path, meta_path = self._paths(server)
@@ -738,7 +749,7 @@ class RobotsCache:
         if fcntl is not None:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                handle = open(self.folder / f"{server}.lock", "a+b")  # noqa: SIM115 - closed below
+                handle = open(self.folder / f"{_file_stem(server)}.lock", "a+b")  # noqa: SIM115 - closed below
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             except OSError:
                 if handle is not None:
