@@ -288,6 +288,17 @@ def test_acquire_with_a_connection_waits_for_one_to_be_free() -> None:
     assert ctl.acquire(max_wait=2.0, sleep=sleep, connection=True)
 
 
+@pytest.mark.parametrize(
+    "value", ["Mon, 01 Jan 2024 99999999999999999999:00:00 GMT", "Mon, 01 Jan 2024 00:00:00 -99999999999999999999"]
+)
+def test_a_retry_after_date_that_overflows_is_no_date(value: str) -> None:
+    """It used to raise OverflowError out of on_response: the answer became an internal error, its pause ignored."""
+    assert parse_retry_after(value) is None
+    ctl, clock = controller()
+    ctl.on_response(429, {"Retry-After": value}, 0.05, clock.t)
+    assert ctl.events["congestion"] == 1
+
+
 def test_pause_relayed_from_another_lane_as_wall_clock_time() -> None:
     ctl, clock = controller(start=10.0)
     ctl.pause_until(clock.t + WALL + 7.0)

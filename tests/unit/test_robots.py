@@ -577,6 +577,15 @@ def test_a_server_name_as_long_as_dns_allows_is_cached(tmp_path: Path, clock: Fa
     assert fresh.get(others, "http://h/", no_fetch).allowed("/x/")
 
 
+@pytest.mark.parametrize(("code", "status"), [(429, RobotsStatus.RATE_LIMITED), (503, RobotsStatus.UNAVAILABLE)])
+def test_a_malformed_retry_after_date_on_robots_txt_never_raises(code: int, status: RobotsStatus) -> None:
+    """An hour of 20 digits overflows the date parser: fetch_robots raised it into the lane thread (MPI job over)."""
+    bad = "Mon, 01 Jan 2024 99999999999999999999:00:00 GMT"
+    with RobotsServer({"/robots.txt": Reply(code, b"", {"Retry-After": bad})}) as srv:
+        got = fetch_robots(ServerFetcher(settings()), srv.url("/x.jpg"))
+    assert got.status is status and got.retry_after is None
+
+
 def test_refresh_fetches_whatever_the_cache_holds(tmp_path: Path, clock: FakeClock) -> None:
     with RobotsServer({"/robots.txt": Reply(200, b"User-agent: *\nDisallow: /a/\n")}) as srv:
         cache = RobotsCache(tmp_path, TOKEN, clock=clock)

@@ -90,7 +90,7 @@ def parse_retry_after(value: str | None, now_epoch: float | None = None) -> floa
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # e.g. an hour of 20 digits
         return None
     if when is None:
         return None

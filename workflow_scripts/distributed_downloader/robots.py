@@ -460,7 +460,7 @@ def _retry_after(headers: Any, now_epoch: float) -> float | None:
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # e.g. an hour of 20 digits
         return None
     if when is None or when.tzinfo is None:
         return None
