@@ -586,6 +586,20 @@ def test_a_malformed_retry_after_date_on_robots_txt_never_raises(code: int, stat
     assert got.status is status and got.retry_after is None
 
 
+def test_a_long_robots_txt_whose_second_read_redirects_to_garbage_never_raises() -> None:
+    """Over 500 KiB, robots.txt is read again for its prefix; a hostile server then redirects to an
+    unparsable URL: that ValueError escaped fetch_robots (into the lane thread) from its except clause."""
+    big = b"User-agent: *\n" + b"Disallow: /x\n" * 60000
+    replies = iter([Reply(200, big)])
+
+    def route() -> Reply:
+        return next(replies, Reply(302, b"", {"Location": "http://[::1/robots.txt"}))
+
+    with RobotsServer({"/robots.txt": route}) as srv:
+        got = fetch_robots(ServerFetcher(settings()), srv.url("/x.jpg"))
+    assert got.status is RobotsStatus.UNAVAILABLE and "ValueError" in got.reason
+
+
 def test_refresh_fetches_whatever_the_cache_holds(tmp_path: Path, clock: FakeClock) -> None:
     with RobotsServer({"/robots.txt": Reply(200, b"User-agent: *\nDisallow: /a/\n")}) as srv:
         cache = RobotsCache(tmp_path, TOKEN, clock=clock)

@@ -400,8 +400,8 @@ def fetch_robots(fetcher: ServerFetcher, any_url_of_host: str, clock: Callable[[
                     http_status=200,
                 )
             return _classify_error(exc, done)
-        except Exception as exc:  # a fetch of robots.txt must never take a lane down
-            return done(RobotsStatus.UNAVAILABLE, f"robots.txt fetch failed: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a fetch of robots.txt must never take a lane down (handlers included)
+        return done(RobotsStatus.UNAVAILABLE, f"robots.txt fetch failed: {type(exc).__name__}: {exc}")
     finally:
         own.close()
 
