@@ -60,6 +60,7 @@ def _run(
     connections: int = 8,
     hosts: HostRegistry | None = None,
     memory: dict | None = None,
+    ignored_code: int = 0,
     **downloader: object,
 ) -> tuple[list[dict], list[dict], float]:
     """Run one batch of `urls` (all on farm host 0) through a real Lane; (successes, errors, seconds)."""
@@ -80,7 +81,15 @@ def _run(
     paths.batch_urls(server, 0).parent.mkdir(parents=True)
     pq.write_table(table, paths.batch_urls(server, 0))
     spec = LaneSpec(
-        server, 0, 1, start_rate=start, max_rate=ceiling, max_connections=connections, decrease=0.3, memory=memory
+        server,
+        0,
+        1,
+        start_rate=start,
+        max_rate=ceiling,
+        max_connections=connections,
+        decrease=0.3,
+        memory=memory,
+        ignored_code=ignored_code,
     )
     lane = Lane(spec, config, paths, round_no=1, hosts=hosts)
     began = time.monotonic()
@@ -225,6 +234,18 @@ def test_a_paused_server_gets_no_robots_txt_request_either(tmp_path: Path) -> No
     assert not log, log
     assert not successes and len(errors) == 3
     assert {row["error_code"] for row in errors} <= {int(ErrorCode.SERVER_PAUSED), int(ErrorCode.ROBOTS_UNAVAILABLE)}
+
+
+def test_an_ignored_server_gets_no_robots_txt_request(tmp_path: Path) -> None:
+    """A server in the user's ignored_servers list (or written off by profiling) hears nothing at all."""
+    with ImageFarm([HostSpec("h0", robots_txt="User-agent: *\nDisallow: /private/\n")], seed=4) as farm:
+        urls = [farm.url(0, f"/img/g{i}.jpg?w=32&h=24") for i in range(3)]
+        successes, errors, _ = _run(
+            tmp_path, farm, urls, ignored_code=int(ErrorCode.SERVER_IGNORED), respect_robots_txt=True
+        )
+        log = farm.request_log(0)
+    assert not log, log
+    assert not successes and [row["error_code"] for row in errors] == [int(ErrorCode.SERVER_IGNORED)] * 3
 
 
 def test_a_burst_of_403s_is_a_ban_whose_urls_are_tried_next_round(tmp_path: Path) -> None:

@@ -394,7 +394,7 @@ class Lane:
         try:
             urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
             stats.urls = len(urls)
-            if urls:
+            if urls and mode != "ignored" and not self.spec.ignored_code:  # an ignored server hears nothing
                 self._sample_url = urls[0]["identifier"]
                 self._refresh_robots(force=True)
             todo = self._carry_over(final_dir, urls, mode, run.successes, run.errors, stats)
