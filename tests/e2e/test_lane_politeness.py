@@ -224,6 +224,22 @@ def test_robots_txt_requests_take_a_rate_slot_of_their_host(tmp_path: Path) -> N
         assert min(gaps) >= 0.75, gaps
 
 
+@pytest.mark.parametrize("case", ["moved", "long"])
+def test_each_request_of_a_robots_txt_fetch_takes_a_slot(tmp_path: Path, case: str) -> None:
+    """robots.txt moved (301, as from http to https), or over 500 KiB (read a second time for its
+    prefix): each of its two requests takes a slot of its own."""
+    rules = "User-agent: *\nDisallow: /private/\n" + ("Disallow: /x\n" * 60000 if case == "long" else "")
+    moved = "/moved/robots.txt" if case == "moved" else None
+    with ImageFarm([HostSpec("h0", robots_txt=rules, robots_location=moved)], seed=4) as farm:
+        urls = [farm.url(0, f"/img/m{i}.jpg?w=32&h=24") for i in range(2)]
+        successes, errors, _ = _run(tmp_path, farm, urls, start=1.0, ceiling=1.0, respect_robots_txt=True)
+        log = sorted(farm.request_log(0))
+    assert len(successes) == 2 and not errors, errors[:2]
+    assert [entry.path for entry in log[:2]] == ["/robots.txt", moved or "/robots.txt"]
+    gaps = [b.start - a.start for a, b in itertools.pairwise(log)]
+    assert min(gaps) >= 0.75, gaps
+
+
 def test_a_paused_server_gets_no_robots_txt_request_either(tmp_path: Path) -> None:
     """A server that asked for an hour's pause (server memory) hears nothing, robots.txt included."""
     with ImageFarm([HostSpec("h0", robots_txt="User-agent: *\nDisallow: /private/\n")], seed=4) as farm:

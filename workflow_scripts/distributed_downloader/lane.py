@@ -247,7 +247,7 @@ class Lane:
         """robots.txt rules of any host (fetched on first need, cached on disk for every rank)."""
         if self.robots_cache is None:
             return self.robots
-        return self.robots_cache.get(server, url, self._robots_fetcher(server))
+        return self.robots_cache.get(server, url, self._robots_fetcher(server), _RobotsGate(self))
 
     def _refresh_robots(self, force: bool = False) -> None:
         """Look at the server's robots.txt again (a dict lookup until the cached copy is 24 h old)."""
@@ -263,7 +263,10 @@ class Lane:
             if held is not None and held.transient and self.round_no > 1 and stale:
                 with contextlib.suppress(_NoRobotsSlot):  # then the cache's answer below stands
                     self.robots_cache.refresh(
-                        self.spec.server_name, self._sample_url, self._robots_fetcher(self.spec.server_name)
+                        self.spec.server_name,
+                        self._sample_url,
+                        self._robots_fetcher(self.spec.server_name),
+                        _RobotsGate(self),
                     )
         try:
             got = self.rules_for(self.spec.server_name, self._sample_url)
@@ -849,3 +852,20 @@ class _LaneGate(HopGate):
         for controller, ticket in self.tickets:
             controller.finished(ticket)
         self.tickets.clear()
+
+
+class _RobotsGate(HopGate):
+    """A robots.txt fetch's later requests (a redirect hop, the second read of a long file) take a
+    rate slot of their host too; the first took one in Lane._robots_fetcher."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+
+    def before_hop(self, url: str) -> None:
+        server = server_of(url)
+        if not server:
+            raise DownloadError(ErrorCode.REDIRECT, f"redirect to a URL without a usable host: {url[:200]}")
+        own = server == self.lane.spec.server_name
+        controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
+        if not controller.acquire(max_wait=min(self.lane.max_pause, 60.0)):
+            raise DownloadError(ErrorCode.SERVER_PAUSED, f"{server} is pausing us: robots.txt not fetched now")

@@ -55,7 +55,7 @@ import requests
 from protego import Protego
 
 from distributed_downloader.errors import DownloadError, ErrorCode
-from distributed_downloader.fetch import REDIRECT_STATUSES, HttpStatusError, ServerFetcher
+from distributed_downloader.fetch import REDIRECT_STATUSES, HopGate, HttpStatusError, ServerFetcher
 from distributed_downloader.store import atomic_write_json, atomic_write_text
 
 try:  # advisory locks between the ranks of one node (and between nodes where the filesystem has them)
@@ -353,7 +353,12 @@ def robots_settings(fetcher: ServerFetcher) -> Any:
     return replace(fetcher.settings, max_redirects=MAX_REDIRECTS, max_bytes=PARSE_LIMIT, respect_x_robots_tag=False)
 
 
-def fetch_robots(fetcher: ServerFetcher, any_url_of_host: str, clock: Callable[[], float] = time.time) -> RobotsFetch:
+def fetch_robots(
+    fetcher: ServerFetcher,
+    any_url_of_host: str,
+    clock: Callable[[], float] = time.time,
+    gate: HopGate | None = None,
+) -> RobotsFetch:
     """Fetch and classify the robots.txt of ``any_url_of_host``'s server by RFC 9309. Never raises.
 
     Uses a short-lived fetcher with ``fetcher``'s user agent, headers, timeouts and address policy
@@ -380,14 +385,14 @@ def fetch_robots(fetcher: ServerFetcher, any_url_of_host: str, clock: Callable[[
     own = ServerFetcher(settings, pool_size=1, address_policy=fetcher.address_policy)
     try:
         try:
-            result = own.get(url)
+            result = own.get(url, gate)  # the gate sees every later request: redirect hops, a second read
             return done(RobotsStatus.RULES, "robots.txt found", decode_body(result.body), http_status=result.status)
         except HttpStatusError as exc:
             return _classify_status(exc.code, exc.headers, done, clock)
         except DownloadError as exc:
             if exc.code == ErrorCode.TOO_LARGE:
                 try:
-                    body = read_prefix(own, url, PARSE_LIMIT)
+                    body = read_prefix(own, url, PARSE_LIMIT, gate)
                 except HttpStatusError as again:
                     return _classify_status(again.code, again.headers, done, clock)
                 except DownloadError as again:
@@ -467,7 +472,7 @@ def _retry_after(headers: Any, now_epoch: float) -> float | None:
     return min(max(0.0, when.timestamp() - now_epoch), MAX_RETRY_AFTER)
 
 
-def read_prefix(fetcher: ServerFetcher, url: str, limit: int) -> bytes:
+def read_prefix(fetcher: ServerFetcher, url: str, limit: int, gate: HopGate | None = None) -> bytes:
     """The first ``limit`` decoded bytes of a 200 at ``url``, following redirects by hand.
 
     For the rare robots.txt over the fetcher's byte cap (ServerFetcher raises TOO_LARGE instead of
@@ -483,6 +488,8 @@ def read_prefix(fetcher: ServerFetcher, url: str, limit: int) -> bytes:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise DownloadError(ErrorCode.REDIRECT, f"refusing URL with scheme '{parts.scheme}'")
         fetcher.address_policy.check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        if gate is not None:  # every request of it comes after the caller's first one
+            gate.before_hop(current)
         timeout = (settings.connect_timeout, settings.read_timeout)
         try:
             response = fetcher.session.get(current, stream=True, allow_redirects=False, timeout=timeout)
@@ -575,12 +582,17 @@ class RobotsCache:
     # -------------------------------------------------------------- public
 
     def get(
-        self, server_name: str, sample_url: str, fetcher_factory: Callable[[], ServerFetcher]
+        self,
+        server_name: str,
+        sample_url: str,
+        fetcher_factory: Callable[[], ServerFetcher],
+        gate: HopGate | None = None,
     ) -> RobotsRules | RobotsFetch:
         """The rules to obey for ``server_name``, or the RobotsFetch (UNAVAILABLE / RATE_LIMITED) that
         forbids downloading for now. Fetches when there is no fresh copy; ``fetcher_factory`` is called
-        only then, and the fetcher it returns is closed afterwards."""
-        entry = self._entry(server_name, sample_url, fetcher_factory)
+        only then, and the fetcher it returns is closed afterwards; ``gate`` sees the fetch's later
+        requests (redirect hops, the second read of a long file)."""
+        entry = self._entry(server_name, sample_url, fetcher_factory, gate)
         return entry.rules if entry.rules is not None else entry.fetch
 
     def status(self, server_name: str) -> RobotsFetch | None:
@@ -604,14 +616,26 @@ class RobotsCache:
         with self._lock(server_name):
             self._remember(server_name, self._merge(server_name, fetch))
 
-    def refresh(self, server_name: str, sample_url: str, fetcher_factory: Callable[[], ServerFetcher]) -> RobotsFetch:
+    def refresh(
+        self,
+        server_name: str,
+        sample_url: str,
+        fetcher_factory: Callable[[], ServerFetcher],
+        gate: HopGate | None = None,
+    ) -> RobotsFetch:
         """Fetch now, whatever the cache holds (profiling), and return what the cache serves next."""
         with self._lock(server_name), self._file_lock(server_name):
-            return self._fetch(server_name, sample_url, fetcher_factory).fetch
+            return self._fetch(server_name, sample_url, fetcher_factory, gate).fetch
 
     # -------------------------------------------------------------- internals
 
-    def _entry(self, server: str, sample_url: str, fetcher_factory: Callable[[], ServerFetcher]) -> _Entry:
+    def _entry(
+        self,
+        server: str,
+        sample_url: str,
+        fetcher_factory: Callable[[], ServerFetcher],
+        gate: HopGate | None = None,
+    ) -> _Entry:
         entry = self._entries.get(server)
         if entry is not None and self.clock() < entry.due_at:
             return entry
@@ -626,13 +650,19 @@ class RobotsCache:
                 entry = self._from_disk(server)  # another process may have fetched it meanwhile
                 if entry is not None and self.clock() < entry.due_at:
                     return entry
-                return self._fetch(server, sample_url, fetcher_factory)
+                return self._fetch(server, sample_url, fetcher_factory, gate)
 
-    def _fetch(self, server: str, sample_url: str, fetcher_factory: Callable[[], ServerFetcher]) -> _Entry:
+    def _fetch(
+        self,
+        server: str,
+        sample_url: str,
+        fetcher_factory: Callable[[], ServerFetcher],
+        gate: HopGate | None = None,
+    ) -> _Entry:
         fetcher = fetcher_factory()
         try:
             self.fetches += 1
-            fetch = fetch_robots(fetcher, sample_url, clock=self.clock)
+            fetch = fetch_robots(fetcher, sample_url, clock=self.clock, gate=gate)
         finally:
             fetcher.close()
         return self._remember(server, self._merge(server, fetch))
