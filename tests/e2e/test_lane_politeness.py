@@ -240,6 +240,26 @@ def test_each_request_of_a_robots_txt_fetch_takes_a_slot(tmp_path: Path, case: s
     assert min(gaps) >= 0.75, gaps
 
 
+@pytest.mark.parametrize("redirected", [False, True])
+def test_crawl_delay_spaces_every_request_from_the_robots_txt_fetch_on(tmp_path: Path, redirected: bool) -> None:
+    """Crawl-delay: 2 of the lane's own server, or of a redirect target outside the rank's lanes."""
+    delayed = HostSpec("hd", robots_txt="User-agent: *\nCrawl-delay: 2\n")
+    specs = [HostSpec("h0"), delayed] if redirected else [delayed]
+    with ImageFarm(specs, seed=4) as farm:
+        if redirected:
+            target = farm.base_urls[1]
+            urls = [farm.url(0, f"/redirect-to/{target}/img/d{i}.jpg%3Fw=32%26h=24") for i in range(3)]
+        else:
+            urls = [farm.url(0, f"/img/d{i}.jpg?w=32&h=24") for i in range(3)]
+        hosts = HostRegistry(default_rate=4.0, ranks=1, decrease=0.3)
+        successes, errors, _ = _run(tmp_path, farm, urls, start=5.0, ceiling=5.0, hosts=hosts, respect_robots_txt=True)
+        log = sorted(farm.request_log(len(specs) - 1))
+    assert len(successes) == 3 and not errors, errors[:2]
+    assert log[0].path == "/robots.txt" and len(log) == 4
+    gaps = [b.start - a.start for a, b in itertools.pairwise(log)]
+    assert min(gaps) >= 2.0 - 0.25, gaps
+
+
 def test_a_paused_server_gets_no_robots_txt_request_either(tmp_path: Path) -> None:
     """A server that asked for an hour's pause (server memory) hears nothing, robots.txt included."""
     with ImageFarm([HostSpec("h0", robots_txt="User-agent: *\nDisallow: /private/\n")], seed=4) as farm:

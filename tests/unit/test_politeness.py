@@ -299,6 +299,14 @@ def test_a_retry_after_date_that_overflows_is_no_date(value: str) -> None:
     assert ctl.events["congestion"] == 1
 
 
+def test_a_lower_cap_spaces_the_next_slot_from_the_last_one() -> None:
+    """robots.txt's fetch took a slot at 5 req/s, its Crawl-delay of 2 s caps the rate: the next slot is 2 s on."""
+    ctl, clock = controller(start=5.0, ceiling=5.0)
+    assert ctl.try_take() == 0
+    ctl.cap_rate(0.5)
+    assert ctl.try_take() == pytest.approx(2.0)
+
+
 def test_pause_relayed_from_another_lane_as_wall_clock_time() -> None:
     ctl, clock = controller(start=10.0)
     ctl.pause_until(clock.t + WALL + 7.0)

@@ -29,6 +29,7 @@ class HostRegistry:
 
     def __init__(self, default_rate: float, ranks: int, decrease: float) -> None:
         self.share_rate = default_rate / max(1, ranks)
+        self.ranks = max(1, ranks)
         self.decrease = decrease
         self._lanes: dict[str, RateController] = {}
         self._others: dict[str, RateController] = {}
@@ -42,6 +43,14 @@ class HostRegistry:
         with self._lock:
             if self._lanes.get(server) is controller:
                 del self._lanes[server]
+
+    def cap_budget(self, server: str, rate: float | None) -> None:
+        """A host's robots.txt rate (Crawl-delay, Request-rate), for the whole job: its budget takes
+        this rank's share. A host this rank holds a lane of is capped by that lane."""
+        with self._lock:
+            other = self._others.get(server) if server not in self._lanes else None
+        if other is not None:
+            other.cap_rate(None if rate is None else rate / self.ranks)
 
     def controller_for(self, server: str) -> RateController:
         """The lane's controller when this rank holds the server, else the host's redirect budget."""

@@ -823,6 +823,8 @@ class _LaneGate(HopGate):
             if not rules.allowed(url):
                 raise DownloadError(ErrorCode.ROBOTS_DISALLOWED, f"redirect target disallowed by {server}'s robots.txt")
             controller = self.lane.controller if own else self.lane.hosts.controller_for(server)
+            if not own:
+                self.lane.hosts.cap_budget(server, rules.request_rate())
             self.close()  # the earlier hops' answers are read: their connections are free
             # Another host's budget (or lane) counts its connections in its tickets: wait for one of them.
             wait = min(self.lane.max_pause, 60.0)

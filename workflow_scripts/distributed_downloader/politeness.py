@@ -336,6 +336,8 @@ class RateController:
             self.ceiling = self.limits.ceiling if rate is None else max(1e-6, min(self.limits.ceiling, rate))
             self.floor = min(self.limits.floor, self.ceiling)
             self.rate = min(self.rate, self.ceiling)
+            if self.sends:  # the next slot is one new interval after the last one (robots.txt's own fetch)
+                self.next_start = max(self.next_start, self.sends[-1] + 1.0 / self.rate)
 
     def not_before(self, epoch: float) -> None:
         """No request before this wall-clock time (the pace after profiling's last request)."""
