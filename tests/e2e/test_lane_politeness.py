@@ -180,6 +180,25 @@ def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -
     assert seconds >= (12 - 1) / 2.0 - 0.5
 
 
+def test_an_answer_being_decoded_is_not_hedged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetch is over once its answer is in: decoding it (or waiting for the lane thread) is no stall,
+    whatever the time since the request was sent."""
+    monkeypatch.setattr(lane_module, "HEDGE_AFTER_SECONDS", 0.3)
+    decode = lane_module.imaging.process_image
+
+    def slow_decode(*args: object, **kwargs: object) -> object:
+        time.sleep(1.0)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(lane_module.imaging, "process_image", slow_decode)
+    with ImageFarm(1, seed=4) as farm:
+        urls = [farm.url(0, f"/img/k{i}.jpg?w=32&h=24") for i in range(2)]
+        successes, errors, _ = _run(tmp_path, farm, urls, start=20.0, ceiling=20.0)
+        log = _images(farm.request_log(0))
+    assert len(successes) == 2 and not errors, errors[:2]
+    assert len(log) == 2
+
+
 def test_a_slow_redirect_target_gets_one_connection_per_rank(tmp_path: Path) -> None:
     """The budget of a host outside the rank's lanes is one connection per rank, however many of the
     lane's fetches are redirected there at once and however slowly it answers."""

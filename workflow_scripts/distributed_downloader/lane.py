@@ -554,6 +554,8 @@ class Lane:
             assert item.run is not None
             item.run.in_flight -= 1
             item.copies -= 1
+            for gate in [gate for gate in item.gates if gate.finished]:
+                item.gates.remove(gate)
             if not item.copies:
                 item.run.flying.discard(item)
             self._handle(outcome, runs, order)
@@ -575,8 +577,8 @@ class Lane:
         for run in runs:
             for item in list(run.flying):
                 gates = list(item.gates)
-                if item.hedged or item.settled or any(gate.waiting for gate in gates):
-                    continue  # queued for a redirect target's slot: a copy would queue behind it
+                if item.hedged or item.settled or any(gate.waiting or gate.finished for gate in gates):
+                    continue  # queued for a redirect target's slot, or answered: a copy would not help
                 if now - max([item.sent_at, *(gate.sent_at for gate in gates)]) > after:
                     item.hedged = True
                     run.ready.appendleft(item)
@@ -635,7 +637,7 @@ class Lane:
         finally:
             self.controller.finished(ticket)
             gate.close()
-            item.gates.remove(gate)
+            gate.finished = True  # the lane thread drops it with the outcome (until then: no stall to hedge)
         try:
             image = imaging.process_image(result.body, self.image_settings)
         except DownloadError as exc:
@@ -803,6 +805,7 @@ class _LaneGate(HopGate):
         self.concurrency = concurrency
         self.tickets: list[tuple[RateController, int]] = []
         self.waiting = False  # in before_hop, waiting for robots.txt or a slot (silent, but not stalled)
+        self.finished = False  # the fetch is over: its answer is being decoded or waits for the lane thread
 
     def before_hop(self, url: str) -> None:
         server = server_of(url)
