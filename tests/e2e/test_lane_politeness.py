@@ -19,6 +19,7 @@ import pytest
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import lane as lane_module
+from distributed_downloader import testserver as testserver_module
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
@@ -178,6 +179,20 @@ def test_a_cross_host_redirect_target_gets_a_budget_of_its_own(tmp_path: Path) -
     starts = sorted(entry.start for entry in other)
     assert max_requests_in_window(starts) <= 2 + 1
     assert seconds >= (12 - 1) / 2.0 - 0.5
+
+
+def test_a_download_still_receiving_bytes_is_not_hedged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stall is silence, not time since the request: a body that keeps coming (a big original on a
+    slow link) is neither cancelled and sent again nor doubled, and the server never sees two at once."""
+    monkeypatch.setattr(testserver_module, "TRICKLE_SECONDS", 0.1)  # 43 bytes in ~4 s
+    monkeypatch.setattr(lane_module, "HEDGE_AFTER_SECONDS", 1.0)
+    with ImageFarm(1, seed=4) as farm:
+        urls = [farm.url(0, "/trickle/t.gif?w=1&h=1")] + [farm.url(0, f"/img/v{i}.jpg?w=32&h=24") for i in range(6)]
+        successes, errors, _ = _run(tmp_path, farm, urls, start=2.0, ceiling=2.0, connections=1)
+        log = _images(farm.request_log(0))
+    assert len(successes) == 7 and not errors, errors[:2]
+    assert len(log) == 7
+    assert max_concurrency(log) == 1
 
 
 def test_an_answer_being_decoded_is_not_hedged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,6 +109,11 @@ class HopGate:
     _watch: _Watch | None = None
     cancelled: bool = False
 
+    @property
+    def progress(self) -> float:
+        """When its fetch last received anything (headers or body bytes); 0.0 before it began."""
+        return self._watch.progress if self._watch is not None else 0.0
+
     def attach(self, watch: _Watch) -> None:
         self._watch = watch
         if self.cancelled:  # cancelled before its fetch began (a hedge whose twin answered): send nothing
@@ -200,13 +205,14 @@ def check_host(host: str, port: int, allow_private: bool) -> None:
 class _Watch:
     """One fetch's deadline and the socket it is using right now."""
 
-    __slots__ = ("deadline", "done", "fired", "sock")
+    __slots__ = ("deadline", "done", "fired", "progress", "sock")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.sock: socket.socket | None = None
         self.fired = False  # the deadline passed while the fetch was running
         self.done = False
+        self.progress = time.monotonic()  # when the fetch last received anything (headers, body bytes)
 
 
 class _Watchdog:
@@ -529,6 +535,7 @@ class ServerFetcher:
         if watch.fired:  # cut off mid-headers: what arrived is not a response to trust
             response.close()
             raise self._out_of_time("waiting for the response headers")
+        watch.progress = time.monotonic()
         return response
 
     def _finish(
@@ -575,6 +582,7 @@ class ServerFetcher:
                 chunk = raw.read1(CHUNK_BYTES, decode_content=True)
                 if not chunk:
                     break
+                watch.progress = time.monotonic()
                 size += len(chunk)
                 if size > self.settings.max_bytes:
                     raise DownloadError(ErrorCode.TOO_LARGE, f"body over the {self.settings.max_bytes}-byte cap")

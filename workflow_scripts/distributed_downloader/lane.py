@@ -579,7 +579,8 @@ class Lane:
                 gates = list(item.gates)
                 if item.hedged or item.settled or any(gate.waiting or gate.finished for gate in gates):
                     continue  # queued for a redirect target's slot, or answered: a copy would not help
-                if now - max([item.sent_at, *(gate.sent_at for gate in gates)]) > after:
+                # Silence: since the last hop was sent or the last byte came (a big file streaming is no stall).
+                if now - max([item.sent_at, *(max(gate.sent_at, gate.progress) for gate in gates)]) > after:
                     item.hedged = True
                     run.ready.appendleft(item)
                     if resend:
