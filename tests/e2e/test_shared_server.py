@@ -71,9 +71,9 @@ def test_two_lanes_on_two_ranks_share_one_servers_limits(tmp_path: Path) -> None
         holders.update(lane for lane in ("#0 (of 2)", "#1 (of 2)") if lane in text)
     assert holders == {"#0 (of 2)", "#1 (of 2)"}, holders
 
-    # The pause reached the other lane too (relayed through rank 0 within a fraction of a second).
+    # The pause reached the other lane too (relayed through rank 0: allow it a second on a busy machine).
     paused_at = next(entry.end for entry in log if entry.path.startswith("/flaky/") and entry.status == 503)
-    during = [entry for entry in log if paused_at + 0.5 < entry.start < paused_at + 3.0 - 0.05]
+    during = [entry for entry in log if paused_at + 1.0 < entry.start < paused_at + 3.0 - 0.05]
     assert not during, f"{len(during)} requests during the Retry-After pause"
 
     starts = sorted(entry.start for entry in log)
