@@ -54,6 +54,29 @@ def check_dataset(output: Path, expected: list, image_size: int = 720) -> dict:
     return {"successes": len(successes), "errors": len(errors), "error_rows": errors}
 
 
+def write_batch_urls(path: Path, urls: list[str]) -> None:
+    """One batch's urls.parquet, as initialize writes it, for tests that run a Lane directly."""
+    import uuid
+
+    import pyarrow as pa
+
+    from distributed_downloader.partition import URL_SCHEMA
+
+    table = pa.table(
+        {
+            "uuid": [str(uuid.uuid4()) for _ in urls],
+            "source_id": [f"s{i}" for i in range(len(urls))],
+            "identifier": urls,
+            "license": [""] * len(urls),
+            "source": [""] * len(urls),
+            "title": [""] * len(urls),
+        },
+        schema=URL_SCHEMA,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
 def ranks_of(output: Path, round_no: int = 1) -> list[dict]:
     return json.loads((output / "state" / f"round_{round_no}_ranks.json").read_text())
 

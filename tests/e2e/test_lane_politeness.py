@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
@@ -23,7 +20,6 @@ from distributed_downloader import testserver as testserver_module
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
-from distributed_downloader.partition import URL_SCHEMA
 from distributed_downloader.testserver import (
     FaultMix,
     HostSpec,
@@ -32,7 +28,7 @@ from distributed_downloader.testserver import (
     max_concurrency,
     max_requests_in_window,
 )
-from tests.e2e.helpers import read_all
+from tests.e2e.helpers import read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e
 
@@ -68,19 +64,7 @@ def _run(
     config = _config(tmp_path, **downloader)
     paths = config_mod.paths(config)
     server = farm.base_urls[0].split("//", 1)[1]
-    table = pa.table(
-        {
-            "uuid": [str(uuid.uuid4()) for _ in urls],
-            "source_id": [f"s{i}" for i in range(len(urls))],
-            "identifier": urls,
-            "license": [""] * len(urls),
-            "source": [""] * len(urls),
-            "title": [""] * len(urls),
-        },
-        schema=URL_SCHEMA,
-    )
-    paths.batch_urls(server, 0).parent.mkdir(parents=True)
-    pq.write_table(table, paths.batch_urls(server, 0))
+    write_batch_urls(paths.batch_urls(server, 0), urls)
     spec = LaneSpec(
         server,
         0,

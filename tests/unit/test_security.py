@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import yaml
 from distributed_downloader import config as config_mod
 from distributed_downloader import inputs
 from distributed_downloader.lane import Lane, LaneSpec
-from distributed_downloader.partition import URL_SCHEMA
 from distributed_downloader.store import MARKER_FILE, SUCCESS_SCHEMA, StreamingParquet
 from distributed_downloader.testserver import ImageFarm
 from tests.conftest import REPO, run, skip_or_fail, snakemake_cmd
-from tests.e2e.helpers import read_all
+from tests.e2e.helpers import read_all, write_batch_urls
 
 # ---------------------------------------------------------------- server_name: a safe, faithful folder name
 
@@ -401,19 +399,7 @@ def test_a_batch_whose_commit_hits_a_full_disk_fails_clearly_without_a_marker(ti
     with ImageFarm(1, seed=9) as farm:
         server = farm.base_urls[0].split("//", 1)[1]
         urls = [farm.url(0, f"/img/full{i}.png?w=700&h=700") for i in range(8)]
-        table = pa.table(
-            {
-                "uuid": [str(uuid.uuid4()) for _ in urls],
-                "source_id": [f"s{i}" for i in range(len(urls))],
-                "identifier": urls,
-                "license": [""] * len(urls),
-                "source": [""] * len(urls),
-                "title": [""] * len(urls),
-            },
-            schema=URL_SCHEMA,
-        )
-        paths.batch_urls(server, 0).parent.mkdir(parents=True)
-        pq.write_table(table, paths.batch_urls(server, 0))
+        write_batch_urls(paths.batch_urls(server, 0), urls)
         spec = LaneSpec(server, 0, 1, start_rate=50, max_rate=100, max_connections=4, decrease=0.5)
         lane = Lane(spec, config, paths, round_no=1)
         try:
