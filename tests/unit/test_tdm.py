@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -281,6 +282,9 @@ def test_robots_location_redirects_on_the_same_host() -> None:
     with ImageFarm([HostSpec("m", robots_txt=robots, robots_location="/site/robots-v2.txt")]) as farm:
         first = requests.get(farm.url(0, "/robots.txt"), allow_redirects=False, timeout=5)
         followed = requests.get(farm.url(0, "/robots.txt"), timeout=5)
+        deadline = time.monotonic() + 5  # a handler logs its request just after the reply has left
+        while len(farm.request_log(0)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         paths = [entry.path for entry in farm.request_log(0)]
     assert first.status_code == 301 and first.headers["Location"] == "/site/robots-v2.txt"
     assert followed.status_code == 200 and followed.text == robots
