@@ -43,7 +43,7 @@ def by_uuid(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_bad_rows_are_rejected_with_reasons_and_good_rows_proceed(tmp_path: Path) -> None:
-    long_url = "http://ok.org/" + "a" * 4096  # a 4 kB URL
+    long_url = "http://ok.org/" + "a" * (MAX_URL_LENGTH + 1 - len("http://ok.org/"))  # one over the limit
     lines = [
         "g1,http://ok.org/1.jpg,s1,CC0,museum,plain",
         "e1,,s2,CC0,museum,empty URL",

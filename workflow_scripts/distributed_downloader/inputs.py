@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import ipaddress
+import re
 import uuid as uuidlib
 import zipfile
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 URL_COLUMNS = ("uuid", "source_id", "identifier", "license", "source", "title")
 REQUIRED_COLUMNS = ("identifier", "source_id")
 NOT_PROVIDED = "Not provided"
-MAX_URL_LENGTH = 2048
+# Longer URLs are rejected at initialization. 8 KB is what servers take in a request line:
+# nginx's default large_client_header_buffers (8k), Apache's LimitRequestLine (8190).
+MAX_URL_LENGTH = 8192
 READ_BLOCK_BYTES = 4 << 20
 HEADER_BYTES = 1 << 20  # a header line longer than this is not a header
 # Deterministic ids: uuid5 in a namespace of our own, so reruns give the same ids.
@@ -89,10 +92,15 @@ def _is_parquet(path: Path) -> bool:
         return handle.read(4) == b"PAR1"
 
 
+def _head(path: Path) -> bytes:
+    """The first HEADER_BYTES of the (decompressed) file."""
+    with _open_binary(path) as handle:
+        return handle.read(HEADER_BYTES)
+
+
 def _first_line(path: Path) -> str:
     """The header line: up to the first CR or LF (any line-ending style), BOM removed."""
-    with _open_binary(path) as handle:
-        head = handle.read(HEADER_BYTES)
+    head = _head(path)
     end = min((i for i in (head.find(b"\n"), head.find(b"\r")) if i >= 0), default=len(head))
     return head[:end].decode("utf-8", errors="replace").lstrip("\ufeff")
 
@@ -108,9 +116,125 @@ def sniff_delimiter(path: Path) -> str:
     return "\t" if first.count("\t") > first.count(",") else ","
 
 
-def _read_header(path: Path, delimiter: str) -> list[str]:
+# Pieces of a tab-separated file read with CSV quoting: a quoted field ('""' is an escaped '"'), an
+# unquoted one (up to the next tab or line end), a line without any '"' (the fast path), and a quoted
+# field that the end of the sample cut off.
+_QUOTED_FIELD = re.compile(r'"([^"]*(?:""[^"]*)*)"')
+_UNQUOTED_FIELD = re.compile(r"[^\t\r\n]*")
+_PLAIN_LINE = re.compile(r'[^"\r\n]*')
+_CUT_QUOTED_FIELD = re.compile(r'"[^"]*(?:""[^"]*)*"?\Z')
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def tsv_is_quoted(head: bytes, complete: bool) -> bool:
+    """Whether a tab-separated file was written with CSV quoting, judged from its first bytes `head`.
+
+    CSV writers (Python's `csv`, pandas' ``to_csv(sep="\\t")``) wrap a field in '"' when it holds a
+    tab, a line break or a '"' (doubled inside), so values may span lines. GBIF's multimedia.txt and
+    Darwin Core TSV are written without quoting: a '"' there is data. The rule: read `head` as
+    tab-separated CSV with '"' quoting; the file is quoted when all three hold:
+
+    1. every '"' is CSV quoting: it opens a field (its first character), is doubled inside a quoted
+       field, or closes a quoted field right before a tab or a line end (a '"' inside an unquoted
+       field, or text after a closing quote, is something no CSV writer produces);
+    2. every record read that way has as many fields as the header (blank lines skipped);
+    3. the quoting is needed: split at tabs and line breaks, some line has another number of fields
+       than the header (a quoted tab or line break), or a quoted field holds a doubled '"', or a
+       record has every field quoted (``QUOTE_ALL``).
+
+    Otherwise, including when `head` holds no '"' at all, the file is read literally: when both
+    readings fit the header, the literal one wins (two stray quotes in one column of two GBIF lines
+    would otherwise merge the lines into one field). `complete` says `head` is the whole file; when
+    it is not, the record or line it cuts off is not judged.
+    """
+    if b'"' not in head:
+        return False
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    end = len(text)
+    width = 0  # fields of the header, once read
+    needed = False
+
+    def record(fields: int, quoted: int) -> bool:
+        """A whole record was read: does it fit?"""
+        nonlocal width, needed
+        width = width or fields
+        needed = needed or quoted == fields
+        return fields == width
+
+    def line_end(at: int) -> int:
+        return at + (2 if text.startswith("\r\n", at) else 1)
+
+    fields = quoted = 0  # of the record being read
+    pos = 0
+    while pos < end:
+        if not fields:  # a record starts: most lines hold no '"', count their tabs at once
+            plain = _PLAIN_LINE.match(text, pos)
+            stop = plain.end()
+            if stop == end and not complete:
+                break  # a record cut off by the end of the sample
+            if stop == end or text[stop] != '"':
+                pos = line_end(stop)
+                if plain.group() and not record(plain.group().count("\t") + 1, 0):
+                    return False
+                continue
+        start = pos
+        if text[pos] == '"':
+            match = _QUOTED_FIELD.match(text, pos)
+            if match is None:  # no closing quote: a cut-off record, or garbage in a whole file
+                if complete:
+                    return False
+                break
+            needed = needed or '""' in match.group(1)
+            quoted += 1
+        else:
+            match = _UNQUOTED_FIELD.match(text, pos)
+            if '"' in match.group():
+                return False
+        pos = match.end()
+        fields += 1
+        if pos < end and text[pos] == "\t":
+            pos += 1
+            continue
+        if pos < end and text[pos] not in "\r\n":
+            if not complete and _CUT_QUOTED_FIELD.match(text, start):
+                break  # the sample ends inside this quoted field: what looked closed was a doubled '"'
+            return False  # text after a closing quote
+        if pos == end and not complete:
+            break
+        pos = line_end(pos)
+        if not record(fields, quoted):
+            return False
+        fields = quoted = 0
+    return needed or _literal_misfit(text, complete)
+
+
+def _literal_misfit(text: str, complete: bool) -> bool:
+    """Some line, split at tabs, has another number of fields than the first (the header)."""
+    lines = _LINE_BREAK.split(text)
+    if not complete:
+        lines.pop()  # cut off by the end of the sample
+    counts = [line.count("\t") for line in lines if line]
+    return any(count != counts[0] for count in counts)
+
+
+@lru_cache(maxsize=256)
+def _dialect_of(path: Path, _mtime_ns: int, _size: int) -> tuple[str, bool]:
+    delimiter = sniff_delimiter(path)
+    if delimiter == ",":
+        return delimiter, True
+    head = _head(path)
+    return delimiter, tsv_is_quoted(head, len(head) < HEADER_BYTES)
+
+
+def dialect(path: Path) -> tuple[str, bool]:
+    """(delimiter, quoted): CSV is always read quoted, TSV only when written quoted (see tsv_is_quoted)."""
+    stat = path.stat()  # the key: a file rewritten in place is judged again
+    return _dialect_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _read_header(path: Path, delimiter: str, quoted: bool) -> list[str]:
     line = _first_line(path)
-    if delimiter == "\t":  # TSV is unquoted: a '"' is part of the name
+    if not quoted:  # unquoted TSV: a '"' is part of the name
         return line.split("\t") if line else []
     try:
         return next(csv.reader([line], delimiter=delimiter), [])
@@ -146,13 +270,13 @@ class _QuoteCounter(io.RawIOBase):
 
 
 def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    delimiter = sniff_delimiter(path)
-    header = _read_header(path, delimiter)
+    # TSV from GBIF / Darwin Core archives is unquoted (a '"' is data); TSV from CSV writers is quoted.
+    delimiter, quoted = dialect(path)
+    header = _read_header(path, delimiter, quoted)
     if not header:
         raise InputError(f"{path}: empty file or no header line")
     # Binary, not string: a stray non-UTF-8 byte must cost its row (see _utf8), not the whole input.
     convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in header}, strings_can_be_null=False)
-    quoted = delimiter == ","  # TSV (GBIF, Darwin Core archives) is written without quoting: a '"' is data there.
     invalid: list[tuple[str, str]] = []
 
     def keep_invalid(row: pacsv.InvalidRow) -> str:
@@ -265,7 +389,7 @@ def columns_of(path: str | Path) -> list[str]:
 def _columns_of_file(file: Path) -> list[str]:
     if _is_parquet(file):
         return list(pq.ParquetFile(file).schema_arrow.names)
-    return _read_header(file, sniff_delimiter(file))
+    return _read_header(file, *dialect(file))
 
 
 def check_input(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
