@@ -228,3 +228,32 @@ def test_random_interleavings_keep_the_invariants(tmp_path: Path) -> None:
                 assert len({held[r][name] for r in holders}) == len(holders)
                 assert len(coord.servers[name].open_lanes) == len(holders)
         assert handed == expected
+
+
+def test_a_failed_batch_is_recorded_with_its_reason(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    (first, *_) = coord.request_lanes(0, free=1, held=set())
+    partition_id = first.batch["partition_id"]
+    coord.finished_batch("long.org", {**stats(), "partition_id": partition_id, "failed": "disk full"})
+    assert coord.failed_batches == {f"long.org/{partition_id}": "disk full"}
+    assert coord.progress()["batches_failed"] == 1
+    assert not coord.servers["long.org"].failed  # one batch, not the server
+
+
+def test_a_dead_lane_sets_its_server_aside_with_the_batches_it_held(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 2}), decrease=0.5)
+    (a0,) = coord.request_lanes(0, free=1, held=set())
+    second = coord.next_batch("long.org", 0, None)  # pipelined: the lane holds two batches
+    assert second is not None
+    coord.finished_batch("long.org", {**stats(), "partition_id": a0.batch["partition_id"]})
+    coord.lane_failed("long.org", 0, "internal error while running lane long.org#0: KeyError: 'x'")
+    state = coord.servers["long.org"]
+    assert state.failed and "KeyError" in state.failed_reason
+    assert not state.pending and not state.open_lanes
+    failed = coord.failed_batches
+    assert f"long.org/{second['partition_id']}" in failed  # held by the dead lane
+    assert f"long.org/{a0.batch['partition_id']}" not in failed  # committed before it died
+    assert len(failed) == 6 - 1  # the rest was set aside
+    assert "long.org" in coord.progress()["servers_failed"]
+    # Other servers go on.
+    assert {a.lane["server_name"] for a in coord.request_lanes(1, free=3, held=set())} == {"mid.org", "short.org"}

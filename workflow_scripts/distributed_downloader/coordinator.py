@@ -22,6 +22,8 @@ class _ServerState:
     holders: dict[int, int] = field(default_factory=dict)  # lane index -> rank
     done_batches: int = 0
     failed: bool = False
+    failed_reason: str = ""  # why its batches are set aside for the round
+    given: dict[int, list[int]] = field(default_factory=dict)  # lane index -> partition ids it holds
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Coordinator:
         self.done_batches = 0
         self.started = time.monotonic()
         self.batch_stats: list[dict] = []
+        self.failed_batches: dict[str, str] = {}  # "server/partition_id" -> why it was not written this round
         self.live: dict[int, list[dict]] = {}  # rank -> its lanes' latest snapshots
         self._congestion_seen: dict[str, int] = {}
         # What each server taught us (rate, level, connection cap, pause), whole-server figures;
@@ -88,7 +91,9 @@ class Coordinator:
                 index = min(set(range(self._lane_limit(state))) - state.open_lanes)
                 state.open_lanes.add(index)
                 state.holders[index] = rank
-                out.append(Assignment(self._lane_spec(state, index), state.pending.popleft()))
+                batch = state.pending.popleft()
+                state.given.setdefault(index, []).append(batch["partition_id"])
+                out.append(Assignment(self._lane_spec(state, index), batch))
                 held.add(name)
         return out
 
@@ -100,7 +105,9 @@ class Coordinator:
         if stats is not None:
             self.record(state, stats)
         if state.pending:
-            return state.pending.popleft()
+            batch = state.pending.popleft()
+            state.given.setdefault(lane_index, []).append(batch["partition_id"])
+            return batch
         state.open_lanes.discard(lane_index)
         state.holders.pop(lane_index, None)
         return None
@@ -112,10 +119,31 @@ class Coordinator:
         self.record(self.servers[server], stats)
 
     def record(self, state: _ServerState, stats: dict) -> None:
+        partition_id = stats.get("partition_id")
+        for held in state.given.values():
+            if partition_id in held:
+                held.remove(partition_id)
+        if stats.get("failed"):
+            self.failed_batches[f"{state.info['server_name']}/{partition_id}"] = stats["failed"]
+            if stats.get("server_failed") and not state.failed_reason:
+                state.failed_reason = stats["failed"]
         state.done_batches += 1
         state.failed = state.failed or bool(stats.get("server_failed"))
         self.done_batches += 1
         self.batch_stats.append(stats)
+
+    def lane_failed(self, server: str, lane_index: int, reason: str) -> None:
+        """A lane died: its server is set aside for the round; its batches are downloaded next round."""
+        state = self.servers[server]
+        state.failed = True
+        state.failed_reason = state.failed_reason or reason
+        for partition_id in state.given.pop(lane_index, []):
+            self.failed_batches[f"{server}/{partition_id}"] = reason
+        while state.pending:
+            batch = state.pending.popleft()
+            self.failed_batches[f"{server}/{batch['partition_id']}"] = f"set aside: {reason}"
+        state.open_lanes.discard(lane_index)
+        state.holders.pop(lane_index, None)
 
     @property
     def exhausted(self) -> bool:
@@ -183,6 +211,7 @@ class Coordinator:
             "servers_active": len({lane["server"] for lane in live}),
             "servers_backing_off": self.backing_off(),
             "servers_failed": sorted(n for n, s in self.servers.items() if s.failed),
+            "batches_failed": len(self.failed_batches),
             "elapsed_s": round(elapsed, 1),
             "eta_s": None if eta is None else round(eta, 1),
         }

@@ -26,17 +26,31 @@ class ErrorCode(IntEnum):
     SERVER_PAUSED = -14  # the server asked us to wait (Retry-After, quota) longer than a round may wait
     ROBOTS_UNAVAILABLE = -15  # robots.txt answered 5xx / was unreachable: disallow all for now (RFC 9309)
     TDM_RESERVED = -16  # opted out by `tdm-reservation: 1` (W3C TDM Reservation Protocol): permanent
+    INTERNAL = -17  # an unexpected exception while handling this URL (a library raised): transient
 
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(
-    {ErrorCode.NETWORK, ErrorCode.TIMEOUT, ErrorCode.BANNED, ErrorCode.SERVER_PAUSED, ErrorCode.ROBOTS_UNAVAILABLE}
+    {
+        ErrorCode.NETWORK,
+        ErrorCode.TIMEOUT,
+        ErrorCode.BANNED,
+        ErrorCode.SERVER_PAUSED,
+        ErrorCode.ROBOTS_UNAVAILABLE,
+        ErrorCode.INTERNAL,
+    }
 )
 
 
 def is_transient(code: int) -> bool:
     """Whether a URL that failed with ``code`` deserves another try in a later round."""
     return code in TRANSIENT_HTTP or code in TRANSIENT_CODES
+
+
+def internal_error_message(exc: BaseException, where: str) -> str:
+    """The error_msg of an INTERNAL row: where it happened, the exception's type and message."""
+    text = str(exc).replace("\n", " ")[:300]
+    return f"internal error while {where}: {type(exc).__name__}: {text} (tried again next round)"
 
 
 class DownloadError(Exception):

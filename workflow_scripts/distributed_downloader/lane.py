@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader import imaging
 from distributed_downloader.config import Paths
-from distributed_downloader.errors import DownloadError, ErrorCode, is_transient
+from distributed_downloader.errors import DownloadError, ErrorCode, internal_error_message, is_transient
 from distributed_downloader.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
 from distributed_downloader.hosts import HostRegistry, server_of
 from distributed_downloader.inputs import NOT_PROVIDED
@@ -58,6 +58,7 @@ MAX_REFUSALS = 10  # 429/503 answers one URL may get in a round before it waits 
 RETRY_BASE_SECONDS = 0.5  # backoff of the n-th retry: base x 4^(n-1), jittered
 HEDGE_AFTER_SECONDS = 2.0  # at a lane's tail, a request silent this long (and 8x the usual latency) is hedged
 SAME_FAILURE_NOTE = "same failure in all"  # error_msg note: the next round gives the URL one try
+MAX_BATCH_FAILURES = 3  # batches of a server failing in a row (not one URL: the batch) before it is set aside
 PROCESS_STARTED = time.time()  # one download job per round: when this round's worker started
 
 
@@ -101,6 +102,7 @@ class BatchStats:
     server_failed: bool = False
     started_at: float = 0.0  # wall-clock epoch seconds
     rate_samples: list = field(default_factory=list)  # [seconds since batch start, requests/s of this lane]
+    failed: str = ""  # why the batch was not committed (it is downloaded again next round)
 
     def to_json(self) -> dict:
         data = dict(self.__dict__)
@@ -155,6 +157,7 @@ class _BatchRun:
     suspects: int = 0  # 403s held until we know whether they were a ban
     started: float = 0.0
     next_sample: float = 0.0
+    failed: str = ""  # set when the batch broke: answers still in flight for it are dropped
 
     @property
     def waiting(self) -> bool:
@@ -225,6 +228,9 @@ class Lane:
             self.pool = ThreadPoolExecutor(max_workers=connections, thread_name_prefix=f"fetch-{spec.server_name}")
         self.consecutive_failures = 0
         self.server_failed = False
+        self.batch_failures = 0  # batches failed in a row
+        self.set_aside = ""  # why the server's batches are not downloaded this round ('' while they are)
+        self._pending_failed: list[BatchStats] = []  # batches that broke in the dispatcher, to report
         self.current: BatchStats | None = None
         self._suspects: list[_Outcome] = []  # 403s that may turn out to be a ban
         self._bans_seen = 0
@@ -346,7 +352,11 @@ class Lane:
                     if batch is END_OF_BATCHES:
                         ended = True
                         break
-                    runs.append(self._open(batch["partition_id"], batch["fingerprint"], batch["mode"]))
+                    run = self._open_guarded(batch, finished)
+                    if run is not None:
+                        runs.append(run)
+                while self._pending_failed:
+                    finished(self._pending_failed.pop(0))
                 if not ended and not asked and not any(run.waiting for run in runs):
                     asked = True  # everything sent: the next batch, while the last answers come back
                     ask_more()
@@ -356,7 +366,12 @@ class Lane:
                             continue  # a 403 burst may still turn out to be a ban
                         self._flush_suspects(runs, banned=False)
                     runs.remove(run)
-                    finished(self._commit(run))
+                    try:
+                        stats = self._commit(run)
+                        self.batch_failures = 0
+                    except Exception as exc:  # disk full, a writer that broke: this batch, not the job
+                        stats = self._fail_batch(run, exc, "committing it")
+                    finished(stats)
                 if not runs:
                     if ended:
                         return
@@ -368,6 +383,42 @@ class Lane:
                 run.errors.abort()
                 shutil.rmtree(run.staging, ignore_errors=True)
             raise
+
+    def _open_guarded(self, batch: Mapping, finished: Callable[[BatchStats], None]) -> _BatchRun | None:
+        """Open a batch; a batch that cannot be opened is reported failed (the next round redoes it)."""
+        partition_id, fingerprint, mode = batch["partition_id"], batch["fingerprint"], batch["mode"]
+        if self.set_aside:
+            stats = BatchStats(self.spec.server_name, partition_id, mode, started_at=round(time.time(), 3))
+            stats.failed, stats.server_failed = self.set_aside, True
+            finished(stats)
+            return None
+        try:
+            return self._open(partition_id, fingerprint, mode)
+        except Exception as exc:  # an unreadable URL list, a library raising on a row...
+            stats = BatchStats(self.spec.server_name, partition_id, mode, started_at=round(time.time(), 3))
+            finished(self._note_batch_failure(stats, exc, "opening it"))
+            return None
+
+    def _fail_batch(self, run: _BatchRun, exc: BaseException, where: str) -> BatchStats:
+        """Drop a batch that broke: its writers and staging go, the files in place stay as they were."""
+        run.failed = str(exc) or type(exc).__name__
+        with contextlib.suppress(Exception):
+            run.successes.abort()
+        with contextlib.suppress(Exception):
+            run.errors.abort()
+        shutil.rmtree(run.staging, ignore_errors=True)
+        run.stats.seconds = round(time.monotonic() - run.started, 3)
+        return self._note_batch_failure(run.stats, exc, where)
+
+    def _note_batch_failure(self, stats: BatchStats, exc: BaseException, where: str) -> BatchStats:
+        stats.failed = internal_error_message(exc, f"{where}: batch not written, downloaded again next round")
+        log.error("%s batch %s failed: %s", self.spec.key, stats.partition_id, stats.failed, exc_info=exc)
+        self.batch_failures += 1
+        if self.batch_failures >= MAX_BATCH_FAILURES and not self.set_aside:
+            self.set_aside = f"set aside for this round after {self.batch_failures} failed batches: {stats.failed}"
+            log.error("%s: %s", self.spec.server_name, self.set_aside)
+        stats.server_failed = bool(self.set_aside)
+        return stats
 
     def _open(self, partition_id: int, fingerprint: str, mode: str) -> _BatchRun:
         """Stage a batch: its writers, the rows kept from earlier rounds, the items to try."""
@@ -523,7 +574,13 @@ class Lane:
             if item.settled:  # a hedge whose first copy answered meanwhile
                 sender.ready.popleft()
                 return
-            if not self.robots.allowed(item.row["identifier"]):
+            try:
+                allowed = self.robots.allowed(item.row["identifier"])
+            except Exception as exc:  # a parser raising on one odd URL: that URL's error row
+                sender.ready.popleft()
+                self._item_failed(item, exc, "checking robots.txt", runs)
+                return
+            if not allowed:
                 sender.ready.popleft()
                 self._write_error(item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
                 return
@@ -558,7 +615,11 @@ class Lane:
                 item.gates.remove(gate)
             if not item.copies:
                 item.run.flying.discard(item)
-            self._handle(outcome, runs, order)
+            if not item.run.failed:  # a batch that broke meanwhile takes no more rows
+                try:
+                    self._handle(outcome, runs, order)
+                except Exception as exc:
+                    self._item_failed(item, exc, "handling its answer", runs)
             try:
                 outcome = results.get_nowait()
             except queue.Empty:
@@ -615,9 +676,10 @@ class Lane:
     ) -> None:
         try:
             outcome = self._fetch_and_process(item, sent_at, concurrency, ticket)
-        except BaseException as exc:  # never lose an item, whatever happened
-            message = f"internal error: {type(exc).__name__}: {exc}"
-            outcome = _Outcome(item, code=int(ErrorCode.NETWORK), message=message)
+        except Exception as exc:  # never lose an item, whatever a library raised
+            message = internal_error_message(exc, "fetching or decoding it")
+            log.warning("%s: %s: %s", self.spec.key, item.row["identifier"][:200], message, exc_info=exc)
+            outcome = _Outcome(item, code=int(ErrorCode.INTERNAL), message=message)
         results.put(outcome)
 
     def _fetch_and_process(self, item: _Item, sent_at: float, concurrency: int, ticket: int) -> _Outcome:
@@ -726,6 +788,26 @@ class Lane:
             message = f"{message} ({SAME_FAILURE_NOTE} {len(item.codes)} tries of round {self.round_no})"
         self._write_error(item, outcome.code, message)
 
+    def _item_failed(self, item: _Item, exc: BaseException, where: str, runs: list[_BatchRun]) -> None:
+        """An exception while handling one URL: that URL's error row; a batch whose writer broke fails."""
+        run = item.run
+        assert run is not None
+        log.warning("%s: %s: error while %s", self.spec.key, item.row.get("identifier", "")[:200], where, exc_info=exc)
+        if run.failed:
+            return
+        if not item.settled:
+            try:
+                self._write_error(item, int(ErrorCode.INTERNAL), internal_error_message(exc, where))
+                return
+            except Exception as write_exc:
+                exc = write_exc
+        # The row may be half-written (settled): only dropping the whole batch keeps it exactly-once.
+        runs.remove(run)
+        for other in [*run.ready, *(entry[2] for entry in run.backoff), *run.flying]:
+            other.settled = True
+        self._suspects = [s for s in self._suspects if s.item.run is not run]
+        self._pending_failed.append(self._fail_batch(run, exc, "writing a row"))
+
     def _flush_suspects(self, runs: list[_BatchRun], banned: bool) -> None:
         for suspect in self._suspects:
             assert suspect.item.run is not None
@@ -752,7 +834,8 @@ class Lane:
                 "identifier": item.row["identifier"],
                 "retry_count": item.prior_retries + item.attempt,
                 "error_code": int(code),
-                "error_msg": message,
+                # Valid UTF-8 whatever an exception's text held (a lone surrogate would break the writer).
+                "error_msg": message.encode("utf-8", "replace").decode("utf-8"),
             }
         )
         stats = run.stats

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from distributed_downloader import config as config_mod
 from distributed_downloader import ownership
 from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.errors import internal_error_message
 from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.hosts import HostRegistry
 from distributed_downloader.lane import Lane, LaneSpec
@@ -105,6 +106,9 @@ class CoordinatorThread(threading.Thread):
             return {"batch": batch}
         if kind == "done":
             self.coordinator.finished_batch(message["server"], message["stats"], message.get("lane"))
+            return {}
+        if kind == "lane_failed":
+            self.coordinator.lane_failed(message["server"], message["lane_index"], message["reason"])
             return {}
         if kind == "pause":
             for other in self.coordinator.pause(message["server"], message["until"], rank):
@@ -204,17 +208,29 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             spec = None
         while spec is not None:
             thread = lanes[spec.server_name]
-            if kind == "error":
-                raise RuntimeError(f"lane {spec.key} failed") from payload
-            if kind == "done":
-                log.info(
-                    "batch done %s/%s: %s ok, %s errors in %.1fs",
-                    payload["server_name"],
-                    payload["partition_id"],
-                    payload["successes"],
-                    payload["errors"],
-                    payload["seconds"],
+            if kind == "error":  # the lane died (a bug, not a URL): its server waits for the next round
+                reason = internal_error_message(payload, f"running lane {spec.key}")
+                log.error("%s", reason, exc_info=payload)
+                print(f"[download] {reason}", file=sys.stderr, flush=True)
+                rpc(
+                    {"kind": "lane_failed", "server": spec.server_name, "lane_index": spec.lane_index, "reason": reason}
                 )
+                thread.join()
+                del lanes[spec.server_name]
+            elif kind == "done":
+                if payload.get("failed"):
+                    log.error(
+                        "batch failed %s/%s: %s", payload["server_name"], payload["partition_id"], payload["failed"]
+                    )
+                else:
+                    log.info(
+                        "batch done %s/%s: %s ok, %s errors in %.1fs",
+                        payload["server_name"],
+                        payload["partition_id"],
+                        payload["successes"],
+                        payload["errors"],
+                        payload["seconds"],
+                    )
                 rpc({"kind": "done", "server": spec.server_name, "stats": payload, "lane": thread.lane.snapshot()})
             elif kind == "more":
                 reply = rpc(
@@ -422,12 +438,26 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(paths.state / f"round_{round_no}_batches.json", coordinator_thread.coordinator.batch_stats)
     comm.Barrier()
     if rank == 0:
+        failed = coordinator_thread.coordinator.failed_batches
         missing = unfinished_batches(schedule, paths)
-        if missing:
-            print(f"[download] {len(missing)} batches unfinished, e.g. {missing[:5]}", file=sys.stderr)
+        unexplained = [key for key in missing if key not in failed]
+        if unexplained:
+            print(f"[download] {len(unexplained)} batches unfinished, e.g. {unexplained[:5]}", file=sys.stderr)
             return 1
+        if failed:  # data, not a crash: the next round downloads them again
+            print(
+                f"[download] round {round_no}: {len(failed)} batches failed and wait for the next round, e.g. "
+                + "; ".join(f"{key}: {why}" for key, why in list(failed.items())[:3]),
+                file=sys.stderr,
+                flush=True,
+            )
         atomic_write_json(
             done_path,
-            {"round": round_no, "ranks": size, "progress": coordinator_thread.coordinator.progress()},
+            {
+                "round": round_no,
+                "ranks": size,
+                "progress": coordinator_thread.coordinator.progress(),
+                "failed_batches": failed,
+            },
         )
     return 0
