@@ -18,7 +18,9 @@ ERROR_COLUMNS = [f.name for f in ERROR_SCHEMA]
 
 def read_all(images: Path, name: str, columns: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
-    for path in sorted(glob.glob(str(images / "server_name=*" / "partition_id=*" / name))):
+    # A retry round appends successes-r{R}.parquet beside successes.parquet: both are the dataset.
+    pattern = "successes*.parquet" if name == "successes.parquet" else name
+    for path in sorted(glob.glob(str(images / "server_name=*" / "partition_id=*" / pattern))):
         table = pq.read_table(path, columns=columns)
         assert table.schema.names == (columns or (SUCCESS_COLUMNS if name.startswith("succ") else ERROR_COLUMNS))
         rows.extend(table.to_pylist())

@@ -18,9 +18,10 @@ from distributed_downloader import config as config_mod
 from distributed_downloader import imaging
 from distributed_downloader import lane as lane_module
 from distributed_downloader import robots as robots_module
+from distributed_downloader.batch_parts import BatchParts
 from distributed_downloader.errors import ErrorCode, is_transient
 from distributed_downloader.lane import END_OF_BATCHES, MAX_BATCH_FAILURES, BatchStats, Lane, LaneSpec
-from distributed_downloader.store import MARKER_FILE, StreamingParquet
+from distributed_downloader.store import MARKER_FILE
 from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.e2e.helpers import read_all, write_batch_urls
 
@@ -138,16 +139,16 @@ def test_a_batch_that_cannot_be_committed_fails_alone_and_the_lane_goes_on(
 def test_a_writer_that_breaks_fails_its_batch_not_the_lane(
     tmp_path: Path, farm: ImageFarm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_append = StreamingParquet.append
+    real_append = BatchParts.append_success
     broken = {"rows": 0}
 
-    def append(self: StreamingParquet, row: dict) -> None:
-        if "hashsum_original" in row and row["identifier"].endswith(("d2.jpg?w=24&h=16",)):
+    def append(self: BatchParts, row: dict) -> None:
+        if row["identifier"].endswith("d2.jpg?w=24&h=16"):
             broken["rows"] += 1
             raise OSError(5, "Input/output error")
         real_append(self, row)
 
-    monkeypatch.setattr(StreamingParquet, "append", append)
+    monkeypatch.setattr(BatchParts, "append_success", append)
     lane, paths = _lane(tmp_path, farm, {0: _urls(farm, "d", 8), 1: _urls(farm, "e", 8)})
     stats = {s.partition_id: s for s in _run(lane, [0, 1])}
     assert broken["rows"] == 1

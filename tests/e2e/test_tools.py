@@ -101,7 +101,7 @@ def dataset(output: Path) -> dict[str, dict]:
     """uuid -> row with server_name, partition_id; the schema must be exactly the successes schema."""
     rows: dict[str, dict] = {}
     for path in sorted(
-        glob.glob(str(output / "downloaded_images" / "server_name=*" / "partition_id=*" / "successes.parquet"))
+        glob.glob(str(output / "downloaded_images" / "server_name=*" / "partition_id=*" / "successes*.parquet"))
     ):
         table = pq.read_table(path)
         assert table.schema.names == SUCCESS_COLUMNS

@@ -20,10 +20,8 @@ import contextlib
 import heapq
 import itertools
 import logging
-import os
 import queue
 import random
-import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -34,6 +32,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader import imaging
+from distributed_downloader.batch_parts import BatchParts, read_success_column, retry_successes_name, success_files
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import DownloadError, ErrorCode, internal_error_message, is_transient
 from distributed_downloader.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
@@ -44,11 +43,10 @@ from distributed_downloader.robots import RobotsCache, RobotsFetch, RobotsRules
 from distributed_downloader.store import (
     ERROR_SCHEMA,
     ERRORS_FILE,
-    SUCCESS_SCHEMA,
     SUCCESSES_FILE,
     Marker,
-    StreamingParquet,
     read_table,
+    valid_marker,
     write_marker,
 )
 
@@ -147,9 +145,9 @@ class _BatchRun:
     mode: str
     stats: BatchStats
     final_dir: Path
-    staging: Path
-    successes: StreamingParquet
-    errors: StreamingParquet
+    parts: BatchParts  # rows made durable every few seconds (a kill costs seconds, not the batch)
+    appending: bool  # a retry: new successes go in a file of their own beside the committed ones
+    kept_errors: list = field(default_factory=list)  # earlier error rows that stand (no retry)
     ready: deque = field(default_factory=deque)  # items to send now
     backoff: list = field(default_factory=list)  # heap of (due, order, item): failed items waiting to retry
     in_flight: int = 0
@@ -378,10 +376,8 @@ class Lane:
                     continue
                 self._pump(runs, results, order)
         except BaseException:
-            for run in runs:
-                run.successes.abort()
-                run.errors.abort()
-                shutil.rmtree(run.staging, ignore_errors=True)
+            for run in runs:  # the parts on disk stay: the next attempt carries them over
+                run.parts.discard_buffer()
             raise
 
     def _open_guarded(self, batch: Mapping, finished: Callable[[BatchStats], None]) -> _BatchRun | None:
@@ -400,13 +396,9 @@ class Lane:
             return None
 
     def _fail_batch(self, run: _BatchRun, exc: BaseException, where: str) -> BatchStats:
-        """Drop a batch that broke: its writers and staging go, the files in place stay as they were."""
+        """Drop a batch that broke: rows not yet in a part go, committed files and parts stay as they were."""
         run.failed = str(exc) or type(exc).__name__
-        with contextlib.suppress(Exception):
-            run.successes.abort()
-        with contextlib.suppress(Exception):
-            run.errors.abort()
-        shutil.rmtree(run.staging, ignore_errors=True)
+        run.parts.discard_buffer()
         run.stats.seconds = round(time.monotonic() - run.started, 3)
         return self._note_batch_failure(run.stats, exc, where)
 
@@ -428,119 +420,122 @@ class Lane:
         final_dir = self.paths.batch_images(self.spec.server_name, partition_id)
         for leftover in final_dir.glob(".*.tmp"):  # a temp file of a write cut short by a kill
             leftover.unlink(missing_ok=True)
-        staging = (
-            self.paths.staging / f"round_{self.round_no}" / f"{self.spec.server_name}" / f"{partition_id}.{os.getpid()}"
-        )
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        appending = mode == "retry" or (mode == "ignored" and valid_marker(final_dir, fingerprint) is not None)
         run = _BatchRun(
             partition_id,
             fingerprint,
             mode,
             stats,
             final_dir,
-            staging,
-            StreamingParquet(staging / SUCCESSES_FILE, SUCCESS_SCHEMA),
-            StreamingParquet(staging / ERRORS_FILE, ERROR_SCHEMA),
+            BatchParts(final_dir, fingerprint, self.round_no),
+            appending,
             started=started,
             next_sample=started,
         )
-        try:
-            urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
-            stats.urls = len(urls)
-            if urls and mode != "ignored" and not self.spec.ignored_code:  # an ignored server hears nothing
-                self._sample_url = urls[0]["identifier"]
-                self._refresh_robots(force=True)
-            todo = self._carry_over(final_dir, urls, mode, run.successes, run.errors, stats)
-            stats.todo = len(todo)
+        urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
+        stats.urls = len(urls)
+        if urls and mode != "ignored" and not self.spec.ignored_code:  # an ignored server hears nothing
+            self._sample_url = urls[0]["identifier"]
+            self._refresh_robots(force=True)
+        todo = self._carry_over(run, urls)
+        stats.todo = len(todo)
+        for item in todo:
+            item.run = run
+        if mode == "ignored" or self.spec.ignored_code:
             for item in todo:
-                item.run = run
-            if mode == "ignored" or self.spec.ignored_code:
-                for item in todo:
-                    code = self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED)
-                    self._write_error(item, code, self.spec.ignored_reason or "server ignored")
-            else:
-                run.ready.extend(todo)
-        except BaseException:
-            run.successes.abort()
-            run.errors.abort()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                code = self.spec.ignored_code or int(ErrorCode.SERVER_IGNORED)
+                self._write_error(item, code, self.spec.ignored_reason or "server ignored")
+        else:
+            run.ready.extend(todo)
         return run
 
     def _commit(self, run: _BatchRun) -> BatchStats:
-        """Rename the batch's files into place, then its marker: the batch is done."""
+        """Merge the batch's parts into its files, then write its marker: the batch is done.
+
+        A retry appends ``successes-r{round}.parquet`` beside the images already stored (never
+        rewriting them); a full download replaces every success file. ``errors.parquet`` (small) is
+        rewritten whole. Until the marker is written the parts stay, so a kill anywhere in here
+        leaves a batch the next attempt commits again.
+        """
         stats = run.stats
         try:
-            run.successes.commit()
-            run.errors.commit()
             run.final_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(run.staging / SUCCESSES_FILE, run.final_dir / SUCCESSES_FILE)
-            os.replace(run.staging / ERRORS_FILE, run.final_dir / ERRORS_FILE)
+            target = run.final_dir / (retry_successes_name(self.round_no) if run.appending else SUCCESSES_FILE)
+            run.parts.write_successes(target)
+            if not run.appending:  # files of an older URL list of this folder
+                for path in success_files(run.final_dir):
+                    if path != target:
+                        path.unlink()
+            run.parts.write_errors(run.kept_errors)
             marker = Marker(run.fingerprint, self.round_no, stats.successes, stats.errors, stats.transient)
             write_marker(run.final_dir, marker)
         except OSError as exc:
-            run.successes.abort()
-            run.errors.abort()
+            run.parts.discard_buffer()
             raise OSError(
                 exc.errno,
                 f"batch {self.spec.server_name}/partition_id={run.partition_id} not written: {exc.strerror}",
-                str(run.staging),
+                str(run.final_dir),
             ) from exc
-        finally:
-            shutil.rmtree(run.staging, ignore_errors=True)
+        run.parts.remove()
         stats.seconds = round(time.monotonic() - run.started, 3)
         stats.rate_end = self.controller.rate
         stats.server_failed = self.server_failed
         return stats
 
-    def _carry_over(
-        self,
-        final_dir: Path,
-        urls: list[dict],
-        mode: str,
-        successes: StreamingParquet,
-        errors: StreamingParquet,
-        stats: BatchStats,
-    ) -> list[_Item]:
-        """Rows kept from earlier rounds, and the items this round must (re)try.
+    def _carry_over(self, run: _BatchRun, urls: list[dict]) -> list[_Item]:
+        """Rows earlier attempts and rounds left, and the items this attempt must (re)try.
 
-        In a retry, a uuid found in successes wins over its error row, so a batch whose earlier
-        commit was interrupted between its two renames is repaired instead of duplicated.
+        What counts as done: successes in the batch's committed files (a retry: only their uuid
+        column is read, never the images) and in the parts of an attempt that did not commit;
+        error rows of this round's parts; permanent error rows of earlier rounds. Transient error
+        rows of earlier rounds are tried again. A uuid found among successes wins over an error row.
         """
-        if mode == "full":
-            return [_Item(row) for row in urls]
-        done = read_table(final_dir / SUCCESSES_FILE, SUCCESS_SCHEMA)
-        old_errors = read_table(final_dir / ERRORS_FILE, ERROR_SCHEMA).to_pylist()
+        stats = run.stats
         expected = {row["uuid"] for row in urls}
-        done_ids: set[str] = set()
-        for offset in range(0, done.num_rows, 256):  # stream old image rows across in slices
-            for row in done.slice(offset, 256).to_pylist():
-                if row["uuid"] in expected and row["uuid"] not in done_ids:
-                    done_ids.add(row["uuid"])
-                    successes.append(row)
-                    stats.successes += 1
+        done_ids = run.parts.carried_successes() & expected
+        if run.appending:
+            # A file of this round here is a commit cut short: its rows are still in the parts.
+            (run.final_dir / retry_successes_name(self.round_no)).unlink(missing_ok=True)
+            done_ids |= set(read_success_column(run.final_dir, "uuid").to_pylist()) & expected
+            old_errors = read_table(run.final_dir / ERRORS_FILE, ERROR_SCHEMA).to_pylist()
+        else:
+            old_errors = []
+        stats.successes += len(done_ids)
+        earlier: dict[str, dict] = {}  # uuid -> its latest error row of an earlier round
+        current: dict[str, dict] = {}  # uuid -> its error row of this round (final for this round)
+        for error in old_errors:
+            earlier[error["uuid"]] = error
+        for round_no, error in run.parts.carried_errors():
+            (current if round_no == self.round_no else earlier)[error["uuid"]] = error
         by_uuid = {row["uuid"]: row for row in urls}
         todo: list[_Item] = []
-        errored: set[str] = set()
-        for error in old_errors:
-            uuid = error["uuid"]
-            if uuid in done_ids or uuid in errored or uuid not in by_uuid:
+        for uuid, error in current.items():
+            if uuid in by_uuid and uuid not in done_ids:
+                done_ids.add(uuid)
+                self._count_error(stats, error["error_code"])
+        for uuid, error in earlier.items():
+            if uuid not in by_uuid or uuid in done_ids:
                 continue
-            errored.add(uuid)
-            if is_transient(error["error_code"]) or mode == "ignored":
+            done_ids.add(uuid)
+            if is_transient(error["error_code"]) or run.mode == "ignored":
                 # A URL that failed the same way in every try of its last round: one try, no ladder.
                 single = SAME_FAILURE_NOTE in (error["error_msg"] or "")
                 todo.append(
                     _Item(by_uuid[uuid], prior_retries=error["retry_count"] + 1, max_attempts=0 if single else None)
                 )
             else:
-                errors.append(error)
-                stats.errors += 1
-                stats.error_codes[error["error_code"]] += 1
-        # URLs in neither file (a batch whose files were lost) are simply downloaded again.
-        todo.extend(_Item(row) for row in urls if row["uuid"] not in done_ids and row["uuid"] not in errored)
+                run.kept_errors.append(error)
+                self._count_error(stats, error["error_code"])
+        # URLs in no file (a first attempt, or a batch whose files were lost) are downloaded.
+        todo.extend(_Item(row) for row in urls if row["uuid"] not in done_ids)
         return todo
+
+    @staticmethod
+    def _count_error(stats: BatchStats, code: int) -> None:
+        stats.errors += 1
+        stats.error_codes[int(code)] += 1
+        if is_transient(code):
+            stats.transient += 1
 
     # ------------------------------------------------------------------ the download loop
 
@@ -554,6 +549,11 @@ class Lane:
                 run.next_sample = now + RATE_SAMPLE_SECONDS
             while run.backoff and run.backoff[0][0] <= now:
                 run.ready.append(heapq.heappop(run.backoff)[2])
+        for run in list(runs):
+            try:
+                run.parts.flush_if_due(now)
+            except Exception as exc:  # a part that cannot be written: the batch, not the lane
+                self._break_run(run, exc, "writing a part of it", runs)
         if any(run.waiting for run in runs):
             stop = self._stop_reason()
             if stop is not None:  # the rest waits for the next round
@@ -762,7 +762,7 @@ class Lane:
             self._flush_suspects(runs, banned=False)
         if outcome.success is not None:
             self._settle(item)
-            run.successes.append(outcome.success)
+            run.parts.append_success(outcome.success)
             stats.successes += 1
             stats.new_successes += 1
             stats.processed += 1
@@ -802,11 +802,15 @@ class Lane:
             except Exception as write_exc:
                 exc = write_exc
         # The row may be half-written (settled): only dropping the whole batch keeps it exactly-once.
+        self._break_run(run, exc, "writing a row", runs)
+
+    def _break_run(self, run: _BatchRun, exc: BaseException, where: str, runs: list[_BatchRun]) -> None:
+        """A batch that cannot go on: it stops here (reported failed), the lane's other batches go on."""
         runs.remove(run)
         for other in [*run.ready, *(entry[2] for entry in run.backoff), *run.flying]:
             other.settled = True
         self._suspects = [s for s in self._suspects if s.item.run is not run]
-        self._pending_failed.append(self._fail_batch(run, exc, "writing a row"))
+        self._pending_failed.append(self._fail_batch(run, exc, where))
 
     def _flush_suspects(self, runs: list[_BatchRun], banned: bool) -> None:
         for suspect in self._suspects:
@@ -828,7 +832,7 @@ class Lane:
         run = item.run
         assert run is not None
         self._settle(item)
-        run.errors.append(
+        run.parts.append_error(
             {
                 "uuid": item.row["uuid"],
                 "identifier": item.row["identifier"],
@@ -839,11 +843,8 @@ class Lane:
             }
         )
         stats = run.stats
-        stats.errors += 1
         stats.processed += 1
-        stats.error_codes[int(code)] += 1
-        if is_transient(code):
-            stats.transient += 1
+        self._count_error(stats, code)
 
 
 _BAN_MESSAGE = "HTTP 403 during a burst of 403s (a temporary ban, likely): tried again next round"

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distributed_downloader.batch_parts import success_files
 from distributed_downloader.config import Paths
 from distributed_downloader.partition import URL_SCHEMA
 from distributed_downloader.store import (
     ERROR_SCHEMA,
     ERRORS_FILE,
     SUCCESS_SCHEMA,
-    SUCCESSES_FILE,
     atomic_write_json,
     atomic_write_text,
     valid_marker,
@@ -57,7 +57,8 @@ def verify_batch(paths: Paths, server: str, partition_id: int, fp: str) -> dict:
     urls = _read_columns(paths.batch_urls(server, partition_id), URL_SCHEMA, ["uuid"]).column("uuid")
     folder = paths.batch_images(server, partition_id)
     marker = valid_marker(folder, fp)
-    ok_ids = _read_columns(folder / SUCCESSES_FILE, SUCCESS_SCHEMA, ["uuid"]).column("uuid")
+    ok_chunks = [_read_columns(path, SUCCESS_SCHEMA, ["uuid"]).column("uuid") for path in success_files(folder)]
+    ok_ids = pa.chunked_array([c for chunk in ok_chunks for c in chunk.chunks], pa.string())
     errors = _read_columns(folder / ERRORS_FILE, ERROR_SCHEMA, ["uuid", "error_code"])
     error_ids = errors.column("uuid")
     removed_ids = _removed_by_tools(paths, server, partition_id)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader.store import SUCCESSES_FILE, atomic_write_json
 from distributed_downloader.tools.dataset import (
     FILTER_SCHEMA,
     ParquetRewrite,
@@ -151,10 +151,16 @@ class FilterToolBase(ToolBase):
         return successes_path(self.paths, part)
 
     def partition_rows(self, part: Partition) -> int:
-        return pq.read_metadata(self.successes_path(part)).num_rows
+        """Rows over every success file of the partition folder."""
+        return sum(pq.read_metadata(self.successes_path(unit)).num_rows for unit in self._units(part))
 
     def read_partition(self, part: Partition, columns: Sequence[str]) -> pa.Table:
-        return pq.read_table(self.successes_path(part), columns=list(columns))
+        """``columns`` of every success file of the partition folder, as one table."""
+        tables = [pq.read_table(self.successes_path(unit), columns=list(columns)) for unit in self._units(part)]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def _units(self, part: Partition) -> list[Partition]:
+        return [part] if part.file != SUCCESSES_FILE else part.files(self.paths)
 
     def table_writer(self) -> FilterTableWriter:
         return FilterTableWriter(self)

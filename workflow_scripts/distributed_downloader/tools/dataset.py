@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distributed_downloader.batch_parts import success_files
 from distributed_downloader.config import Paths
 from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE
 
@@ -41,14 +42,32 @@ REPORT_FIELDS = [
 
 @dataclass(frozen=True, order=True)
 class Partition:
-    """One batch folder of the image store: ``server_name=S/partition_id=N``."""
+    """One batch folder of the image store: ``server_name=S/partition_id=N``.
+
+    ``file`` names one of its success files: a retry round appends ``successes-r{R}.parquet``
+    beside ``successes.parquet`` (batch_parts.py); runners rewrite each file on its own (``files``).
+    """
 
     server_name: str
     partition_id: int
+    file: str = SUCCESSES_FILE
 
     @property
     def key(self) -> str:
         return f"{self.server_name}/{self.partition_id}"
+
+    @property
+    def suffix(self) -> str:
+        """'' for the main file, '-r2' for ``successes-r2.parquet``: tells apart per-file markers and reports."""
+        return "" if self.file == SUCCESSES_FILE else self.file.removeprefix("successes").removesuffix(".parquet")
+
+    def folder(self, paths: Paths) -> Path:
+        return paths.batch_images(self.server_name, self.partition_id)
+
+    def files(self, paths: Paths) -> list[Partition]:
+        """One unit per success file of the folder (the main file alone when there is none)."""
+        names = [path.name for path in success_files(self.folder(paths))]
+        return [Partition(self.server_name, self.partition_id, name) for name in names or [SUCCESSES_FILE]]
 
     def to_json(self) -> dict:
         return {"server_name": self.server_name, "partition_id": self.partition_id}
@@ -94,15 +113,15 @@ class ToolPaths:
         return self.root / "removed"
 
     def marker(self, part: Partition) -> Path:
-        return self.markers / f"server_name={part.server_name}" / f"partition_id={part.partition_id}.json"
+        return self.markers / f"server_name={part.server_name}" / f"partition_id={part.partition_id}{part.suffix}.json"
 
     def removed_report(self, part: Partition, application: str) -> Path:
         folder = self.removed / f"server_name={part.server_name}" / f"partition_id={part.partition_id}"
-        return folder / f"removed-{application[:16]}.parquet"
+        return folder / f"removed-{application[:16]}{part.suffix}.parquet"
 
 
 def successes_path(paths: Paths, part: Partition) -> Path:
-    return paths.batch_images(part.server_name, part.partition_id) / SUCCESSES_FILE
+    return paths.batch_images(part.server_name, part.partition_id) / part.file
 
 
 def _hive_value(name: str, prefix: str) -> str | None:
@@ -110,7 +129,7 @@ def _hive_value(name: str, prefix: str) -> str | None:
 
 
 def list_partitions(images: Path) -> list[Partition]:
-    """Every partition folder holding a ``successes.parquet``, sorted by (server_name, partition_id)."""
+    """Every partition folder holding a success file, sorted by (server_name, partition_id)."""
     found: list[Partition] = []
     if not images.is_dir():
         return found
@@ -124,7 +143,7 @@ def list_partitions(images: Path) -> list[Partition]:
                     value = _hive_value(entry.name, "partition_id=")
                     if value is None or not value.isdigit() or not entry.is_dir():
                         continue
-                    if os.path.exists(os.path.join(entry.path, SUCCESSES_FILE)):
+                    if success_files(Path(entry.path)):
                         found.append(Partition(server_name, int(value)))
     return sorted(found)
 

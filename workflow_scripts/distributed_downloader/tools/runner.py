@@ -15,6 +15,10 @@ Per partition, in this order:
 A rerun of the same application (same filter result) skips *done* partitions, finishes *pending* ones
 whose file already is the produced one, and redoes the others from their untouched source: a tool is
 never applied twice to a partition, and every removed row is in exactly one report.
+
+A partition folder may hold several success files (a retry round appends ``successes-r{R}.parquet``):
+each is a unit of its own here (``Partition.files``), with its own marker and report, so a rewrite
+never has to replace several files at once.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.store import ROW_GROUP_ROWS, SUCCESS_SCHEMA, SUCCESSES_FILE, atomic_write_json
+from distributed_downloader.store import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
 from distributed_downloader.tools.base import BatchResult, MPIRunnerTool, PartitionContext
 from distributed_downloader.tools.dataset import (
     REPORT_FIELDS,
@@ -135,10 +139,10 @@ def process_partition(runner: MPIRunnerTool, application: str, part: Partition, 
     path = successes_path(runner.paths, part)
     marker_path = runner.tool_paths.marker(part)
     report_path = runner.tool_paths.removed_report(part, application)
-    remove_stale_temps(path.parent, SUCCESSES_FILE, tag)
+    remove_stale_temps(path.parent, path.name, tag)
     remove_stale_temps(report_path.parent, report_path.name, tag)
     if not path.exists():
-        log.warning("%s: %s has no successes.parquet any more; nothing to apply", tool, part.key)
+        log.warning("%s: %s has no %s any more; nothing to apply", tool, part.key, part.file)
         marker = {
             "application": application,
             "state": "done",
@@ -300,7 +304,7 @@ def run_partitions(
     todo = []
     for item in mine:
         part = Partition(item["server_name"], int(item["partition_id"]))
-        if partition_state(runner, application, part) == "done":
+        if all(partition_state(runner, application, unit) == "done" for unit in part.files(runner.paths)):
             stats["done_before"] += 1
         else:
             todo.append(item)
@@ -310,13 +314,17 @@ def run_partitions(
             parts = [Partition(item["server_name"], int(item["partition_id"])) for item in chunk]
             rows = load_filter_rows(schedule["filter_table"], parts, runner.filter_columns)
             for part in parts:
+                part_rows = rows.pop(part)
                 try:
-                    marker = process_partition(runner, application, part, rows.pop(part))
+                    markers = [
+                        process_partition(runner, application, unit, part_rows) for unit in part.files(runner.paths)
+                    ]
                 except Exception:
                     log.exception("%s failed on %s", runner.tool_name, part.key)
                     stats["failed"] += 1
                     continue
                 stats["processed"] += 1
+                marker = {key: sum(m.get(key, 0) for m in markers) for key in ("rows_in", "removed", "changed")}
                 for key in ("rows_in", "removed", "changed"):
                     stats[key] += marker.get(key, 0)
                 log.info(
@@ -341,14 +349,17 @@ def summarize(schedule: Mapping, runner: MPIRunnerTool) -> dict:
     missing = []
     for item in schedule["partitions"]:
         part = Partition(item["server_name"], int(item["partition_id"]))
-        marker = read_json(runner.tool_paths.marker(part))
-        if not isinstance(marker, dict) or marker.get("application") != application or marker.get("state") != "done":
+        markers = [read_json(runner.tool_paths.marker(unit)) for unit in part.files(runner.paths)]
+        if not all(
+            isinstance(m, dict) and m.get("application") == application and m.get("state") == "done" for m in markers
+        ):
             missing.append(part.key)
             continue
-        totals["rows_seen"] += marker.get("rows_in", 0)
-        totals["rows_kept"] += marker.get("rows_out", 0)
-        totals["rows_removed"] += marker.get("removed", 0)
-        totals["rows_changed"] += marker.get("changed", 0)
+        for marker in markers:
+            totals["rows_seen"] += marker.get("rows_in", 0)
+            totals["rows_kept"] += marker.get("rows_out", 0)
+            totals["rows_removed"] += marker.get("removed", 0)
+            totals["rows_changed"] += marker.get("changed", 0)
     return {
         "tool": schedule["tool"],
         "application": application,

@@ -1,0 +1,122 @@
+"""Batches made durable in parts, and retry rounds that append: a real Lane against a real loopback farm.
+
+- An attempt cut short keeps every part it flushed: the next attempt sends requests only for the rows
+  since the last part (counted at the server), and the batch ends with every URL exactly once.
+- A retry round appends ``successes-r2.parquet``: the images already stored are not read or
+  rewritten (``successes.parquet`` byte-identical), the retried URLs leave ``errors.parquet``, and
+  verification counts every URL once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distributed_downloader import batch_parts
+from distributed_downloader import config as config_mod
+from distributed_downloader.batch_parts import PARTS_DIR, BatchParts, success_files
+from distributed_downloader.errors import is_transient
+from distributed_downloader.lane import BatchStats, Lane, LaneSpec
+from distributed_downloader.store import ERRORS_FILE, SUCCESSES_FILE, read_marker
+from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm
+from distributed_downloader.verify import verify_batch
+from tests.e2e.helpers import read_all, write_batch_urls
+
+pytestmark = pytest.mark.e2e
+FINGERPRINT = "f" * 32
+
+
+def _setup(tmp_path: Path, farm: ImageFarm, urls: list[str]) -> tuple[dict, config_mod.Paths, str]:
+    config = config_mod.validate(
+        {
+            "path_to_input": str(tmp_path / "unused.csv"),
+            "path_to_output": str(tmp_path / "out"),
+            "downloader_parameters": {
+                "allow_private_addresses": True,
+                "respect_robots_txt": False,
+                "max_retries": 0,
+                "timeout": {"connect": 3, "read": 3, "total": 10},
+            },
+        }
+    )
+    paths = config_mod.paths(config)
+    server = farm.base_urls[0].split("//", 1)[1]
+    write_batch_urls(paths.batch_urls(server, 0), urls)
+    return config, paths, server
+
+
+def _lane(config: dict, paths: config_mod.Paths, server: str, round_no: int) -> Lane:
+    spec = LaneSpec(server, 0, 1, start_rate=100.0, max_rate=100.0, max_connections=2, decrease=0.3)
+    return Lane(spec, config, paths, round_no=round_no)
+
+
+def _run(lane: Lane, mode: str) -> BatchStats:
+    try:
+        return lane.run_batch(0, FINGERPRINT, mode)
+    finally:
+        lane.close()
+
+
+def test_an_attempt_cut_short_keeps_its_parts_and_the_next_one_sends_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_parts, "PARTS_ROWS", 4)  # a part every 4 rows: the cut loses at most 3
+    with ImageFarm([HostSpec("p", latency=0.002)], seed=4) as farm:
+        urls = [farm.url(0, f"/img/k{i}.jpg?w=20&h=12") for i in range(30)]
+        config, paths, server = _setup(tmp_path, farm, urls)
+
+        def killed(self: Lane, run: object) -> BatchStats:
+            raise KeyboardInterrupt  # what a kill looks like to the lane: nothing after this point runs
+
+        monkeypatch.setattr(Lane, "_commit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(_lane(config, paths, server, 1), "full")
+        first = len(farm.request_log(0))
+        folder = paths.batch_images(server, 0)
+        assert read_marker(folder) is None and not success_files(folder)
+        kept = BatchParts(folder, FINGERPRINT, 1).carried_successes()
+        assert len(kept) >= len(urls) - 3
+
+        monkeypatch.undo()
+        stats = _run(_lane(config, paths, server, 1), "full")
+        resent = len(farm.request_log(0)) - first
+    print(f"parts: first attempt {first} requests, {len(kept)} rows kept; the next one sent {resent}")
+    assert first == len(urls)
+    assert resent == len(urls) - len(kept) <= 3
+    assert stats.successes == len(urls) and not stats.failed
+    rows = read_all(paths.images, "successes.parquet")
+    assert Counter(r["uuid"] for r in rows).most_common(1)[0][1] == 1 and len(rows) == len(urls)
+    assert not (folder / PARTS_DIR).exists()  # merged into successes.parquet, then removed
+    assert verify_batch(paths, server, 0, FINGERPRINT)["problems"] == []
+
+
+def test_a_retry_round_appends_and_never_rewrites_the_stored_images(tmp_path: Path) -> None:
+    # One-off 500s and resets: transient errors in round 1 (no retries), served in round 2.
+    spec = HostSpec("r", latency=0.002, background=FaultMix(error500=0.2, reset=0.1))
+    with ImageFarm([spec], seed=8) as farm:
+        urls = [farm.url(0, f"/img/q{i}.jpg?w=20&h=12") for i in range(40)]
+        faulty = [u for u in urls if farm.expected_outcome(0, "/" + u.split("/", 3)[3]) != "ok"]
+        assert len(faulty) >= 4
+        config, paths, server = _setup(tmp_path, farm, urls)
+        first = _run(_lane(config, paths, server, 1), "full")
+        folder = paths.batch_images(server, 0)
+        before = hashlib.sha256((folder / SUCCESSES_FILE).read_bytes()).hexdigest()
+        stamp = (folder / SUCCESSES_FILE).stat().st_mtime_ns
+        errors = pq.read_table(folder / ERRORS_FILE).to_pylist()
+        assert first.transient == len(faulty) == len(errors)
+        assert all(is_transient(e["error_code"]) for e in errors)
+
+        second = _run(_lane(config, paths, server, 2), "retry")
+    assert second.successes == len(urls) and second.transient == 0
+    assert [p.name for p in success_files(folder)] == [SUCCESSES_FILE, "successes-r2.parquet"]
+    assert hashlib.sha256((folder / SUCCESSES_FILE).read_bytes()).hexdigest() == before
+    assert (folder / SUCCESSES_FILE).stat().st_mtime_ns == stamp
+    added = pq.read_table(folder / "successes-r2.parquet", columns=["identifier"]).column("identifier").to_pylist()
+    assert set(added) == set(faulty), (set(added) ^ set(faulty))
+    assert pq.read_table(folder / ERRORS_FILE).num_rows == 0
+    assert read_marker(folder).round == 2
+    assert verify_batch(paths, server, 0, FINGERPRINT)["problems"] == []

@@ -1,0 +1,213 @@
+"""A batch's files on disk: committed success files, and the durable parts of a batch in progress.
+
+One batch folder (``server_name=S/partition_id=N/``) holds:
+
+- ``successes.parquet``: the rows of the round that downloaded the whole batch ("full" mode);
+- ``successes-r{R}.parquet``: the rows retry round R added. Retry rounds append a file, they never
+  rewrite the images already stored;
+- ``errors.parquet``: the batch's error rows (small, no images: rewritten at each commit, so a URL
+  retried successfully loses its old error row);
+- ``_completed``: the marker (store.Marker), written last: the batch is done for its URL list;
+- ``.parts/{fingerprint}/r{R}-{seq}.{successes|errors}.parquet``: rows of an attempt still in
+  progress, flushed every few seconds (``PARTS_SECONDS``) or few hundred rows, each part atomic. A
+  kill costs the rows since the last part; the next attempt (this round or a later one) carries the
+  parts over and downloads only the rest. The parts are merged into the files above at commit and
+  removed after the marker.
+
+Dataset readers skip names starting with ``.`` or ``_``, so the folder is always one hive partition;
+read it with the glob ``successes*.parquet`` (``success_files``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed_downloader.store import (
+    ERROR_SCHEMA,
+    ERRORS_FILE,
+    PARQUET_COMPRESSION,
+    ROW_GROUP_ROWS,
+    SUCCESS_SCHEMA,
+    SUCCESSES_FILE,
+    _fsync_and_rename,
+    _temp_beside,
+    atomic_write_table,
+)
+
+PARTS_DIR = ".parts"
+PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work...
+PARTS_ROWS = ROW_GROUP_ROWS  # ...or this many rows...
+PARTS_BYTES = 32 * 1024 * 1024  # ...or this many image bytes (bounds the lane's memory)
+_SUCCESS_NAME = re.compile(r"^successes(?:-r(\d+))?\.parquet$")
+_PART_NAME = re.compile(r"^r(\d+)-(\d+)\.(successes|errors)\.parquet$")
+
+
+def retry_successes_name(round_no: int) -> str:
+    return f"successes-r{round_no}.parquet"
+
+
+def success_files(folder: Path) -> list[Path]:
+    """The batch folder's committed success files: ``successes.parquet`` first, then by round."""
+    found: list[tuple[int, Path]] = []
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for name in names:
+        match = _SUCCESS_NAME.match(name)
+        if match:
+            found.append((int(match.group(1) or 0), folder / name))
+    return [path for _, path in sorted(found)]
+
+
+def read_success_column(folder: Path, column: str) -> pa.ChunkedArray:
+    """One column over every success file of a batch folder (``uuid``: no image bytes are read)."""
+    chunks = [pq.read_table(path, columns=[column]).column(column) for path in success_files(folder)]
+    if not chunks:
+        return pa.chunked_array([], SUCCESS_SCHEMA.field(column).type)
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], SUCCESS_SCHEMA.field(column).type)
+
+
+class BatchParts:
+    """The rows of one batch attempt, buffered briefly and made durable as parts in its folder."""
+
+    def __init__(self, folder: Path, fingerprint: str, round_no: int) -> None:
+        self.folder = folder
+        self.round_no = round_no
+        root = folder / PARTS_DIR
+        self.dir = root / fingerprint[:32]
+        if root.is_dir():  # parts of another URL list (a re-initialized batch) are not ours
+            for other in root.iterdir():
+                if other != self.dir:
+                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+        if self.dir.is_dir():
+            for leftover in self.dir.glob(".*.tmp"):  # a part's write cut short by a kill
+                leftover.unlink(missing_ok=True)
+        self._successes: list[dict] = []
+        self._errors: list[dict] = []
+        self._bytes = 0
+        self._last_flush = time.monotonic()
+        self.flushed_rows = 0
+        self._seq = 1 + max((seq for _, seq, _, _ in self._parts()), default=0)
+
+    # ------------------------------------------------------------------ what earlier attempts left
+
+    def _parts(self, kind: str | None = None) -> Iterator[tuple[int, int, str, Path]]:
+        """(round, seq, kind, path) of the parts on disk, in write order."""
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return
+        for name in names:
+            match = _PART_NAME.match(name)
+            if match and (kind is None or match.group(3) == kind):
+                yield int(match.group(1)), int(match.group(2)), match.group(3), self.dir / name
+
+    def carried_successes(self) -> set[str]:
+        """uuids already downloaded by earlier attempts of this batch (image bytes are not read)."""
+        ids: set[str] = set()
+        for _, _, _, path in self._parts("successes"):
+            ids.update(pq.read_table(path, columns=["uuid"]).column("uuid").to_pylist())
+        return ids
+
+    def carried_errors(self) -> list[tuple[int, dict]]:
+        """(round, row) of the error rows earlier attempts wrote."""
+        rows: list[tuple[int, dict]] = []
+        for round_no, _, _, path in self._parts("errors"):
+            rows.extend((round_no, row) for row in pq.read_table(path, schema=ERROR_SCHEMA).to_pylist())
+        return rows
+
+    # ------------------------------------------------------------------ this attempt
+
+    def append_success(self, row: dict) -> None:
+        self._successes.append(row)
+        self._bytes += len(row.get("image") or b"")
+        if len(self._successes) >= PARTS_ROWS or self._bytes >= PARTS_BYTES:
+            self.flush()
+
+    def append_error(self, row: dict) -> None:
+        self._errors.append(row)
+        if len(self._errors) >= PARTS_ROWS:
+            self.flush()
+
+    def flush_if_due(self, now: float) -> None:
+        if (self._successes or self._errors) and now - self._last_flush >= PARTS_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the buffered rows durable: one part file per kind, each written atomically."""
+        self._last_flush = time.monotonic()
+        for kind, rows, schema in (
+            ("successes", self._successes, SUCCESS_SCHEMA),
+            ("errors", self._errors, ERROR_SCHEMA),
+        ):
+            if not rows:
+                continue
+            table = pa.Table.from_pylist(rows, schema=schema)
+            atomic_write_table(self.dir / f"r{self.round_no}-{self._seq:06d}.{kind}.parquet", table)
+            self._seq += 1
+            self.flushed_rows += len(rows)
+            rows.clear()
+        self._bytes = 0
+
+    def discard_buffer(self) -> None:
+        """Forget rows not yet flushed (a batch that broke); the parts on disk stay for the next attempt."""
+        self._successes.clear()
+        self._errors.clear()
+        self._bytes = 0
+
+    # ------------------------------------------------------------------ commit
+
+    def write_successes(self, target: Path) -> int:
+        """Merge every success part into ``target`` (temp + rename), one part in memory at a time.
+
+        Returns the rows written; with none, ``target`` is written empty only if it is the batch's
+        main ``successes.parquet`` (a batch folder always has one), otherwise not at all.
+        """
+        self.flush()
+        parts = [path for _, _, _, path in self._parts("successes")]
+        if not parts and target.name != SUCCESSES_FILE:
+            target.unlink(missing_ok=True)
+            return 0
+        temp = _temp_beside(target)
+        rows = 0
+        try:
+            with pq.ParquetWriter(temp, SUCCESS_SCHEMA, compression=PARQUET_COMPRESSION) as writer:
+                for path in parts:
+                    table = pq.read_table(path, schema=SUCCESS_SCHEMA)
+                    writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                    rows += table.num_rows
+            _fsync_and_rename(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return rows
+
+    def write_errors(self, kept: list[dict]) -> int:
+        """``errors.parquet`` = ``kept`` (earlier rows that stand) + this round's error parts.
+
+        Error parts of earlier rounds are not copied: the lane decided which of them stand (in
+        ``kept``) and which it tried again.
+        """
+        self.flush()
+        rows = list(kept)
+        for round_no, _, _, path in self._parts("errors"):
+            if round_no == self.round_no:
+                rows.extend(pq.read_table(path, schema=ERROR_SCHEMA).to_pylist())
+        atomic_write_table(self.folder / ERRORS_FILE, pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
+        return len(rows)
+
+    def remove(self) -> None:
+        """After the marker: the parts live on in the committed files."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with_parts = self.folder / PARTS_DIR
+        if with_parts.is_dir() and not any(with_parts.iterdir()):
+            with_parts.rmdir()
