@@ -357,7 +357,7 @@ def run_ours(scenario: Scenario, workdir: Path, args: argparse.Namespace) -> Run
 def score_ours(figures: RunFigures, scenario: Scenario, farm: RunningFarm, images: Path) -> None:
     by_uuid = {u.uuid: u for u in scenario.urls}
     retrieved: set[str] = set()
-    for path in images.glob("server_name=*/partition_id=*/successes.parquet"):
+    for path in images.glob("server_name=*/partition_id=*/successes*.parquet"):
         table = pq.read_table(path, columns=["uuid", "hashsum_original"])
         for uuid, md5 in zip(
             table.column("uuid").to_pylist(), table.column("hashsum_original").to_pylist(), strict=True
