@@ -3,7 +3,9 @@
 ``process_image`` is the hot path (called from many threads on ~200M images), so it never touches
 global Pillow state, decodes JPEGs at a reduced DCT scale when possible, and resizes the small
 image before applying the EXIF orientation.  Everything that is not a good image becomes an
-``ImageError`` with a negative code.
+``ImageError`` with a negative code.  Each decode first reserves its working memory, estimated from
+the header, from a per-process budget (``decode_budget``), so a burst of large images waits instead
+of taking the node's memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image
 
+from distributed_downloader import decode_budget
 from distributed_downloader.errors import ErrorCode, ImageError
 
 IMAGE_FORMATS = ("jpeg", "webp", "png", "raw_bgr")
@@ -48,6 +51,43 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 # fraction of a dB of a full LANCZOS resize at a fraction of the cost.
 _REDUCING_GAP = 2.0
 
+# Decode budget: peak RSS growth of one process_image, in bytes per pixel of the decoded (drafted) size,
+# by mode after open; measured with bench/decode_memory_bench.py (4096x4096, image_size 720) and
+# rounded up by ~1 (see bench/README.md).  It counts the decoded image and the copies the pipeline
+# makes of it: RGBA 4 + white RGB 4 + the first reduce(); 16-bit 2 + the 1-byte L; ...  Small
+# images measure a little less, the fixed per-tile buffers of the 16-bit path included.
+_BYTES_PER_PIXEL: dict[str, int] = {
+    "1": 3,  # measured 2.1
+    "L": 2,  # 1.1
+    "P": 7,  # 6.2 (GIF: P, then a 4-byte RGB copy)
+    "LA": 13,  # 12.0 (LA is stored in 4 bytes, then RGBA and the white RGB)
+    "La": 13,
+    "PA": 13,
+    "RGB": 6,  # 5.2
+    "RGBA": 10,  # 9.2 (16-bit RGBA PNGs open as RGBA too)
+    "RGBa": 10,
+    "RGBX": 6,
+    "CMYK": 10,  # 9.2
+    "YCbCr": 10,
+    "I;16": 4,  # 3.1 with or without a tRNS key (20.6-21.6 with the former int64 copies)
+    "I;16L": 4,
+    "I;16B": 4,
+    "I;16N": 4,
+    "I": 6,  # 5.2 (24.7 before)
+    "F": 6,  # 5.1
+}
+_BYTES_PER_PIXEL_OTHER = 13  # LAB, HSV, ...: a 4-byte image and two 4-byte converted copies, with margin
+# A transparency key (tRNS, GIF transparent index) converts to RGBA and composites onto a white RGB.
+_BYTES_PER_PIXEL_KEYED: dict[str, int] = {"1": 10, "L": 10, "P": 10, "RGB": 13}  # P 9.0, RGB 12.0
+# WebP: libwebp's canvas and the frame's bytes come on top of Pillow's image (RGB 16.3, RGBA 17.2).
+_BYTES_PER_PIXEL_WEBP = 18
+# A progressive JPEG keeps every DCT coefficient (2 bytes a sample) at full size, whatever the
+# draft scale: 3.0 bytes per pixel at 4:2:0, 6.0 at 4:4:4 (a baseline JPEG streams: 0.3).
+_JPEG_COEFFICIENT_BYTES = 2
+
+# Pixels converted at a time by the 16-bit path: bounds its int64 working copy to 2 MB per thread.
+_TILE_PIXELS = 1 << 18
+
 
 @dataclass(frozen=True)
 class ImageSettings:
@@ -55,6 +95,8 @@ class ImageSettings:
     image_format: str = "jpeg"  # one of IMAGE_FORMATS
     jpeg_quality: int = 90  # also used as webp quality
     max_image_pixels: int = 178_956_970  # decompression-bomb guard: width*height cap, checked from the header
+    # Process-wide cap on the estimated working memory of the decodes in flight (0: no cap); see decode_budget.
+    decode_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
@@ -65,6 +107,8 @@ class ImageSettings:
             raise ValueError(f"jpeg_quality must be in [0, 100], got {self.jpeg_quality}")
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.decode_memory_mb < 0:
+            raise ValueError(f"decode_memory_mb must be >= 0, got {self.decode_memory_mb}")
 
 
 @dataclass(frozen=True)
@@ -107,15 +151,32 @@ def _orientation(img: Image.Image) -> int:
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit int) grayscale -> 8-bit ``L`` by scaling, not clipping; keeps a tRNS key as alpha."""
-    arr = np.asarray(img)
-    wide = np.clip(arr.astype(np.int64), 0, 65535)
-    gray = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # round(v * 255 / 65535)
+    """16-bit (or 32-bit int) grayscale -> 8-bit ``L`` by scaling, not clipping; a tRNS key becomes white.
+
+    Converts tile by tile: a whole-image int64 copy cost ~20 bytes per pixel (3.4 GB for a small
+    PNG at the pixel cap); here the only full-size allocation is the 1-byte output.
+    """
+    width, height = img.size
     key = img.info.get("transparency")
-    if isinstance(key, int):
-        alpha = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8))
-        return Image.merge("LA", (gray, alpha))
-    return gray
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, _TILE_PIXELS // width)
+    cols = min(width, _TILE_PIXELS)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        for left in range(0, width, cols):
+            right = min(width, left + cols)
+            tile = np.asarray(img.crop((left, top, right, bottom)))
+            wide = tile.astype(np.int64)
+            np.clip(wide, 0, 65535, out=wide)
+            wide += 128
+            wide //= 257  # round(v * 255 / 65535)
+            block = out[top:bottom, left:right]
+            block[...] = wide
+            if isinstance(key, int):
+                # The key is binary transparency: composited on white it is white, any other pixel is
+                # its own gray (what the LA -> RGBA -> paste-on-white path gave, one byte per pixel).
+                block[tile == key] = 255
+    return Image.fromarray(out)  # mode L, sharing out's memory
 
 
 def _normalise(img: Image.Image) -> Image.Image:
@@ -200,7 +261,37 @@ def _open(data: bytes, max_image_pixels: int) -> Image.Image:
     return img
 
 
-def _process(data: bytes, settings: ImageSettings) -> ProcessedImage:
+def _reservation(img: Image.Image, header_size: tuple[int, int]) -> int:
+    """Bytes ``_decode`` holds at its peak for ``img`` (opened and drafted, not loaded)."""
+    width, height = img.size  # the drafted size: what is decoded
+    if img.format == "WEBP":
+        per_pixel = _BYTES_PER_PIXEL_WEBP
+    elif "transparency" in img.info and img.mode in _BYTES_PER_PIXEL_KEYED:
+        per_pixel = _BYTES_PER_PIXEL_KEYED[img.mode]
+    else:
+        per_pixel = _BYTES_PER_PIXEL.get(img.mode, _BYTES_PER_PIXEL_OTHER)
+    total = width * height * per_pixel
+    if img.format in ("JPEG", "MPO") and (img.info.get("progressive") or img.info.get("progression")):
+        samples = header_size[0] * header_size[1] * _jpeg_samples_per_pixel(img)
+        total += int(samples * _JPEG_COEFFICIENT_BYTES)
+    return total
+
+
+def _jpeg_samples_per_pixel(img: Image.Image) -> float:
+    """Samples per pixel of a JPEG from its components' sampling factors (4:2:0 RGB: 1.5)."""
+    layers = getattr(img, "layer", None) or []
+    try:
+        hmax = max(h for _, h, _, _ in layers)
+        vmax = max(v for _, _, v, _ in layers)
+        return sum(h * v for _, h, v, _ in layers) / (hmax * vmax)
+    except (TypeError, ValueError, ZeroDivisionError):  # no or odd SOF info: assume no subsampling
+        return float(len(img.getbands()))
+
+
+def _prepare(
+    data: bytes, settings: ImageSettings
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int], tuple[float, float, float, float] | None]:
+    """Open, check the pixel cap, and draft: (image, (height, width), target (h, w), draft box)."""
     img = _open(data, settings.max_image_pixels)
     width, height = img.size  # the true size: draft() below changes img.size
     th, tw = target_size(height, width, settings.image_size)  # in stored (pre-orientation) axes
@@ -211,6 +302,38 @@ def _process(data: bytes, settings: ImageSettings) -> ProcessedImage:
         drafted = img.draft("RGB", (tw, th))
         if drafted is not None:
             box = drafted[1]
+    return img, (height, width), (th, tw), box
+
+
+def decode_reservation(data: bytes, settings: ImageSettings) -> int:
+    """Bytes ``process_image`` reserves from the decode budget for ``data`` (reads the header only).
+
+    Raises ``ImageError`` like ``process_image`` for a body it would refuse before decoding.
+    """
+    img, (height, width), _, _ = _prepare(data, settings)
+    return _reservation(img, (width, height))
+
+
+def _process(data: bytes, settings: ImageSettings, budget: decode_budget.DecodeBudget | None) -> ProcessedImage:
+    img, size, target, box = _prepare(data, settings)
+    if budget is None:
+        return _decode(img, data, settings, size, target, box)
+    # Reserved from the header (after draft(), so a JPEG pays for its reduced scale only), before
+    # any pixel is decoded; released when the full-size copies are gone, even on error.
+    with budget.reserve(_reservation(img, (size[1], size[0]))):
+        return _decode(img, data, settings, size, target, box)
+
+
+def _decode(
+    img: Image.Image,
+    data: bytes,
+    settings: ImageSettings,
+    size: tuple[int, int],
+    target: tuple[int, int],
+    box: tuple[float, float, float, float] | None,
+) -> ProcessedImage:
+    height, width = size
+    th, tw = target
     img.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays False)
     orientation = _orientation(img)
 
@@ -235,14 +358,22 @@ def _process(data: bytes, settings: ImageSettings) -> ProcessedImage:
     )
 
 
-def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
+def process_image(
+    data: bytes, settings: ImageSettings, budget: decode_budget.DecodeBudget | None = None
+) -> ProcessedImage:
     """Decode, orient, normalise, resize and encode a downloaded body.
 
     Raises ``ImageError`` (and nothing else) with ``TOO_MANY_PIXELS`` for images over
     ``settings.max_image_pixels`` and ``IMAGE_DECODE`` for anything that is not a good image.
+
+    Safe to call from many threads: each decode first reserves its working memory from ``budget``
+    (default: the process's shared budget of ``settings.decode_memory_mb``; none when that is 0)
+    and waits while the decodes in flight hold too much.
     """
+    if budget is None and settings.decode_memory_mb > 0:
+        budget = decode_budget.shared(settings.decode_memory_mb * 2**20)
     try:
-        return _process(data, settings)
+        return _process(data, settings, budget)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
