@@ -204,6 +204,7 @@ def test_random_interleavings_keep_the_invariants(tmp_path: Path) -> None:
         coord = Coordinator(plan, decrease=0.5)
         held: dict[int, dict[str, int]] = {r: {} for r in range(5)}  # rank -> server -> lane index
         handed: Counter = Counter()
+        refused: set[int] = set()  # ranks that were answered "no lane" with free slots
         steps = 0
         while not coord.finished:
             steps += 1
@@ -217,7 +218,13 @@ def test_random_interleavings_keep_the_invariants(tmp_path: Path) -> None:
                 else:
                     handed[(name, batch["partition_id"])] += 1
             else:
-                for a in coord.request_lanes(rank, free=rng.randint(0, 3), held=set(held[rank])):
+                free = rng.randint(0, 3)
+                given = coord.request_lanes(rank, free=free, held=set(held[rank]))
+                # The worker stops asking after an empty answer: it must be final for that rank.
+                assert not (given and rank in refused), f"rank {rank} got a lane after an empty answer"
+                if free and not given:
+                    refused.add(rank)
+                for a in given:
                     name = a.lane["server_name"]
                     assert name not in held[rank]
                     held[rank][name] = a.lane["lane_index"]

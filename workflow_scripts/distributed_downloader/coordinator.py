@@ -76,6 +76,10 @@ class Coordinator:
 
         Two passes: every server with work gets its first lane before any server gets a second,
         so a small slow server never waits behind the extra lanes of a big one.
+
+        An empty answer is final for that rank: batches are only ever taken, and a lane closes only
+        once its server has none left, so no lane can open up later. Ranks therefore ask once per
+        freed slot and never poll (rank 0's cost does not grow with ranks x time).
         """
         out: list[Assignment] = []
         held = set(held)

@@ -200,6 +200,7 @@ class Lane:
             image_format=params["image_format"],
             jpeg_quality=params["jpeg_quality"],
             max_image_pixels=params["max_image_pixels"],
+            decode_memory_mb=params["decode_memory_mb"],
         )
         self.max_retries = params["max_retries"]
         self.failure_threshold = params["server_failure_threshold"]

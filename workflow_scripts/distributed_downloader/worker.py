@@ -264,9 +264,10 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
                     lane_spec.lanes,
                     lane_spec.start_rate / lane_spec.lanes,
                 )
-            exhausted = reply["exhausted"] and not reply["assignments"]
-            if not reply["assignments"] and not exhausted:
-                time.sleep(0.2)  # every server with work left has all its lanes taken
+            # An empty answer is final for this rank: a server's lanes close only once it has no
+            # batches left, so no lane can open up for it later (Coordinator.request_lanes). Asking
+            # again would only cost rank 0 a scan per ask, for nothing.
+            exhausted = not reply["assignments"]
         if exhausted and not lanes:
             rpc({"kind": "status", "lanes": []})
             rpc({"kind": "bye"})
