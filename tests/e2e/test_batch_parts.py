@@ -116,7 +116,7 @@ def test_a_retry_round_appends_and_never_rewrites_the_stored_images(tmp_path: Pa
     assert hashlib.sha256((folder / SUCCESSES_FILE).read_bytes()).hexdigest() == before
     assert (folder / SUCCESSES_FILE).stat().st_mtime_ns == stamp
     added = pq.read_table(folder / "successes-r2.parquet", columns=["identifier"]).column("identifier").to_pylist()
-    assert set(added) == set(faulty), (set(added) ^ set(faulty))
+    assert set(added) == set(faulty), set(added) ^ set(faulty)
     assert pq.read_table(folder / ERRORS_FILE).num_rows == 0
     assert read_marker(folder).round == 2
     assert verify_batch(paths, server, 0, FINGERPRINT)["problems"] == []

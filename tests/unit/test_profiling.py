@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, is_transient
 from distributed_downloader.fetch import FetchSettings, ServerFetcher
 from distributed_downloader.profiling import (
     ProbeSettings,
@@ -264,8 +264,10 @@ def test_a_broken_first_url_does_not_write_off_the_server(respect_robots: bool) 
         assert profile.probe_url == candidates[1] and profile.probe_status == 200
 
 
-def test_a_server_that_answers_nothing_is_still_ignored() -> None:
+def test_a_server_that_answers_nothing_is_held_for_the_round() -> None:
+    """Unreachable (-18) is transient: held in round 1, downloaded again by the next round's lanes."""
     port = closed_port()
     candidates = [f"http://127.0.0.1:{port}/a.jpg", f"http://127.0.0.1:{port}/b.jpg"]
     profile, _ = probe_server("h", candidates, 1, 2, probe_settings(respect_robots=False))
-    assert profile.error_code == int(ErrorCode.SERVER_IGNORED) and "refused" in profile.reason
+    assert profile.error_code == int(ErrorCode.SERVER_UNREACHABLE) and "refused" in profile.reason
+    assert is_transient(profile.error_code)

@@ -169,6 +169,21 @@ def test_ignored_server_gets_ignored_mode_and_no_lanes(tmp_path: Path) -> None:
     assert plan["servers"][-1]["server_name"] == "gone.org"  # no time estimate: scheduled last
 
 
+def test_a_server_unreachable_at_profiling_is_held_for_round_one_only(tmp_path: Path) -> None:
+    cfg, paths, manifest = make_run(tmp_path, {"a.org": 2, "down.org": 2})
+    profiles = {
+        "a.org": profile("a.org", manifest),
+        "down.org": profile("down.org", manifest, error_code=ErrorCode.SERVER_UNREACHABLE, reason="probe failed: x"),
+    }
+    first = {s["server_name"]: s for s in schedule.build(manifest, profiles, paths, cfg, 1)["servers"]}
+    assert first["down.org"]["ignored_code"] == ErrorCode.SERVER_UNREACHABLE and first["down.org"]["lanes"] == 0
+    assert {b["mode"] for b in first["down.org"]["batches"]} == {"ignored"}
+    second = {s["server_name"]: s for s in schedule.build(manifest, profiles, paths, cfg, 2)["servers"]}
+    assert second["down.org"]["ignored_code"] == 0 and second["down.org"]["lanes"] >= 1
+    assert second["down.org"]["ignored_reason"] == ""
+    assert {b["mode"] for b in second["down.org"]["batches"]} == {"full"}  # nothing committed in this test
+
+
 def test_servers_sorted_by_estimated_seconds_descending(tmp_path: Path) -> None:
     cfg, paths, manifest = make_run(tmp_path, {"fast.org": 30, "slow.org": 4, "mid.org": 10, "zero.org": 3})
     profiles = {

@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     ROBOTS_UNAVAILABLE = -15  # robots.txt answered 5xx / was unreachable: disallow all for now (RFC 9309)
     TDM_RESERVED = -16  # opted out by `tdm-reservation: 1` (W3C TDM Reservation Protocol): permanent
     INTERNAL = -17  # an unexpected exception while handling this URL (a library raised): transient
+    SERVER_UNREACHABLE = -18  # no answer to profiling's probes: held for this round, downloaded again next round
 
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -38,6 +39,7 @@ TRANSIENT_CODES = frozenset(
         ErrorCode.SERVER_PAUSED,
         ErrorCode.ROBOTS_UNAVAILABLE,
         ErrorCode.INTERNAL,
+        ErrorCode.SERVER_UNREACHABLE,
     }
 )
 

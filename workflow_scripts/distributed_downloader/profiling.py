@@ -154,10 +154,13 @@ def probe_server(
             profile.rate_limit = min(max(profile.rate_limit, announced * 0.9), profile.max_rate)
     except DownloadError as exc:
         profile.reason = f"probe failed: {exc.message}"
-        profile.error_code = int(exc.code) if exc.code == ErrorCode.PRIVATE_ADDRESS else int(ErrorCode.SERVER_IGNORED)
+        # Unreachable now is not unreachable for good: its URLs are transient rows this round, and
+        # the next round's lanes try the server again (their first requests are the new probe).
+        private = exc.code == ErrorCode.PRIVATE_ADDRESS
+        profile.error_code = int(exc.code) if private else int(ErrorCode.SERVER_UNREACHABLE)
     except Exception as exc:  # a probe must never take the stage down
         profile.reason = f"probe failed: {type(exc).__name__}: {exc}"
-        profile.error_code = int(ErrorCode.SERVER_IGNORED)
+        profile.error_code = int(ErrorCode.SERVER_UNREACHABLE)
     finally:
         fetcher.close()
     return profile, robots

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distributed_downloader.config import Paths
+from distributed_downloader.errors import ErrorCode
 from distributed_downloader.profiling import ServerProfile
 from distributed_downloader.store import valid_marker
 
@@ -92,6 +93,10 @@ def build(
     servers: list[ServerWork] = []
     for name, info in manifest["servers"].items():
         profile = profiles[name]
+        # A server unreachable at profiling is held for round 1 only: later rounds download it.
+        ignored_code = profile.error_code
+        if ignored_code == ErrorCode.SERVER_UNREACHABLE and round_no > 1:
+            ignored_code = 0
         work = ServerWork(
             server_name=name,
             lanes=0,
@@ -99,12 +104,12 @@ def build(
             max_rate=profile.max_rate,
             max_connections=profile.max_connections,
             urls_left=0,
-            ignored_code=profile.error_code,
-            ignored_reason=profile.reason,
+            ignored_code=ignored_code,
+            ignored_reason=profile.reason if ignored_code else "",
             not_before=_not_before(profile),
         )
         for partition_id, fp in enumerate(info["fingerprints"]):
-            mode = batch_mode(paths.batch_images(name, partition_id), fp, round_no, bool(profile.error_code))
+            mode = batch_mode(paths.batch_images(name, partition_id), fp, round_no, bool(ignored_code))
             if mode is not None:
                 work.batches.append(BatchWork(partition_id, fp, mode))
         if not work.batches:
