@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, profiling, schedule, verify
+from distributed_downloader import inputs, partition, profiling, schedule, stale_images, verify
 from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.store import atomic_write_json
 
@@ -27,6 +27,10 @@ def initialize(config: Mapping, manifest_out: Path) -> dict:
         "servers": len(result.manifest["servers"]),
         "batches": sum(len(s["fingerprints"]) for s in result.manifest["servers"].values()),
     }
+    moved = stale_images.move_aside(result.manifest, paths.images, paths.output)
+    summary["stale_partitions_moved"] = len(moved)
+    for entry in moved:
+        log.warning("moved aside %s (%s) to %s", entry["from"], entry["reason"], entry["to"])
     log.info("initialized: %s", summary)
     if Path(manifest_out) != paths.urls_manifest:
         atomic_write_json(Path(manifest_out), result.manifest)
