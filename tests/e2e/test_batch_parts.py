@@ -120,3 +120,43 @@ def test_a_retry_round_appends_and_never_rewrites_the_stored_images(tmp_path: Pa
     assert pq.read_table(folder / ERRORS_FILE).num_rows == 0
     assert read_marker(folder).round == 2
     assert verify_batch(paths, server, 0, FINGERPRINT)["problems"] == []
+
+
+def test_the_profiling_probe_is_the_first_row_not_an_extra_request(tmp_path: Path) -> None:
+    from distributed_downloader import stages
+
+    with ImageFarm([HostSpec("probe", latency=0.002)], seed=6) as farm:
+        urls = [farm.url(0, f"/img/p{i}.jpg?w=20&h=12") for i in range(6)]
+        source = tmp_path / "in.csv"
+        source.write_text("uuid,identifier,source_id\n" + "".join(f"u{i},{u},s\n" for i, u in enumerate(urls)))
+        config = config_mod.validate(
+            {
+                "path_to_input": str(source),
+                "path_to_output": str(tmp_path / "out"),
+                "downloader_parameters": {"allow_private_addresses": True, "batch_size": 10},
+            }
+        )
+        paths = config_mod.paths(config)
+        stages.initialize(config, paths.urls_manifest)
+        (profile,) = stages.profile_servers(config)
+        assert profile.probe_url == urls[0] and profile.probe_status == 200
+        server = profile.server_name
+        fingerprint = first_batch_fingerprint(paths, server)
+        lane = Lane(
+            LaneSpec(server, 0, 1, start_rate=50.0, max_rate=50.0, max_connections=2, decrease=0.3), config, paths, 1
+        )
+        try:
+            stats = lane.run_batch(0, fingerprint, "full")
+        finally:
+            lane.close()
+        images = Counter(e.path for e in farm.request_log(0) if e.path.startswith("/img/"))
+    assert set(images.values()) == {1}, images  # the probed image too: once, by the probe
+    assert stats.successes == len(urls) and stats.requests == len(urls) - 1
+    rows = read_all(paths.images, "successes.parquet")
+    assert sorted(r["identifier"] for r in rows) == sorted(urls)
+
+
+def first_batch_fingerprint(paths: config_mod.Paths, server: str) -> str:
+    from distributed_downloader import partition
+
+    return partition.read_manifest(paths.urls)["servers"][server]["fingerprints"][0]

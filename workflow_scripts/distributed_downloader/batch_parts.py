@@ -43,7 +43,7 @@ from distributed_downloader.store import (
 )
 
 PARTS_DIR = ".parts"
-PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work...
+PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work (config checkpoint_seconds)...
 PARTS_ROWS = ROW_GROUP_ROWS  # ...or this many rows...
 PARTS_BYTES = 32 * 1024 * 1024  # ...or this many image bytes (bounds the lane's memory)
 _SUCCESS_NAME = re.compile(r"^successes(?:-r(\d+))?\.parquet$")
@@ -79,9 +79,10 @@ def read_success_column(folder: Path, column: str) -> pa.ChunkedArray:
 class BatchParts:
     """The rows of one batch attempt, buffered briefly and made durable as parts in its folder."""
 
-    def __init__(self, folder: Path, fingerprint: str, round_no: int) -> None:
+    def __init__(self, folder: Path, fingerprint: str, round_no: int, seconds: float = PARTS_SECONDS) -> None:
         self.folder = folder
         self.round_no = round_no
+        self.seconds = seconds  # the longest a row waits in memory before it is durable
         root = folder / PARTS_DIR
         self.dir = root / fingerprint[:32]
         if root.is_dir():  # parts of another URL list (a re-initialized batch) are not ours
@@ -139,7 +140,7 @@ class BatchParts:
             self.flush()
 
     def flush_if_due(self, now: float) -> None:
-        if (self._successes or self._errors) and now - self._last_flush >= PARTS_SECONDS:
+        if (self._successes or self._errors) and now - self._last_flush >= self.seconds:
             self.flush()
 
     def flush(self) -> None:

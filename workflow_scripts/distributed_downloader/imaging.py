@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -97,6 +99,17 @@ class ImageSettings:
     max_image_pixels: int = 178_956_970  # decompression-bomb guard: width*height cap, checked from the header
     # Process-wide cap on the estimated working memory of the decodes in flight (0: no cap); see decode_budget.
     decode_memory_mb: int = 1024
+
+    @classmethod
+    def from_config(cls, params: Mapping[str, Any]) -> ImageSettings:
+        """From the config's ``downloader_parameters``."""
+        return cls(
+            image_size=params["image_size"],
+            image_format=params["image_format"],
+            jpeg_quality=params["jpeg_quality"],
+            max_image_pixels=params["max_image_pixels"],
+            decode_memory_mb=params["decode_memory_mb"],
+        )
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:

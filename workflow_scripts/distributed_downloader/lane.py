@@ -178,6 +178,24 @@ def is_license_full(row: Mapping) -> bool:
     return all(row.get(k) not in (None, "", NOT_PROVIDED) for k in ("license", "source", "title"))
 
 
+def success_row(row: Mapping, image: imaging.ProcessedImage) -> dict:
+    """The successes.parquet row of an input row and its processed image."""
+    return {
+        "uuid": row["uuid"],
+        "source_id": row["source_id"],
+        "identifier": row["identifier"],
+        "is_license_full": is_license_full(row),
+        "license": row["license"] or NOT_PROVIDED,
+        "source": row["source"] or NOT_PROVIDED,
+        "title": row["title"] or NOT_PROVIDED,
+        "hashsum_original": image.hashsum_original,
+        "hashsum_resized": image.hashsum_resized,
+        "original_size": list(image.original_size),
+        "resized_size": list(image.resized_size),
+        "image": image.image,
+    }
+
+
 class Lane:
     """Runs batches of one server for one rank; keeps its rate controller across batches."""
 
@@ -195,16 +213,11 @@ class Lane:
         self.paths = paths
         self.round_no = round_no
         self.fetch_settings = FetchSettings.from_config(params)
-        self.image_settings = imaging.ImageSettings(
-            image_size=params["image_size"],
-            image_format=params["image_format"],
-            jpeg_quality=params["jpeg_quality"],
-            max_image_pixels=params["max_image_pixels"],
-            decode_memory_mb=params["decode_memory_mb"],
-        )
+        self.image_settings = imaging.ImageSettings.from_config(params)
         self.max_retries = params["max_retries"]
         self.failure_threshold = params["server_failure_threshold"]
         self.max_pause = float(params.get("max_pause_seconds", 600))
+        self.checkpoint_seconds = float(params["checkpoint_seconds"])
         self.controller = lane_controller(spec)
         self.hosts = hosts or HostRegistry(params["default_rate_limit"], 1, spec.decrease)
         self.hosts.register_lane(spec.server_name, self.controller)
@@ -428,7 +441,7 @@ class Lane:
             mode,
             stats,
             final_dir,
-            BatchParts(final_dir, fingerprint, self.round_no),
+            BatchParts(final_dir, fingerprint, self.round_no, self.checkpoint_seconds),
             appending,
             started=started,
             next_sample=started,
@@ -706,22 +719,7 @@ class Lane:
             image = imaging.process_image(result.body, self.image_settings)
         except DownloadError as exc:
             return _Outcome(item, code=exc.code, message=exc.message, nbytes=len(result.body), status=200)
-        row = item.row
-        success = {
-            "uuid": row["uuid"],
-            "source_id": row["source_id"],
-            "identifier": row["identifier"],
-            "is_license_full": is_license_full(row),
-            "license": row["license"] or NOT_PROVIDED,
-            "source": row["source"] or NOT_PROVIDED,
-            "title": row["title"] or NOT_PROVIDED,
-            "hashsum_original": image.hashsum_original,
-            "hashsum_resized": image.hashsum_resized,
-            "original_size": list(image.original_size),
-            "resized_size": list(image.resized_size),
-            "image": image.image,
-        }
-        return _Outcome(item, success=success, nbytes=len(result.body), status=200)
+        return _Outcome(item, success=success_row(item.row, image), nbytes=len(result.body), status=200)
 
     def _handle(self, outcome: _Outcome, runs: list[_BatchRun], order: itertools.count) -> None:
         item = outcome.item

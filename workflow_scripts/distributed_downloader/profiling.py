@@ -83,6 +83,9 @@ class ProbeSettings:
     probe_candidates: int = PROBE_CANDIDATES
     max_probe_wait: float = PROBE_MAX_WAIT
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    # Called with (server, url, body) for a probe answered 200: the download keeps it as the URL's
+    # row (the probe is the first request of the download, not an extra one). None: nothing kept.
+    keep_probe: Callable[[str, str, bytes], None] | None = field(default=None, repr=False)
 
 
 def probe_server(
@@ -143,8 +146,13 @@ def probe_server(
                 settings.sleep(wait)
         assert probe_url is not None
         allowed = [url for url in candidates if url == probe_url or rules_allow(robots, settings, url)]
-        result_headers, elapsed = _probe(fetcher, allowed, profile, reachable=profile.reachable)
+        result_headers, elapsed, body = _probe(fetcher, allowed, profile, reachable=profile.reachable)
         headers = result_headers
+        if body is not None and settings.keep_probe is not None:
+            try:
+                settings.keep_probe(name, profile.probe_url, body)
+            except Exception:  # the download fetches it again: nothing is lost
+                log.exception("%s: the probe's answer could not be kept", name)
         profile.reachable = True
         profile.latency_ms = round(elapsed * 1000, 1)
         announced = advertised_rate(headers)
@@ -177,7 +185,7 @@ _ANSWERED = frozenset({ErrorCode.X_ROBOTS_TAG, ErrorCode.TDM_RESERVED, ErrorCode
 
 def _probe(
     fetcher: ServerFetcher, allowed: Sequence[str], profile: ServerProfile, reachable: bool
-) -> tuple[Mapping[str, str], float]:
+) -> tuple[Mapping[str, str], float, bytes | None]:
     """GET allowed URLs until one gets an answer: one broken URL never judges a whole server.
 
     A server that answered robots.txt is reachable whatever its URLs do; one that answered nothing
@@ -191,14 +199,14 @@ def _probe(
         try:
             result = fetcher.get(url)
             profile.probe_status = 200
-            return result.headers, result.elapsed
+            return result.headers, result.elapsed, result.body
         except HttpStatusError as exc:
             profile.probe_status = exc.code
-            return exc.headers, exc.elapsed
+            return exc.headers, exc.elapsed, None
         except DownloadError as exc:
             if exc.code in _ANSWERED:  # the server answered (an opt-out, a body over the cap): it is up
                 profile.probe_status = 200
-                return {}, profile.latency_ms / 1000
+                return {}, profile.latency_ms / 1000, None
             last = exc
             if exc.code == ErrorCode.PRIVATE_ADDRESS or "refused" in exc.message or "DNS" in exc.message:
                 break
@@ -210,7 +218,7 @@ def _probe(
     assert last is not None
     if reachable:  # robots.txt answered: the server is up, its probed URLs are just broken
         profile.reason = f"probe URLs failed ({last.message}); the server answered robots.txt"
-        return {}, profile.latency_ms / 1000
+        return {}, profile.latency_ms / 1000, None
     raise last
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from distributed_downloader import config as config_mod
 from distributed_downloader import inputs, partition, profiling, schedule, stale_images, verify
 from distributed_downloader.fetch import FetchSettings
+from distributed_downloader.probe_rows import ProbeKeeper
 from distributed_downloader.store import atomic_write_json
 
 log = logging.getLogger("distributed_downloader")
@@ -47,6 +48,7 @@ def profile_servers(config: Mapping) -> list[profiling.ServerProfile]:
         max_rate=params["max_rate_limit"],
         max_connections=params["max_connections_per_server"],
         respect_robots=params["respect_robots_txt"],
+        keep_probe=ProbeKeeper(paths, manifest, params),
     )
     ignored = profiling.read_ignored_list(params["ignored_servers"])
     results = profiling.profile_all(manifest, paths.urls, settings, ignored)
