@@ -88,6 +88,7 @@ def test_an_attempt_cut_short_keeps_its_parts_and_the_next_one_sends_only_the_re
     assert first == len(urls)
     assert resent == len(urls) - len(kept) <= 3
     assert stats.successes == len(urls) and not stats.failed
+    assert stats.processed == len(urls)  # carried rows count in this round's progress
     rows = read_all(paths.images, "successes.parquet")
     assert Counter(r["uuid"] for r in rows).most_common(1)[0][1] == 1 and len(rows) == len(urls)
     assert not (folder / PARTS_DIR).exists()  # merged into successes.parquet, then removed
@@ -152,6 +153,7 @@ def test_the_profiling_probe_is_the_first_row_not_an_extra_request(tmp_path: Pat
         images = Counter(e.path for e in farm.request_log(0) if e.path.startswith("/img/"))
     assert set(images.values()) == {1}, images  # the probed image too: once, by the probe
     assert stats.successes == len(urls) and stats.requests == len(urls) - 1
+    assert stats.processed == len(urls)  # the probe's row counts as done in this round's progress
     rows = read_all(paths.images, "successes.parquet")
     assert sorted(r["identifier"] for r in rows) == sorted(urls)
 

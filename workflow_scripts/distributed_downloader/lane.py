@@ -507,6 +507,7 @@ class Lane:
         stats = run.stats
         expected = {row["uuid"] for row in urls}
         done_ids = run.parts.carried_successes() & expected
+        from_parts = len(done_ids)  # rows an earlier attempt (or profiling's probe) made: done this round
         if run.appending:
             # A file of this round here is a commit cut short: its rows are still in the parts.
             (run.final_dir / retry_successes_name(self.round_no)).unlink(missing_ok=True)
@@ -515,19 +516,23 @@ class Lane:
         else:
             old_errors = []
         stats.successes += len(done_ids)
-        earlier: dict[str, dict] = {}  # uuid -> its latest error row of an earlier round
+        earlier: dict[str, tuple[dict, bool]] = {}  # uuid -> (its latest error row of an earlier round, from parts)
         current: dict[str, dict] = {}  # uuid -> its error row of this round (final for this round)
         for error in old_errors:
-            earlier[error["uuid"]] = error
+            earlier[error["uuid"]] = (error, False)
         for round_no, error in run.parts.carried_errors():
-            (current if round_no == self.round_no else earlier)[error["uuid"]] = error
+            if round_no == self.round_no:
+                current[error["uuid"]] = error
+            else:
+                earlier[error["uuid"]] = (error, True)
         by_uuid = {row["uuid"]: row for row in urls}
         todo: list[_Item] = []
         for uuid, error in current.items():
             if uuid in by_uuid and uuid not in done_ids:
                 done_ids.add(uuid)
+                from_parts += 1
                 self._count_error(stats, error["error_code"])
-        for uuid, error in earlier.items():
+        for uuid, (error, in_parts) in earlier.items():
             if uuid not in by_uuid or uuid in done_ids:
                 continue
             done_ids.add(uuid)
@@ -539,9 +544,11 @@ class Lane:
                 )
             else:
                 run.kept_errors.append(error)
+                from_parts += in_parts
                 self._count_error(stats, error["error_code"])
         # URLs in no file (a first attempt, or a batch whose files were lost) are downloaded.
         todo.extend(_Item(row) for row in urls if row["uuid"] not in done_ids)
+        stats.processed += from_parts  # progress counts them with this round's work (worker._todo)
         return todo
 
     @staticmethod
