@@ -18,6 +18,7 @@ import pytest
 
 from distributed_downloader import batch_parts
 from distributed_downloader import config as config_mod
+from distributed_downloader import lane as lane_module
 from distributed_downloader.batch_parts import PARTS_DIR, BatchParts, success_files
 from distributed_downloader.errors import is_transient
 from distributed_downloader.lane import BatchStats, Lane, LaneSpec
@@ -162,3 +163,117 @@ def first_batch_fingerprint(paths: config_mod.Paths, server: str) -> str:
     from distributed_downloader import partition
 
     return partition.read_manifest(paths.urls)["servers"][server]["fingerprints"][0]
+
+
+# ---------------------------------------------------------------- kills and failures around a commit
+
+
+def _round_trip(config: dict, paths: config_mod.Paths, server: str, rounds: range) -> None:
+    from distributed_downloader.schedule import batch_mode
+
+    folder = paths.batch_images(server, 0)
+    for round_no in rounds:
+        mode = batch_mode(folder, FINGERPRINT, round_no, False)
+        if mode is not None:
+            _run(_lane(config, paths, server, round_no), mode)
+
+
+def _exactly_once(paths: config_mod.Paths, server: str, urls: list[str]) -> None:
+    folder = paths.batch_images(server, 0)
+    assert verify_batch(paths, server, 0, FINGERPRINT)["problems"] == []
+    rows = read_all(paths.images, "successes.parquet") + read_all(paths.images, "errors.parquet")
+    assert sorted(r["identifier"] for r in rows) == sorted(urls)
+    marker = read_marker(folder)
+    ok = sum(pq.read_metadata(p).num_rows for p in success_files(folder))
+    assert (marker.successes, marker.errors) == (ok, pq.read_metadata(folder / ERRORS_FILE).num_rows)
+
+
+@pytest.mark.parametrize("where", ["after the marker", "before the parts are removed"])
+def test_a_kill_after_the_marker_never_counts_the_parts_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    spec = HostSpec("m", latency=0.002, background=FaultMix(error500=0.3))
+    with ImageFarm([spec], seed=11) as farm:
+        urls = [farm.url(0, f"/img/m{i}.jpg?w=16&h=10") for i in range(24)]
+        config, paths, server = _setup(tmp_path, farm, urls)
+        real_marker = lane_module.write_marker
+
+        def marker_then_kill(*args: object) -> None:
+            real_marker(*args)
+            raise KeyboardInterrupt
+
+        def kill(self: BatchParts) -> None:
+            raise KeyboardInterrupt
+
+        if where == "after the marker":
+            monkeypatch.setattr(lane_module, "write_marker", marker_then_kill)
+        else:
+            monkeypatch.setattr(BatchParts, "remove", kill)
+        with pytest.raises(KeyboardInterrupt):
+            _run(_lane(config, paths, server, 1), "full")
+        monkeypatch.undo()
+        assert (paths.batch_images(server, 0) / PARTS_DIR).exists()  # committed, parts still there
+        _round_trip(config, paths, server, range(1, 4))  # the workflow reruns round 1, then retries
+    _exactly_once(paths, server, urls)
+    assert not (paths.batch_images(server, 0) / PARTS_DIR).exists()
+
+
+@pytest.mark.parametrize("step", ["write_errors", "write_marker"])
+def test_a_retry_commit_that_fails_leaves_no_second_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    spec = HostSpec("f", latency=0.002, background=FaultMix(error500=0.3))
+    with ImageFarm([spec], seed=12) as farm:
+        urls = [farm.url(0, f"/img/f{i}.jpg?w=16&h=10") for i in range(24)]
+        config, paths, server = _setup(tmp_path, farm, urls)
+        _round_trip(config, paths, server, range(1, 2))
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        target = BatchParts if step == "write_errors" else lane_module
+        monkeypatch.setattr(target, step, full_disk)
+        stats = _run(_lane(config, paths, server, 2), "retry")
+        monkeypatch.undo()
+        assert "No space left" in stats.failed
+        folder = paths.batch_images(server, 0)
+        assert [p.name for p in success_files(folder)] == [SUCCESSES_FILE]  # no orphan successes-r2
+        _round_trip(config, paths, server, range(3, 4))
+    _exactly_once(paths, server, urls)
+
+
+def test_a_success_part_wins_over_an_error_part_of_the_same_url(tmp_path: Path) -> None:
+    """A round-1 attempt wrote a 500 for a URL; profiling, run again, kept its 200: one row, the success."""
+    import requests
+
+    from distributed_downloader.probe_rows import ProbeKeeper
+
+    with ImageFarm([HostSpec("w", latency=0.002)], seed=13) as farm:
+        urls = [farm.url(0, f"/img/w{i}.jpg?w=16&h=10") for i in range(6)]
+        config, paths, server = _setup(tmp_path, farm, urls)
+        folder = paths.batch_images(server, 0)
+        parts = BatchParts(folder, FINGERPRINT, 1)
+        uuid = pq.read_table(paths.batch_urls(server, 0)).column("uuid")[0].as_py()
+        parts.append_error({"uuid": uuid, "identifier": urls[0], "retry_count": 1, "error_code": 500, "error_msg": "x"})
+        parts.flush()
+        keeper = ProbeKeeper(
+            paths, {"servers": {server: {"fingerprints": [FINGERPRINT]}}}, config["downloader_parameters"]
+        )
+        keeper(server, urls[0], requests.get(urls[0], timeout=5).content)
+        assert keeper.kept == 1
+        stats = _run(_lane(config, paths, server, 1), "full")
+    assert stats.errors == 0 and stats.successes == len(urls)
+    _exactly_once(paths, server, urls)
+
+
+def test_an_unreadable_part_is_moved_aside_and_its_urls_downloaded_again(tmp_path: Path) -> None:
+    with ImageFarm([HostSpec("u", latency=0.002)], seed=14) as farm:
+        urls = [farm.url(0, f"/img/u{i}.jpg?w=16&h=10") for i in range(5)]
+        config, paths, server = _setup(tmp_path, farm, urls)
+        folder = paths.batch_images(server, 0)
+        broken = folder / PARTS_DIR / FINGERPRINT / "r1-000001.successes.parquet"
+        broken.parent.mkdir(parents=True)
+        broken.write_bytes(b"PAR1 cut short")
+        stats = _run(_lane(config, paths, server, 1), "full")
+    assert not stats.failed and stats.requests == len(urls)
+    _exactly_once(paths, server, urls)

@@ -10,6 +10,7 @@ the library calls with monkeypatch: everything else (HTTP, decoding, parquet) is
 from __future__ import annotations
 
 import queue
+import threading
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,56 @@ def test_a_server_whose_batches_keep_failing_is_set_aside(
     # Batches opened after the server was set aside send nothing (one may have been opened, pipelined,
     # before the last failure).
     assert len(farm.request_log(0)) - before <= 3 * (MAX_BATCH_FAILURES + 1)
+
+
+def test_an_exception_that_cannot_even_be_printed_still_ends_as_a_row(
+    tmp_path: Path, farm: ImageFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("str() fails too")
+
+    urls = _urls(farm, "x", 4)
+    real_process = imaging.process_image
+    raised: list[bool] = []
+
+    def process(data: bytes, settings: imaging.ImageSettings) -> imaging.ProcessedImage:
+        if not raised:
+            raised.append(True)
+            raise Unprintable
+        return real_process(data, settings)
+
+    monkeypatch.setattr(lane_module.imaging, "process_image", process)
+    lane, paths = _lane(tmp_path, farm, {0: urls})
+    done: list[list[BatchStats]] = []
+    runner = threading.Thread(target=lambda: done.append(_run(lane, [0])), daemon=True)
+    runner.start()
+    runner.join(30)  # the lane used to wait for this answer forever
+    assert done, "the lane never finished its batch"
+    (stats,) = done[0]
+    assert stats.processed == len(urls) and stats.error_codes == {int(ErrorCode.INTERNAL): 1}
+
+
+@pytest.mark.parametrize("code", [int(ErrorCode.ROBOTS_DISALLOWED), 403])
+def test_an_error_row_that_cannot_be_written_fails_its_batch_not_the_lane(
+    tmp_path: Path, farm: ImageFarm, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A robots.txt refusal and a held 403 (a ban suspect) write their rows outside a fetch: same rule."""
+    real_append = BatchParts.append_error
+
+    def append_error(self: BatchParts, row: dict) -> None:
+        if row["error_code"] == code:
+            raise OSError(5, "Input/output error")
+        real_append(self, row)
+
+    monkeypatch.setattr(BatchParts, "append_error", append_error)
+    real_allowed = robots_module.RobotsRules.allowed
+    monkeypatch.setattr(
+        robots_module.RobotsRules, "allowed", lambda self, url: "/no/" not in url and real_allowed(self, url)
+    )
+    bad = farm.url(0, "/no/a.jpg") if code != 403 else farm.url(0, "/status/403")
+    lane, paths = _lane(tmp_path, farm, {0: [bad, *_urls(farm, "y", 4)], 1: _urls(farm, "z", 4)})
+    stats = {s.partition_id: s for s in _run(lane, [0, 1])}
+    assert "Input/output error" in stats[0].failed
+    assert not stats[1].failed and stats[1].successes == 4
+    assert not (paths.batch_images(lane.spec.server_name, 0) / MARKER_FILE).exists()

@@ -20,6 +20,8 @@ read it with the glob ``successes*.parquet`` (``success_files``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -42,6 +44,7 @@ from distributed_downloader.store import (
     atomic_write_table,
 )
 
+log = logging.getLogger(__name__)
 PARTS_DIR = ".parts"
 PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work (config checkpoint_seconds)...
 PARTS_ROWS = ROW_GROUP_ROWS  # ...or this many rows...
@@ -52,6 +55,12 @@ _PART_NAME = re.compile(r"^r(\d+)-(\d+)\.(successes|errors)\.parquet$")
 
 def retry_successes_name(round_no: int) -> str:
     return f"successes-r{round_no}.parquet"
+
+
+def round_of_success_file(path: Path) -> int:
+    """0 for ``successes.parquet`` (a full download), R for ``successes-r{R}.parquet``."""
+    match = _SUCCESS_NAME.match(path.name)
+    return int(match.group(1) or 0) if match else 0
 
 
 def success_files(folder: Path) -> list[Path]:
@@ -102,28 +111,54 @@ class BatchParts:
     # ------------------------------------------------------------------ what earlier attempts left
 
     def _parts(self, kind: str | None = None) -> Iterator[tuple[int, int, str, Path]]:
-        """(round, seq, kind, path) of the parts on disk, in write order."""
+        """(round, seq, kind, path) of the parts on disk, in write order (round, then seq)."""
         try:
-            names = sorted(os.listdir(self.dir))
+            names = os.listdir(self.dir)
         except FileNotFoundError:
             return
+        found = []
         for name in names:
             match = _PART_NAME.match(name)
             if match and (kind is None or match.group(3) == kind):
-                yield int(match.group(1)), int(match.group(2)), match.group(3), self.dir / name
+                found.append((int(match.group(1)), int(match.group(2)), match.group(3), self.dir / name))
+        yield from sorted(found)
+
+    def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table | None:
+        """A part's rows, or None for a part that cannot be read (moved aside: its URLs are fetched again)."""
+        schema = SUCCESS_SCHEMA if path.name.endswith(".successes.parquet") else ERROR_SCHEMA
+        try:
+            return pq.read_table(path, columns=columns, schema=schema)
+        except (OSError, pa.ArrowException) as exc:
+            aside = path.with_name(f".unreadable-{path.name}")
+            with contextlib.suppress(OSError):
+                os.replace(path, aside)
+            log.warning("part %s unreadable (%s): moved aside to %s, its URLs are downloaded again", path, exc, aside)
+            return None
+
+    def drop_committed(self, committed_round: int) -> None:
+        """Parts of rounds up to the marker's were merged by that commit (a kill came before their removal)."""
+        for round_no, _, _, path in list(self._parts()):
+            if round_no <= committed_round:
+                path.unlink(missing_ok=True)
+        if self.dir.is_dir() and not any(self._parts()):
+            self.remove()
 
     def carried_successes(self) -> set[str]:
         """uuids already downloaded by earlier attempts of this batch (image bytes are not read)."""
         ids: set[str] = set()
         for _, _, _, path in self._parts("successes"):
-            ids.update(pq.read_table(path, columns=["uuid"]).column("uuid").to_pylist())
+            table = self._read(path, ["uuid"])
+            if table is not None:
+                ids.update(table.column("uuid").to_pylist())
         return ids
 
     def carried_errors(self) -> list[tuple[int, dict]]:
         """(round, row) of the error rows earlier attempts wrote."""
         rows: list[tuple[int, dict]] = []
         for round_no, _, _, path in self._parts("errors"):
-            rows.extend((round_no, row) for row in pq.read_table(path, schema=ERROR_SCHEMA).to_pylist())
+            table = self._read(path)
+            if table is not None:
+                rows.extend((round_no, row) for row in table.to_pylist())
         return rows
 
     # ------------------------------------------------------------------ this attempt
@@ -199,10 +234,15 @@ class BatchParts:
         ``kept``) and which it tried again.
         """
         self.flush()
-        rows = list(kept)
+        succeeded = self.carried_successes()  # a success wins over an error row of the same URL
+        rows = [row for row in kept if row["uuid"] not in succeeded]
+        seen = {row["uuid"] for row in rows}
         for round_no, _, _, path in self._parts("errors"):
             if round_no == self.round_no:
-                rows.extend(pq.read_table(path, schema=ERROR_SCHEMA).to_pylist())
+                for row in pq.read_table(path, schema=ERROR_SCHEMA).to_pylist():
+                    if row["uuid"] not in succeeded and row["uuid"] not in seen:
+                        seen.add(row["uuid"])
+                        rows.append(row)
         atomic_write_table(self.folder / ERRORS_FILE, pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
         return len(rows)
 

@@ -32,7 +32,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader import imaging
-from distributed_downloader.batch_parts import BatchParts, read_success_column, retry_successes_name, success_files
+from distributed_downloader.batch_parts import (
+    BatchParts,
+    read_success_column,
+    retry_successes_name,
+    round_of_success_file,
+    success_files,
+)
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import DownloadError, ErrorCode, internal_error_message, is_transient
 from distributed_downloader.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
@@ -268,7 +274,19 @@ class Lane:
         return self.robots_cache.get(server, url, self._robots_fetcher(server), _RobotsGate(self))
 
     def _refresh_robots(self, force: bool = False) -> None:
-        """Look at the server's robots.txt again (a dict lookup until the cached copy is 24 h old)."""
+        """Look at the server's robots.txt again (a dict lookup until the cached copy is 24 h old).
+
+        A cache that breaks (disk full, read-only, a parser raising) leaves the rules known so far
+        in force; with none known yet, nothing is fetched this round (robots.txt unavailable, -15).
+        """
+        try:
+            self._refresh_robots_now(force)
+        except Exception as exc:
+            log.warning("%s: robots.txt could not be read or cached: %s", self.spec.key, exc, exc_info=exc)
+            if not self._robots_known:
+                self.robots_unavailable = internal_error_message(exc, "reading robots.txt")
+
+    def _refresh_robots_now(self, force: bool) -> None:
         now = time.monotonic()
         if self.robots_cache is None or not self._sample_url or (not force and now - self._robots_checked < 30):
             return
@@ -377,6 +395,8 @@ class Lane:
                         if any(other.in_flight for other in runs):
                             continue  # a 403 burst may still turn out to be a ban
                         self._flush_suspects(runs, banned=False)
+                        if run not in runs:  # its error rows could not be written: reported failed
+                            continue
                     runs.remove(run)
                     try:
                         stats = self._commit(run)
@@ -434,14 +454,24 @@ class Lane:
         final_dir = self.paths.batch_images(self.spec.server_name, partition_id)
         for leftover in final_dir.glob(".*.tmp"):  # a temp file of a write cut short by a kill
             leftover.unlink(missing_ok=True)
-        appending = mode == "retry" or (mode == "ignored" and valid_marker(final_dir, fingerprint) is not None)
+        marker = valid_marker(final_dir, fingerprint)
+        appending = mode == "retry" or (mode == "ignored" and marker is not None)
+        parts = BatchParts(final_dir, fingerprint, self.round_no, self.checkpoint_seconds)
+        if marker is not None:
+            # A kill between a commit's marker and the removal of its parts: they are in the files.
+            parts.drop_committed(marker.round)
+            # A success file of a later round than the marker's is a commit cut short (its rows are
+            # still in the parts, or will be downloaded again).
+            for path in success_files(final_dir):
+                if round_of_success_file(path) > marker.round:
+                    path.unlink()
         run = _BatchRun(
             partition_id,
             fingerprint,
             mode,
             stats,
             final_dir,
-            BatchParts(final_dir, fingerprint, self.round_no, self.checkpoint_seconds),
+            parts,
             appending,
             started=started,
             next_sample=started,
@@ -472,9 +502,9 @@ class Lane:
         leaves a batch the next attempt commits again.
         """
         stats = run.stats
+        target = run.final_dir / (retry_successes_name(self.round_no) if run.appending else SUCCESSES_FILE)
         try:
             run.final_dir.mkdir(parents=True, exist_ok=True)
-            target = run.final_dir / (retry_successes_name(self.round_no) if run.appending else SUCCESSES_FILE)
             run.parts.write_successes(target)
             if not run.appending:  # files of an older URL list of this folder
                 for path in success_files(run.final_dir):
@@ -484,12 +514,18 @@ class Lane:
             marker = Marker(run.fingerprint, self.round_no, stats.successes, stats.errors, stats.transient)
             write_marker(run.final_dir, marker)
         except OSError as exc:
-            run.parts.discard_buffer()
-            raise OSError(
-                exc.errno,
-                f"batch {self.spec.server_name}/partition_id={run.partition_id} not written: {exc.strerror}",
-                str(run.final_dir),
-            ) from exc
+            committed = valid_marker(run.final_dir, run.fingerprint)
+            if committed is None or committed.round != self.round_no:
+                run.parts.discard_buffer()
+                if run.appending:  # a retry's own file without its marker would count its rows twice
+                    with contextlib.suppress(OSError):
+                        target.unlink(missing_ok=True)
+                raise OSError(
+                    exc.errno,
+                    f"batch {self.spec.server_name}/partition_id={run.partition_id} not written: {exc.strerror}",
+                    str(run.final_dir),
+                ) from exc
+            log.warning("%s batch %s: committed, but then: %s", self.spec.key, run.partition_id, exc)
         run.parts.remove()
         stats.seconds = round(time.monotonic() - run.started, 3)
         stats.rate_end = self.controller.rate
@@ -508,9 +544,7 @@ class Lane:
         expected = {row["uuid"] for row in urls}
         done_ids = run.parts.carried_successes() & expected
         from_parts = len(done_ids)  # rows an earlier attempt (or profiling's probe) made: done this round
-        if run.appending:
-            # A file of this round here is a commit cut short: its rows are still in the parts.
-            (run.final_dir / retry_successes_name(self.round_no)).unlink(missing_ok=True)
+        if run.appending:  # (success files newer than the marker were removed in _open)
             done_ids |= set(read_success_column(run.final_dir, "uuid").to_pylist()) & expected
             old_errors = read_table(run.final_dir / ERRORS_FILE, ERROR_SCHEMA).to_pylist()
         else:
@@ -578,10 +612,10 @@ class Lane:
         if any(run.waiting for run in runs):
             stop = self._stop_reason()
             if stop is not None:  # the rest waits for the next round
-                for run in runs:
+                for run in list(runs):
                     for item in [*run.ready, *(entry[2] for entry in run.backoff)]:
-                        if not item.settled and not item.copies:  # a hedged copy's first is still out
-                            self._write_error(item, *stop)
+                        if not item.settled and not item.copies and not run.failed:  # a hedge's first is out
+                            self._write_error_or_break(item, *stop, runs=runs)
                     run.ready.clear()
                     run.backoff.clear()
         tail = not any(run.ready for run in runs)
@@ -603,7 +637,7 @@ class Lane:
                 return
             if not allowed:
                 sender.ready.popleft()
-                self._write_error(item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt")
+                self._write_error_or_break(item, int(ErrorCode.ROBOTS_DISALLOWED), "disallowed by robots.txt", runs)
                 return
             wait = self.controller.try_take()
             if wait <= 0:
@@ -695,13 +729,15 @@ class Lane:
     def _fetch_one(
         self, item: _Item, sent_at: float, concurrency: int, ticket: int, results: queue.Queue[_Outcome]
     ) -> None:
+        outcome = _Outcome(item, code=int(ErrorCode.INTERNAL), message="internal error while fetching or decoding it")
         try:
             outcome = self._fetch_and_process(item, sent_at, concurrency, ticket)
-        except Exception as exc:  # never lose an item, whatever a library raised
-            message = internal_error_message(exc, "fetching or decoding it")
-            log.warning("%s: %s: %s", self.spec.key, item.row["identifier"][:200], message, exc_info=exc)
-            outcome = _Outcome(item, code=int(ErrorCode.INTERNAL), message=message)
-        results.put(outcome)
+        except BaseException as exc:  # never lose an item, whatever a library raised
+            with contextlib.suppress(BaseException):  # even an exception whose str() raises
+                outcome.message = internal_error_message(exc, "fetching or decoding it")
+                log.warning("%s: %s: %s", self.spec.key, item.row["identifier"][:200], outcome.message)
+        finally:
+            results.put(outcome)  # the lane thread counts every request back, or the batch never ends
 
     def _fetch_and_process(self, item: _Item, sent_at: float, concurrency: int, ticket: int) -> _Outcome:
         assert self.fetcher is not None
@@ -814,19 +850,31 @@ class Lane:
         """A batch that cannot go on: it stops here (reported failed), the lane's other batches go on."""
         runs.remove(run)
         for other in [*run.ready, *(entry[2] for entry in run.backoff), *run.flying]:
-            other.settled = True
+            self._settle(other)  # copies in flight are cancelled: nobody wants their answer now
         self._suspects = [s for s in self._suspects if s.item.run is not run]
         self._pending_failed.append(self._fail_batch(run, exc, where))
 
     def _flush_suspects(self, runs: list[_BatchRun], banned: bool) -> None:
-        for suspect in self._suspects:
-            assert suspect.item.run is not None
-            suspect.item.run.suspects -= 1
+        while self._suspects:
+            suspect = self._suspects.pop(0)  # popped first: a write that fails is never repeated
+            run = suspect.item.run
+            assert run is not None
+            run.suspects -= 1
+            if run.failed:
+                continue
             if banned:
-                self._write_error(suspect.item, int(ErrorCode.BANNED), _BAN_MESSAGE)
+                self._write_error_or_break(suspect.item, int(ErrorCode.BANNED), _BAN_MESSAGE, runs)
             else:
-                self._write_error(suspect.item, suspect.code, suspect.message)
-        self._suspects.clear()
+                self._write_error_or_break(suspect.item, suspect.code, suspect.message, runs)
+
+    def _write_error_or_break(self, item: _Item, code: int, message: str, runs: list[_BatchRun]) -> None:
+        """An error row; if its batch cannot take it, that batch (not the lane, not another batch) fails."""
+        try:
+            self._write_error(item, code, message)
+        except Exception as exc:
+            assert item.run is not None
+            if item.run in runs:
+                self._break_run(item.run, exc, "writing a row", runs)
 
     def _settle(self, item: _Item) -> None:
         """The URL's row is being written: a hedged copy still out is no longer wanted."""

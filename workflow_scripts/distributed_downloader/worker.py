@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import ownership
+from distributed_downloader.batch_parts import PARTS_DIR, BatchParts
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
 from distributed_downloader.fetch import FetchSettings
@@ -307,6 +308,10 @@ def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
         for batch in server["batches"]:
             folder = paths.batch_images(server["server_name"], batch["partition_id"])
             mode = batch_mode(folder, batch["fingerprint"], schedule["round"], bool(server["ignored_code"]))
+            if mode is None and (folder / PARTS_DIR).is_dir():  # a kill between a commit's marker and its cleanup
+                marker = read_marker(folder)
+                if marker is not None:
+                    BatchParts(folder, batch["fingerprint"], schedule["round"]).drop_committed(marker.round)
             if mode is not None:
                 batches.append({**batch, "mode": mode, "todo": _todo(paths, server["server_name"], batch, mode)})
         if batches:
@@ -444,6 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         unexplained = [key for key in missing if key not in failed]
         if unexplained:
             print(f"[download] {len(unexplained)} batches unfinished, e.g. {unexplained[:5]}", file=sys.stderr)
+            return 1
+        if failed and round_no >= int(schedule.get("num_rounds") or round_no):
+            # No round is left to redo them: the round is not done, so running the workflow again
+            # (the same command) redoes just these batches; verification could not pass without them.
+            print(
+                f"[download] round {round_no} (the last): {len(failed)} batches failed, e.g. "
+                + "; ".join(f"{key}: {why}" for key, why in list(failed.items())[:3])
+                + ". Run the same command again to redo them.",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         if failed:  # data, not a crash: the next round downloads them again
             print(
