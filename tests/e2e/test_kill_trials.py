@@ -22,7 +22,7 @@ from tests.conftest import kill_group, run, snakemake_cmd
 from tests.e2e.helpers import check_dataset
 
 pytestmark = pytest.mark.e2e
-TRIALS = 6
+TRIALS = 4
 BATCH_SIZE = 60  # ~6 s of a host's budget at 10 req/s: longer than a checkpoint, so parts matter
 RATE = 10.0
 CHECKPOINT_SECONDS = 1.0
@@ -66,7 +66,7 @@ def test_random_kills_then_resume(tmp_path: Path) -> None:
     rng = random.Random(20261125)
     hosts = [HostSpec(f"h{i}", latency=0.01, fault_rate=0.03) for i in range(3)]
     with ImageFarm(hosts) as farm:
-        rows = demo.demo_rows(farm, per_host=200, faults=False)
+        rows = demo.demo_rows(farm, per_host=150, faults=False)
         config = demo.write_config(
             tmp_path,
             demo.write_input(rows, tmp_path / "urls.csv"),
