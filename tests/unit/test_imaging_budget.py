@@ -79,7 +79,7 @@ def test_threads_never_reserve_more_than_the_budget() -> None:
     ] * 6
     reservations = [imaging.decode_reservation(data, settings) for data in images]
     budget = DecodeBudget(int(max(reservations) * 2.5))  # room for two or three at once, not twelve
-    serial = [_key(process_image(data, settings, budget=DecodeBudget(1))) for data in images]
+    serial = [_key(process_image(data, settings, budget=DecodeBudget(10**12))) for data in images]
 
     with ThreadPoolExecutor(max_workers=12) as pool:
         futures = [pool.submit(process_image, data, settings, budget) for data in images]
@@ -96,7 +96,7 @@ def test_image_larger_than_the_budget_runs_alone_and_completes(monkeypatch: pyte
     settings = ImageSettings(image_size=64)
     big = _i16_png(1500, 1200, seed=3)
     small = [_rgba_png(300, 200), _jpeg(400, 300), _palette_png(300, 300)] * 4
-    budget = DecodeBudget(imaging.decode_reservation(big, settings) // 3)
+    budget = DecodeBudget(imaging.decode_reservation(big, settings) * 2 // 3)  # 1.5x: alone, not refused
     assert all(imaging.decode_reservation(data, settings) < budget.capacity for data in small)
 
     holders_when_big_decoded: list[int] = []
@@ -285,3 +285,16 @@ def test_budget_bounds_threads_even_when_shared_with_other_settings() -> None:
             future.result(timeout=WAIT)
     assert budget.peak_reserved <= budget.capacity
     assert budget.reserved == 0
+
+
+def test_an_image_far_over_the_budget_is_refused_before_decoding() -> None:
+    """Over OVERSIZE_FACTOR x the budget: a -5 row, not a decode that takes a rank's whole memory."""
+    settings = ImageSettings(image_size=64)
+    big = _i16_png(1500, 1200, seed=3)
+    need = imaging.decode_reservation(big, settings)
+    budget = DecodeBudget(need // (imaging.OVERSIZE_FACTOR + 1))
+    with pytest.raises(ImageError) as info:
+        process_image(big, settings, budget)
+    assert info.value.code == ErrorCode.TOO_MANY_PIXELS and "decode_memory_mb" in info.value.message
+    assert budget.peak_reserved == 0  # refused from the header: nothing was reserved or decoded
+    assert process_image(big, settings, DecodeBudget(need)).original_size == (1200, 1500)

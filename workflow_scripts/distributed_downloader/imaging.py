@@ -318,6 +318,9 @@ def _prepare(
     return img, (height, width), (th, tw), box
 
 
+OVERSIZE_FACTOR = 2  # an image alone may reserve up to this many times the budget (2 GB at the default)
+
+
 def decode_reservation(data: bytes, settings: ImageSettings) -> int:
     """Bytes ``process_image`` reserves from the decode budget for ``data`` (reads the header only).
 
@@ -333,7 +336,16 @@ def _process(data: bytes, settings: ImageSettings, budget: decode_budget.DecodeB
         return _decode(img, data, settings, size, target, box)
     # Reserved from the header (after draft(), so a JPEG pays for its reduced scale only), before
     # any pixel is decoded; released when the full-size copies are gone, even on error.
-    with budget.reserve(_reservation(img, (size[1], size[0]))):
+    need = _reservation(img, (size[1], size[0]))
+    if need > OVERSIZE_FACTOR * budget.capacity:
+        # One decode alone may go past the budget (it waits until it runs alone), but not this far:
+        # within the pixel cap a WebP or a gray+alpha PNG needs 2-3 GB, a rank's whole memory share.
+        raise ImageError(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"decoding it needs ~{need / 2**20:.0f} MB, over {OVERSIZE_FACTOR}x decode_memory_mb "
+            f"({budget.capacity / 2**20:.0f} MB); raise decode_memory_mb to store such images",
+        )
+    with budget.reserve(need):
         return _decode(img, data, settings, size, target, box)
 
 
