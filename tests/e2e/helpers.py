@@ -102,3 +102,23 @@ def slow_farm_config(farm, tmp_path: Path, rate: float, per_host: int = 60, **do
         **downloader,
     )
     return rows, config
+
+
+def lane_test_config(tmp_path: Path, **downloader: object) -> dict:
+    """A validated config for tests that run a Lane directly on loopback: no robots, no retries."""
+    from distributed_downloader import config as config_mod
+
+    params = {
+        "allow_private_addresses": True,
+        "respect_robots_txt": False,
+        "max_retries": 0,
+        "timeout": {"connect": 3, "read": 3, "total": 10},
+        **downloader,
+    }
+    return config_mod.validate(
+        {
+            "path_to_input": str(tmp_path / "unused.csv"),
+            "path_to_output": str(tmp_path / "out"),
+            "downloader_parameters": params,
+        }
+    )

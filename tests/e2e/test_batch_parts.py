@@ -25,25 +25,14 @@ from distributed_downloader.lane import BatchStats, Lane, LaneSpec
 from distributed_downloader.store import ERRORS_FILE, SUCCESSES_FILE, read_marker
 from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm
 from distributed_downloader.verify import verify_batch
-from tests.e2e.helpers import read_all, write_batch_urls
+from tests.e2e.helpers import lane_test_config, read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e
 FINGERPRINT = "f" * 32
 
 
 def _setup(tmp_path: Path, farm: ImageFarm, urls: list[str]) -> tuple[dict, config_mod.Paths, str]:
-    config = config_mod.validate(
-        {
-            "path_to_input": str(tmp_path / "unused.csv"),
-            "path_to_output": str(tmp_path / "out"),
-            "downloader_parameters": {
-                "allow_private_addresses": True,
-                "respect_robots_txt": False,
-                "max_retries": 0,
-                "timeout": {"connect": 3, "read": 3, "total": 10},
-            },
-        }
-    )
+    config = lane_test_config(tmp_path)
     paths = config_mod.paths(config)
     server = farm.base_urls[0].split("//", 1)[1]
     write_batch_urls(paths.batch_urls(server, 0), urls)

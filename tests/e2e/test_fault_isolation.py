@@ -24,7 +24,7 @@ from distributed_downloader.errors import ErrorCode, is_transient
 from distributed_downloader.lane import END_OF_BATCHES, MAX_BATCH_FAILURES, BatchStats, Lane, LaneSpec
 from distributed_downloader.store import MARKER_FILE
 from distributed_downloader.testserver import HostSpec, ImageFarm
-from tests.e2e.helpers import read_all, write_batch_urls
+from tests.e2e.helpers import lane_test_config, read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e
 
@@ -36,18 +36,7 @@ def farm() -> ImageFarm:
 
 
 def _lane(tmp_path: Path, farm: ImageFarm, batches: dict[int, list[str]]) -> tuple[Lane, config_mod.Paths]:
-    config = config_mod.validate(
-        {
-            "path_to_input": str(tmp_path / "unused.csv"),
-            "path_to_output": str(tmp_path / "out"),
-            "downloader_parameters": {
-                "allow_private_addresses": True,
-                "respect_robots_txt": False,
-                "max_retries": 0,
-                "timeout": {"connect": 3, "read": 3, "total": 10},
-            },
-        }
-    )
+    config = lane_test_config(tmp_path)
     paths = config_mod.paths(config)
     server = farm.base_urls[0].split("//", 1)[1]
     for partition_id, urls in batches.items():
