@@ -5,6 +5,8 @@ One batch folder (``server_name=S/partition_id=N/``) holds:
 - ``successes.parquet``: the rows of the round that downloaded the whole batch ("full" mode);
 - ``successes-r{R}.parquet``: the rows retry round R added. Retry rounds append a file, they never
   rewrite the images already stored;
+- ``successes-reuse.parquet``: rows copied from a previous dataset without a request (monthly
+  snapshots, reuse.py), written when the batch is first opened; the batch's commits keep it;
 - ``errors.parquet``: the batch's error rows (small, no images: rewritten at each commit, so a URL
   retried successfully loses its old error row);
 - ``_completed``: the marker (store.Marker), written last: the batch is done for its URL list;
@@ -21,6 +23,7 @@ read it with the glob ``successes*.parquet`` (``success_files``).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -49,7 +52,8 @@ PARTS_DIR = ".parts"
 PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work (config checkpoint_seconds)...
 PARTS_ROWS = ROW_GROUP_ROWS  # ...or this many rows...
 PARTS_BYTES = 32 * 1024 * 1024  # ...or this many image bytes (bounds the lane's memory)
-_SUCCESS_NAME = re.compile(r"^successes(?:-r(\d+))?\.parquet$")
+_SUCCESS_NAME = re.compile(r"^successes(?:-r(\d+)|-(reuse))?\.parquet$")
+REUSE_SUCCESSES = "successes-reuse.parquet"  # rows copied from a previous dataset (reuse.py)
 _PART_NAME = re.compile(r"^r(\d+)-(\d+)\.(successes|errors)\.parquet$")
 
 
@@ -58,14 +62,16 @@ def retry_successes_name(round_no: int) -> str:
 
 
 def round_of_success_file(path: Path) -> int:
-    """0 for ``successes.parquet`` (a full download), R for ``successes-r{R}.parquet``."""
+    """0 for ``successes.parquet`` (a full download) and ``successes-reuse.parquet`` (written before
+    any round's commit), R for ``successes-r{R}.parquet``."""
     match = _SUCCESS_NAME.match(path.name)
     return int(match.group(1) or 0) if match else 0
 
 
 def success_files(folder: Path) -> list[Path]:
-    """The batch folder's committed success files: ``successes.parquet`` first, then by round."""
-    found: list[tuple[int, Path]] = []
+    """The batch folder's committed success files: ``successes.parquet`` first, the reused rows'
+    ``successes-reuse.parquet`` next, then by round."""
+    found: list[tuple[float, Path]] = []
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -73,8 +79,13 @@ def success_files(folder: Path) -> list[Path]:
     for name in names:
         match = _SUCCESS_NAME.match(name)
         if match:
-            found.append((int(match.group(1) or 0), folder / name))
+            found.append((0.5 if match.group(2) else int(match.group(1) or 0), folder / name))
     return [path for _, path in sorted(found)]
+
+
+def utc_now() -> datetime.datetime:
+    """The ``checked_at`` of a row written now."""
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def read_success_column(folder: Path, column: str) -> pa.ChunkedArray:
@@ -164,12 +175,14 @@ class BatchParts:
     # ------------------------------------------------------------------ this attempt
 
     def append_success(self, row: dict) -> None:
+        row.setdefault("checked_at", utc_now())  # the server gave us the image now (or confirmed it: 304)
         self._successes.append(row)
         self._bytes += len(row.get("image") or b"")
         if len(self._successes) >= PARTS_ROWS or self._bytes >= PARTS_BYTES:
             self.flush()
 
     def append_error(self, row: dict) -> None:
+        row.setdefault("checked_at", utc_now())  # a later snapshot retries a permanent error by its age
         self._errors.append(row)
         if len(self._errors) >= PARTS_ROWS:
             self.flush()

@@ -61,6 +61,9 @@ def validate(raw: Mapping) -> dict:
         raise ConfigError("; ".join(_describe(e) for e in errors))
     if "path_to_output" not in config:
         raise ConfigError("missing key 'path_to_output' (or 'path_to_output_folder')")
+    previous = config["previous_dataset"]
+    config["previous_dataset"] = [previous] if isinstance(previous, str) else list(previous)
+    config["previous_dataset"] = [p for p in config["previous_dataset"] if p.strip()]
     params = config["downloader_parameters"]
     timeout = params["timeout"]
     if not isinstance(timeout, dict):
@@ -106,6 +109,11 @@ class Paths:
     @property
     def robots(self) -> Path:
         return self.output / "robots"
+
+    @property
+    def snapshot(self) -> Path:
+        """The reuse plan of a run with ``previous_dataset`` (snapshot.py)."""
+        return self.output / "snapshot"
 
     @property
     def state(self) -> Path:

@@ -31,6 +31,13 @@ SUCCESS_SCHEMA = pa.schema(
         ("original_size", pa.list_(pa.int64())),
         ("resized_size", pa.list_(pa.int64())),
         ("image", pa.binary()),
+        # Added for monthly snapshots (issue #18), optional: stores written before them read these as
+        # null. ``etag``/``last_modified``: the server's validators of the image, as sent, for a later
+        # conditional GET; ``checked_at``: when the server last gave us this image or confirmed it
+        # (304). A row carried over to a new snapshot keeps all three, so its age keeps growing.
+        ("etag", pa.string()),
+        ("last_modified", pa.string()),
+        ("checked_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
 ERROR_SCHEMA = pa.schema(
@@ -40,8 +47,10 @@ ERROR_SCHEMA = pa.schema(
         ("retry_count", pa.int64()),
         ("error_code", pa.int64()),
         ("error_msg", pa.string()),
+        ("checked_at", pa.timestamp("ms", tz="UTC")),  # when the URL last failed so (null in older stores)
     ]
 )
+SNAPSHOT_COLUMNS = ("etag", "last_modified", "checked_at")  # optional: absent from stores of older versions
 SUCCESSES_FILE = "successes.parquet"
 ERRORS_FILE = "errors.parquet"
 MARKER_FILE = "_completed"  # leading "_": dataset readers skip it
