@@ -19,6 +19,7 @@ include: "rules/initialize.smk"
 include: "rules/profile.smk"
 include: "rules/download.smk"
 include: "rules/verify.smk"
+include: "rules/snapshot.smk"
 include: "rules/tools.smk"
 include: "rules/report.smk"
 

@@ -1,4 +1,5 @@
 # Paths from the validated config, input functions, wildcard constraints.
+import json
 import sys
 from pathlib import Path
 
@@ -65,7 +66,24 @@ def plot_file(name):
     return str(PATHS.reports / "plots" / f"{name}.svg")
 
 
+def snapshot_params():
+    """What the snapshot plan depends on besides the input: a change re-initializes ("" without one)."""
+    if not config["previous_dataset"]:
+        return ""
+    return json.dumps(
+        {"previous_dataset": config["previous_dataset"], "snapshot_parameters": config["snapshot_parameters"]},
+        sort_keys=True,
+    )
+
+
+def snapshot_report_file(ext):
+    return str(PATHS.reports / f"snapshot_changes.{ext}")
+
+
 def get_final_output():
-    return [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")] + [
-        str(PATHS.tools / tool / "_done.json") for tool in config["tools"]
-    ]
+    snapshot = [snapshot_report_file("json")] if config["previous_dataset"] else []
+    return (
+        [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")]
+        + snapshot
+        + [str(PATHS.tools / tool / "_done.json") for tool in config["tools"]]
+    )

@@ -9,5 +9,6 @@ rule initialize:
         log_file("initialize"),
     params:
         stage="initialize",
+        snapshot=snapshot_params(),
     script:
         "../workflow_scripts/run_stage.py"

@@ -20,7 +20,7 @@ from distributed_downloader.errors import DownloadError
 from distributed_downloader.lane import success_row
 from distributed_downloader.store import valid_marker
 
-FIRST_BATCH = 0  # profiling probes the first URLs of a server's first batch
+FIRST_BATCH = 0  # profiling probes the first URLs of a server's first batch (a snapshot: of the first it downloads)
 
 
 class ProbeKeeper:
@@ -33,15 +33,25 @@ class ProbeKeeper:
         self.kept = 0
         self._lock = threading.Lock()  # profiling probes servers from a thread pool
 
+    def _find(self, server: str, url: str) -> tuple[int, dict] | None:
+        """The probed URL's batch and row: the first batch, or (a monthly snapshot probes the first
+        URL it downloads) the first batch holding it."""
+        for partition_id in range(len(self.manifest["servers"][server]["fingerprints"])):
+            table = pq.read_table(self.paths.batch_urls(server, partition_id))
+            row = next((r for r in table.to_pylist() if r["identifier"] == url), None)
+            if row is not None:
+                return partition_id, row
+        return None
+
     def __call__(self, server: str, url: str, body: bytes) -> None:
-        fingerprint = self.manifest["servers"][server]["fingerprints"][FIRST_BATCH]
-        folder = self.paths.batch_images(server, FIRST_BATCH)
+        found = self._find(server, url)
+        if found is None:
+            return
+        partition_id, row = found
+        fingerprint = self.manifest["servers"][server]["fingerprints"][partition_id]
+        folder = self.paths.batch_images(server, partition_id)
         if valid_marker(folder, fingerprint) is not None:
             return  # committed already: its rows are in place
-        table = pq.read_table(self.paths.batch_urls(server, FIRST_BATCH))
-        row = next((r for r in table.to_pylist() if r["identifier"] == url), None)
-        if row is None:
-            return
         parts = BatchParts(folder, fingerprint, round_no=1)
         if row["uuid"] in parts.carried_successes():
             return

@@ -174,6 +174,25 @@ def probe_server(
     return profile, robots
 
 
+def not_probed(name: str, batches: int, urls: int, settings: ProbeSettings) -> ServerProfile:
+    """The profile of a server with nothing to download: the defaults, no request sent."""
+    return ServerProfile(
+        server_name=name,
+        total_batches=batches,
+        total_urls=urls,
+        rate_limit=settings.default_rate,
+        max_rate=settings.max_rate,
+        max_connections=settings.max_connections,
+        latency_ms=0.0,
+        probe_status=0,
+        robots_found=False,
+        crawl_delay=0.0,
+        advertised_rate=0.0,
+        reachable=True,
+        reason="not probed: nothing to download (every row reused from the previous dataset)",
+    )
+
+
 def rules_allow(robots: RobotsFetch | None, settings: ProbeSettings, url: str) -> bool:
     rules = robots.rules(settings.fetch.robots_token) if robots is not None else None
     return rules is None or rules.allowed(url)
@@ -254,7 +273,10 @@ def profile_all(
     settings: ProbeSettings,
     user_ignored: set[str],
     threads: int = 32,
+    samples: Callable[[str, int], list[str] | None] | None = None,
 ) -> list[tuple[ServerProfile, RobotsFetch | None]]:
+    """Profile every server. ``samples(server, count)``: the probe's candidate URLs when they are not
+    the first of partition 0 (a monthly snapshot's URLs to download; [] when it downloads none)."""
     servers = manifest["servers"]
     jobs = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(servers) or 1))) as pool:
@@ -280,8 +302,13 @@ def profile_all(
                 )
                 jobs.append(((profile, None), None))
                 continue
-            samples = first_urls(urls_folder, name, settings.probe_candidates)
-            future = pool.submit(probe_server, name, samples, batches, urls, settings)
+            candidates = samples(name, settings.probe_candidates) if samples is not None else None
+            if candidates is None:
+                candidates = first_urls(urls_folder, name, settings.probe_candidates)
+            elif not candidates:  # nothing to download (every row reused): nothing to ask the server
+                jobs.append(((not_probed(name, batches, urls, settings), None), None))
+                continue
+            future = pool.submit(probe_server, name, candidates, batches, urls, settings)
             jobs.append((None, future))
         return [done if future is None else future.result() for done, future in jobs]
 

@@ -40,6 +40,8 @@ def run(smk: Any) -> None:
             plots.make_all(Path(smk.input.verification), paths.state, paths.images, dict(smk.output.items()))
         elif stage == "verify":
             stages.verify_downloads(config, Path(smk.output.json), Path(smk.output.csv))
+        elif stage == "snapshot_report":
+            stages.snapshot_report(config, Path(smk.output.json), Path(smk.output.csv))
         else:
             raise ValueError(f"unknown stage {stage!r}")
     except Exception:

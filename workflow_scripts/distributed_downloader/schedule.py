@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distributed_downloader import snapshot
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.profiling import ServerProfile
@@ -115,7 +116,10 @@ def build(
         if not work.batches:
             continue
         work.urls_left = sum(
-            min(manifest["batch_size"], info["urls"] - b.partition_id * manifest["batch_size"]) for b in work.batches
+            min(manifest["batch_size"], info["urls"] - b.partition_id * manifest["batch_size"])
+            # a monthly snapshot's rows copied or kept without a request (the first attempt of a batch)
+            - (snapshot.not_downloaded(paths, name, b.partition_id) if b.mode == "full" else 0)
+            for b in work.batches
         )
         if not work.ignored_code:
             work.lanes = lanes_for(

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, profiling, schedule, stale_images, verify
+from distributed_downloader import inputs, partition, profiling, schedule, snapshot, stale_images, verify
 from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.probe_rows import ProbeKeeper
 from distributed_downloader.store import atomic_write_json
@@ -28,6 +28,9 @@ def initialize(config: Mapping, manifest_out: Path) -> dict:
         "servers": len(result.manifest["servers"]),
         "batches": sum(len(s["fingerprints"]) for s in result.manifest["servers"].values()),
     }
+    planned = snapshot.plan(config, paths, result.manifest)  # monthly snapshots: what previous_dataset holds
+    if planned is not None:
+        summary["snapshot"] = planned["totals"]
     moved = stale_images.move_aside(result.manifest, paths.images, paths.output)
     summary["stale_partitions_moved"] = len(moved)
     for entry in moved:
@@ -51,7 +54,16 @@ def profile_servers(config: Mapping) -> list[profiling.ServerProfile]:
         keep_probe=ProbeKeeper(paths, manifest, params),
     )
     ignored = profiling.read_ignored_list(params["ignored_servers"])
-    results = profiling.profile_all(manifest, paths.urls, settings, ignored)
+    results = profiling.profile_all(
+        manifest,
+        paths.urls,
+        settings,
+        ignored,
+        # A snapshot probes a URL it will download (the probe is its first request), none when all is reused.
+        samples=lambda name, count: snapshot.download_sample(
+            paths, name, len(manifest["servers"][name]["fingerprints"]), count
+        ),
+    )
     profiling.write_tables(results, paths.profiles_table, paths.ignored_table, paths.robots)
     for profile, _ in results:
         log.info(
@@ -93,6 +105,15 @@ def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
     if not result["ok"]:
         raise RuntimeError("verification failed:\n" + "\n".join(result["problems"][:50]))
     return result
+
+
+def snapshot_report(config: Mapping, json_out: Path, csv_out: Path) -> dict:
+    from distributed_downloader import snapshot_report as report_mod
+
+    paths = config_mod.paths(config)
+    report = report_mod.write(paths, partition.read_manifest(paths.urls), Path(json_out), Path(csv_out))
+    log.info("snapshot changes: %s", report["totals"])
+    return report
 
 
 def load_json(path: Path) -> dict:

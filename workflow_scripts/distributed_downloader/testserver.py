@@ -59,6 +59,12 @@ Hidden limits and the everyday fault background (``HostSpec``)::
                            hang-up) on the URL's first admitted request only; ``ImageFarm.expected_outcome``
                            tells which, without a running server
 
+Revisions (monthly snapshot tests): plain image responses (``/img/``, ``/alias/``, free-form paths)
+carry ``ETag`` and ``Last-Modified`` and answer a conditional GET whose validator still holds
+(``If-None-Match``, or ``If-Modified-Since`` without it) with ``304 Not Modified``.
+``ImageFarm.change_image(path)`` gives a path new bytes and new validators on every host;
+``ImageFarm.remove_image(path, status)`` makes it answer 404 (or 410) from then on.
+
 Every host keeps a request log (``ImageFarm.request_log``): one ``LogEntry(start, end, status, path,
 user_agent)`` per request, so benches measure at the server (``max_requests_in_window``,
 ``max_concurrency``, ``refusal_share``).
@@ -573,10 +579,72 @@ def _advertised_policy(rate: float) -> tuple[int, int]:
     return 1, math.ceil(1 / rate)
 
 
+REVISION_EPOCH = 1_700_000_000  # Last-Modified of an image never changed; each change adds a day
+
+
+class _Revisions:
+    """Which image paths changed or were removed: shared by every host of a farm (query strings ignored)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.versions: dict[str, int] = {}
+        self.removed: dict[str, int] = {}  # path -> the status it answers now
+
+    def version(self, path: str) -> int:
+        with self.lock:
+            return self.versions.get(path, 0)
+
+    def removed_status(self, path: str) -> int:
+        with self.lock:
+            return self.removed.get(path, 0)
+
+
+def _versioned(ref: _ImageRef, version: int) -> _ImageRef:
+    """The image a changed path serves now: another key, so other bytes."""
+    return (
+        ref
+        if not version
+        else _ImageRef(f"{ref.key}#v{version}", ref.ext, ref.width, ref.height, ref.mode, ref.truncate)
+    )
+
+
+def validators(seed: int, ref: _ImageRef, version: int) -> dict[str, str]:
+    """``ETag`` (strong, from the image's inputs) and ``Last-Modified`` of a plain image response."""
+    tag = _digest("etag", seed, ref.key, ref.ext, ref.width, ref.height, ref.mode, version).hex()[:20]
+    modified = email.utils.formatdate(REVISION_EPOCH + version * 86_400, usegmt=True)
+    return {"ETag": f'"{tag}"', "Last-Modified": modified}
+
+
+def not_modified(request_headers: object, current: dict[str, str]) -> bool:
+    """RFC 9110 §13.2.2: If-None-Match decides when present (weak comparison), else If-Modified-Since."""
+    get = request_headers.get  # type: ignore[attr-defined]
+    match = get("If-None-Match")
+    if match is not None:
+        tags = [tag.strip().removeprefix("W/") for tag in match.split(",")]
+        return "*" in tags or current["ETag"] in tags
+    since = get("If-Modified-Since")
+    if since is None:
+        return False
+    try:
+        asked = email.utils.parsedate_to_datetime(since).timestamp()
+        modified = email.utils.parsedate_to_datetime(current["Last-Modified"]).timestamp()
+    except (TypeError, ValueError):
+        return False  # an unparsable date is ignored (RFC 9110 §13.1.3)
+    return modified <= asked
+
+
 class _Host:
     """Bookkeeping shared by the handler threads of one host. All mutation under ``lock``."""
 
-    def __init__(self, index: int, spec: HostSpec, seed: int, max_log_entries: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        index: int,
+        spec: HostSpec,
+        seed: int,
+        max_log_entries: int = 1_000_000,
+        revisions: _Revisions | None = None,
+    ) -> None:
+        self.revisions = revisions or _Revisions()
         self.index = index
         self.spec = spec
         self.seed = seed
@@ -859,6 +927,16 @@ class _Handler(BaseHTTPRequestHandler):
         if host.should_fault(self.path):
             self._reply(500, b"transient fault\n", _TEXT)
             return
+        plain = kind == "" and not ref.truncate  # the plain image routes carry validators
+        version, headers = 0, {}
+        if plain:
+            gone = host.revisions.removed_status(path)
+            if gone:
+                self._reply(gone, b"gone\n", _TEXT)
+                return
+            version = host.revisions.version(path)
+            ref = _versioned(ref, version)
+            headers = validators(host.seed, ref, version)
         body, content_type = _body(host.seed, ref), CONTENT_TYPES[ref.ext]
         fault = host.background_fault(path) if kind == "" else None
         if fault == OUTCOME_MISSING:
@@ -897,8 +975,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, body, content_type, {"X-Robots-Tag": _header_value(unquote(arg))})
         elif kind == "tdm":
             self._reply(200, body, content_type, {"tdm-reservation": _header_value(unquote(arg))})
+        elif plain and not_modified(self.headers, headers):
+            self._reply(304, b"", content_type, headers)
         else:
-            self._reply(200, body, content_type)
+            self._reply(200, body, content_type, headers)
 
     # ------------------------------------------------------------------ hostile behaviours
 
@@ -1137,7 +1217,8 @@ class ImageFarm:
         self.addresses = [str(ipaddress.IPv4Address(first + i)) for i in range(len(specs))]
         self.base_urls: list[str] = []
         # Bookkeeping outlives start/stop so stats can be read after the farm stopped.
-        self._hosts = [_Host(i, spec, seed, max_log_entries) for i, spec in enumerate(specs)]
+        self._revisions = _Revisions()
+        self._hosts = [_Host(i, spec, seed, max_log_entries, self._revisions) for i, spec in enumerate(specs)]
         self._servers: list[_FarmServer] = []
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -1203,7 +1284,23 @@ class ImageFarm:
         ref = None if _is_special(path_only) or kind not in _FAITHFUL else _resolve_image(inner, params)
         if ref is None:
             raise ValueError(f"{path!r} does not name an image (or never serves one whole)")
+        if not kind and not ref.truncate:
+            ref = _versioned(ref, self._revisions.version(path_only))
         return _body(self.seed, ref)
+
+    def change_image(self, path: str) -> None:
+        """From now on the image path (query ignored) serves other bytes, with a new ETag and a later
+        Last-Modified, on every host."""
+        key = _split_target(path)[0]
+        with self._revisions.lock:
+            self._revisions.versions[key] = self._revisions.versions.get(key, 0) + 1
+
+    def remove_image(self, path: str, status: int = 404) -> None:
+        """From now on the image path (query ignored) answers ``status`` (404 or 410) on every host."""
+        if status not in (404, 410):
+            raise ValueError("a removed image answers 404 or 410")
+        with self._revisions.lock:
+            self._revisions.removed[_split_target(path)[0]] = status
 
     def expected_outcome(self, host_index: int, path: str) -> str:
         """What a plain image path meets on this host under its fault background (no server needed).

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import ownership
+from distributed_downloader import ownership, snapshot
 from distributed_downloader.batch_parts import PARTS_DIR, BatchParts
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
@@ -325,7 +325,10 @@ def _todo(paths: config_mod.Paths, server: str, batch: Mapping, mode: str) -> in
         marker = read_marker(paths.batch_images(server, batch["partition_id"]))
         if marker is not None:
             return marker.transient
-    return pq.ParquetFile(paths.batch_urls(server, batch["partition_id"])).metadata.num_rows
+    rows = pq.ParquetFile(paths.batch_urls(server, batch["partition_id"])).metadata.num_rows
+    if mode == "full":  # a monthly snapshot copies or keeps some rows without a request
+        rows -= snapshot.not_downloaded(paths, server, batch["partition_id"])
+    return rows
 
 
 def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:

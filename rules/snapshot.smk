@@ -1,0 +1,16 @@
+# Monthly snapshots (previous_dataset): the change report, after the last round and verification.
+rule snapshot_report:
+    input:
+        verification=verification_report(),
+        done=round_done(ROUNDS),
+    output:
+        json=snapshot_report_file("json"),
+        csv=report(snapshot_report_file("csv"), caption="report/snapshot.rst", category="Verification"),
+    conda:
+        "../envs/environment.yaml"
+    log:
+        log_file("snapshot_report"),
+    params:
+        stage="snapshot_report",
+    script:
+        "../workflow_scripts/run_stage.py"
