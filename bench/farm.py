@@ -261,6 +261,24 @@ def plan_background(
     return Scenario("background", "testserver", seed, image_size, _finish(hosts, urls), urls)
 
 
+def lifted(scenario: Scenario) -> Scenario:
+    """The same hosts, latencies and retrievable images with every limit and fault lifted.
+
+    What this machine needs to move these images through fetch, decode, resize, encode and write
+    when no server holds it back: the floor a politeness result is measured against, on a machine
+    whose cores the farm shares.
+    """
+    if scenario.backend != "testserver":
+        raise ValueError("only the loopback farm can lift its limits")
+    hosts = [
+        HostPlan(h.index, h.name, math.inf, math.inf, None, "", "", h.latency, HostSpec(name=h.name, latency=h.latency))
+        for h in scenario.hosts
+    ]
+    urls = [UrlPlan(u.uuid, u.host, u.path, "ok", True) for u in scenario.urls if u.retrievable]
+    name = f"{scenario.name}-lifted"
+    return Scenario(name, "testserver", scenario.seed, scenario.image_size, _finish(hosts, urls), urls)
+
+
 HEAVY_MIX = FaultMix(missing=0.12, error500=0.10, reset=0.06, stall=0.03)
 HEAVY_SPECIAL = {"bomb": 0.04, "truncated": 0.05, "html": 0.04}  # shares of all URLs
 

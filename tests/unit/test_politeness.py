@@ -652,3 +652,121 @@ def test_concurrency_limit_survives_a_request_finishing_while_it_counts() -> Non
     clock.advance(30.0)
     assert 1 <= ctl.concurrency_limit() <= 8
     assert ctl.in_flight == 0
+
+
+# ---------------------------------------------------------------- jitter on slow, burst-of-one servers
+
+
+def simulate_jittered(rate: float, jitter: float, seconds: float = 120.0, seed: int = 5) -> list[tuple[float, int]]:
+    """One lane against a bucket of one request (no burst) whose arrivals are delayed 0..jitter s.
+
+    A busy server (or our own busy CPU) delays some requests more than others: two sends a full
+    interval apart can arrive closer than the interval, and a burst of one refuses the second.
+    Returns (arrival time, status) per request.
+    """
+    rng = random.Random(seed)
+    clock = FakeClock()
+    ctl = RateController(
+        LaneLimits(3.0, 80.0, 8, floor=1 / 30), clock=clock, wall_clock=lambda: clock.t + WALL, name="jittered"
+    )
+    t0 = clock.t
+    tokens, stamp = 1.0, t0
+    events: list[tuple[float, int, str, float, int]] = []  # (time, order, kind, sent, ticket)
+    order = 0
+    log: list[tuple[float, int]] = []
+    while clock.t - t0 < seconds:
+        wait = ctl.try_take()
+        if wait <= 0:
+            ticket, _ = ctl.started()
+            order += 1
+            heapq.heappush(events, (clock.t + rng.uniform(0.0, jitter), order, "arrive", clock.t, ticket))
+            continue
+        due = clock.t + wait
+        while events and events[0][0] <= due:
+            when, _, kind, sent, ticket = heapq.heappop(events)
+            clock.t = max(clock.t, when)
+            if kind == "arrive":
+                tokens = min(1.0, tokens + (when - stamp) * rate)
+                stamp = when
+                status = 200 if tokens >= 1.0 else 429
+                if status == 200:
+                    tokens -= 1.0
+                log.append((when - t0, status))
+                order += 1
+                heapq.heappush(events, (when + 0.02, order, f"done{status}", sent, ticket))
+            else:
+                ctl.on_response(int(kind[4:]), {}, clock.t - sent, sent, 1)
+                ctl.finished(ticket)
+        clock.t = max(clock.t, due)
+    return log
+
+
+@pytest.mark.parametrize(("rate", "jitter"), [(2.0, 0.05), (2.5, 0.08), (4.0, 0.04)])
+def test_jitter_refusals_do_not_ratchet_a_slow_server_down(rate: float, jitter: float) -> None:
+    """A burst-of-one server with arrival jitter is run near the rate its jitter allows, refusals kept rare."""
+    log = simulate_jittered(rate, jitter)
+    accepted_second_half = sum(1 for t, s in log if t >= 60.0 and s == 200) / 60.0
+    refused = sum(1 for _, s in log if s == 429)
+    assert accepted_second_half >= 0.8 * rate, f"held {accepted_second_half:.2f}/s of {rate}"
+    assert refused <= max(4, 0.03 * len(log)), f"{refused} refusals of {len(log)}"
+
+
+def test_a_lone_refusal_below_the_level_lowers_it_a_few_percent_only() -> None:
+    ctl, clock = controller(start=3.0, level=3.0)
+    ctl.slow_start = False
+    send_saturated(ctl, clock, 12.0)  # sending at ~2.9/s, all accepted
+    level = ctl.level
+    assert level is not None
+    clock.advance(0.2)
+    ctl.on_response(429, {}, 0.05, clock.t)  # one refusal: the pair arrived too close together
+    assert ctl.level == pytest.approx(level * (1 - RateController.JITTER_STEP))
+    assert ctl.rate >= 0.9 * level
+    assert ctl.events["jitter"] == 1
+    clock.advance(0.5)
+    ctl.on_response(429, {}, 0.05, clock.t)  # a second one within the window: congestion, not jitter
+    assert ctl.events["jitter"] == 1 and ctl.events["congestion"] == 1
+    assert ctl.level >= (1 - RateController.MAX_CUT) * level * 0.9
+
+
+def test_space_send_spaces_requests_at_the_wire() -> None:
+    """Slots taken on time but reaching the socket together leave at one interval from each other."""
+    ctl, clock = controller(start=4.0, ceiling=4.0)
+    ctl.slow_start = False
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    ctl.space_send(sleep)  # the first goes at once
+    ctl.space_send(sleep)  # a second right behind it waits one interval...
+    ctl.space_send(sleep)  # ...and a third, two (they queue)
+    assert slept == [pytest.approx(0.25), pytest.approx(0.5)]
+    clock.advance(2.0)  # idle time fills the bucket up to its capacity only (one request at 4/s)
+    slept.clear()
+    ctl.space_send(sleep)
+    ctl.space_send(sleep)
+    assert slept == [pytest.approx(0.25)]
+
+
+def test_space_send_honours_a_short_pause_that_came_after_the_slot() -> None:
+    ctl, clock = controller(start=4.0)
+    slept: list[float] = []
+    ctl.on_response(429, {"retry-after": "2"}, 0.05, clock.t)
+    ctl.space_send(slept.append)
+    assert slept and slept[0] == pytest.approx(2.0)
+
+
+def test_a_refusal_while_pressed_is_no_connection_cap_if_one_less_cannot_carry_the_rate() -> None:
+    """Two connections at 2 req/s and 0.6 s answers: one connection cannot carry 2/s (Little's law)."""
+    ctl, clock = controller(start=2.0, connections=8, level=2.2)
+    ctl.slow_start = False
+    for _ in range(20):
+        ctl.latencies.append(0.6)
+    for _ in range(8):
+        clock.advance(0.5)
+        ctl.on_response(200, {}, 0.6, clock.t, concurrency=2)
+    ctl.last_pressed = clock.t
+    ctl.sends.clear()  # sending well below the level: the rule's other conditions hold
+    clock.advance(0.3)
+    ctl.on_response(429, {}, 0.6, clock.t, concurrency=2)
+    assert ctl.connection_cap is None

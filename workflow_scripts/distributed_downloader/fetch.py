@@ -127,6 +127,9 @@ class HopGate:
     def before_hop(self, url: str) -> None:
         """Called before a redirect hop to ``url`` is sent; may wait for a rate slot or raise DownloadError."""
 
+    def on_wire(self) -> None:
+        """Called right before a request's bytes are written to its connection (may wait a moment)."""
+
     def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
         """Called with every answer's status line and headers, redirects included."""
 
@@ -294,7 +297,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 _WATCHDOG = _Watchdog()
-_current = threading.local()  # .watch: the _Watch of the fetch running in this thread, if any
+_current = threading.local()  # .watch / .gate: the _Watch and HopGate of the fetch running in this thread
 
 
 def _attach_current(sock: socket.socket | None) -> None:
@@ -331,6 +334,9 @@ class _ConnectionHooks:
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach_current(self.sock)  # type: ignore[attr-defined]  # a reused connection (None: connects now)
+        gate = getattr(_current, "gate", None)
+        if gate is not None:
+            gate.on_wire()  # the pacing that counts is the one the server sees: at the wire
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -459,26 +465,31 @@ class ServerFetcher:
         self.address_policy.check_host(key[0].strip("[]"), key[1])
         self._checked_hosts[key] = now
 
-    def get(self, url: str, gate: HopGate | None = None) -> FetchResult:
+    def get(self, url: str, gate: HopGate | None = None, headers: Mapping[str, str] | None = None) -> FetchResult:
         """GET with redirects followed by hand (each hop guarded). Raises DownloadError.
 
         ``gate`` sees every hop: ``before_hop`` before each redirect hop is sent (it takes a rate
         slot of the host the hop goes to, checks its robots.txt, and may refuse with a
         DownloadError), ``on_response`` for each answer's status and headers, ``on_network_error``
-        when a hop fails without an answer. The first request's slot is the caller's.
+        when a hop fails without an answer. The first request's slot is the caller's. ``headers``: extra
+        request headers (a monthly snapshot's conditional GET); a 304 raises HttpStatusError(304).
         """
         started = time.monotonic()
         watch = _WATCHDOG.watch(started + self.settings.total_timeout)
         _current.watch = watch
+        _current.gate = gate
         if gate is not None:
             gate.attach(watch)
         try:
-            return self._get(url, started, watch, gate or _OPEN_GATE)
+            return self._get(url, started, watch, gate or _OPEN_GATE, headers)
         finally:
             _current.watch = None
+            _current.gate = None
             _WATCHDOG.finish(watch)
 
-    def _get(self, url: str, started: float, watch: _Watch, gate: HopGate) -> FetchResult:
+    def _get(
+        self, url: str, started: float, watch: _Watch, gate: HopGate, headers: Mapping[str, str] | None = None
+    ) -> FetchResult:
         seen = {url}
         current = url
         for hop in range(self.settings.max_redirects + 1):
@@ -486,7 +497,7 @@ class ServerFetcher:
             if hop:
                 gate.before_hop(current)
             try:
-                response = self._send(current, watch)
+                response = self._send(current, watch, headers)
             except DownloadError as exc:
                 if exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT):
                     gate.on_network_error(current)
@@ -513,14 +524,19 @@ class ServerFetcher:
     def _out_of_time(self, where: str) -> DownloadError:
         return DownloadError(ErrorCode.TIMEOUT, f"total time limit of {self.settings.total_timeout:g}s reached {where}")
 
-    def _send(self, url: str, watch: _Watch) -> requests.Response:
+    def _send(self, url: str, watch: _Watch, headers: Mapping[str, str] | None = None) -> requests.Response:
         remaining = watch.deadline - time.monotonic()
         if remaining <= 0 or watch.fired:
             raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
         try:
             response = self.session.get(
-                url, stream=True, allow_redirects=False, timeout=timeout, proxies=_proxies_for(url)
+                url,
+                headers=headers,  # issue #18 hook: a revalidation's If-None-Match / If-Modified-Since, every hop
+                stream=True,
+                allow_redirects=False,
+                timeout=timeout,
+                proxies=_proxies_for(url),
             )
         except requests.exceptions.RequestException as exc:
             if watch.fired:

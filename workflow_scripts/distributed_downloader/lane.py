@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distributed_downloader import imaging
+from distributed_downloader import imaging, reuse
 from distributed_downloader.batch_parts import (
+    REUSE_SUCCESSES,
     BatchParts,
     read_success_column,
     retry_successes_name,
@@ -62,6 +63,10 @@ MAX_REFUSALS = 10  # 429/503 answers one URL may get in a round before it waits 
 RETRY_BASE_SECONDS = 0.5  # backoff of the n-th retry: base x 4^(n-1), jittered
 HEDGE_AFTER_SECONDS = 2.0  # at a lane's tail, a request silent this long (and 8x the usual latency) is hedged
 SAME_FAILURE_NOTE = "same failure in all"  # error_msg note: the next round gives the URL one try
+# Fetch threads beyond the lane's connections: a thread decoding an image has given its connection
+# back, so the server's next request need not wait for our CPU (that would tie the lane's rate to
+# our decode time, not to the server).
+DECODE_SLOTS = 2
 MAX_BATCH_FAILURES = 3  # batches of a server failing in a row (not one URL: the batch) before it is set aside
 PROCESS_STARTED = time.time()  # one download job per round: when this round's worker started
 
@@ -184,8 +189,10 @@ def is_license_full(row: Mapping) -> bool:
     return all(row.get(k) not in (None, "", NOT_PROVIDED) for k in ("license", "source", "title"))
 
 
-def success_row(row: Mapping, image: imaging.ProcessedImage) -> dict:
-    """The successes.parquet row of an input row and its processed image."""
+def success_row(row: Mapping, image: imaging.ProcessedImage, headers: Mapping[str, str] | None = None) -> dict:
+    """The successes.parquet row of an input row and its processed image (``headers``: the response's,
+    whose validators a later snapshot's conditional GET sends back; issue #18)."""
+    headers = headers or {}
     return {
         "uuid": row["uuid"],
         "source_id": row["source_id"],
@@ -199,6 +206,8 @@ def success_row(row: Mapping, image: imaging.ProcessedImage) -> dict:
         "original_size": list(image.original_size),
         "resized_size": list(image.resized_size),
         "image": image.image,
+        "etag": headers.get("ETag"),
+        "last_modified": headers.get("Last-Modified"),
     }
 
 
@@ -243,7 +252,9 @@ class Lane:
         if not spec.ignored_code:
             connections = self.controller.limits.max_connections
             self.fetcher = ServerFetcher(self.fetch_settings, pool_size=connections)
-            self.pool = ThreadPoolExecutor(max_workers=connections, thread_name_prefix=f"fetch-{spec.server_name}")
+            self.pool = ThreadPoolExecutor(
+                max_workers=connections + DECODE_SLOTS, thread_name_prefix=f"fetch-{spec.server_name}"
+            )
         self.consecutive_failures = 0
         self.server_failed = False
         self.batch_failures = 0  # batches failed in a row
@@ -478,6 +489,16 @@ class Lane:
         )
         urls = pq.read_table(self.paths.batch_urls(self.spec.server_name, partition_id)).to_pylist()
         stats.urls = len(urls)
+        # Issue #18 hook (reuse.py): on a batch's first open, rows of a previous dataset are copied (or keep
+        # their error) without a request; a revalidation row comes back with its conditional headers.
+        opened = reuse.open_batch(
+            self.paths, self.spec.server_name, partition_id, fingerprint, urls, marker is None, parts
+        )
+        urls = opened.download
+        stats.successes += opened.copied
+        for error in opened.kept_errors:
+            run.kept_errors.append(error)
+            self._count_error(stats, error["error_code"])
         if urls and mode != "ignored" and not self.spec.ignored_code:  # an ignored server hears nothing
             self._sample_url = urls[0]["identifier"]
             self._refresh_robots(force=True)
@@ -508,7 +529,7 @@ class Lane:
             run.parts.write_successes(target)
             if not run.appending:  # files of an older URL list of this folder
                 for path in success_files(run.final_dir):
-                    if path != target:
+                    if path != target and path.name != REUSE_SUCCESSES:  # issue #18: reused rows, kept
                         path.unlink()
             run.parts.write_errors(run.kept_errors)
             marker = Marker(run.fingerprint, self.round_no, stats.successes, stats.errors, stats.transient)
@@ -619,12 +640,19 @@ class Lane:
                     run.ready.clear()
                     run.backoff.clear()
         tail = not any(run.ready for run in runs)
-        if tail or sum(run.in_flight for run in runs) >= self.controller.concurrency_limit():
+        # Connections are the server's requests not yet answered (the controller's tickets); an item
+        # still counts in `in_flight` while its image is decoded, which only DECODE_SLOTS may add.
+        connections = self.controller.concurrency_limit()
+        if tail or self.controller.in_flight >= connections:
             self._hedge_stalled(runs, now, resend=not tail)
         in_flight = sum(run.in_flight for run in runs)
         wait = 0.25
         sender = next((run for run in runs if run.ready), None)  # the oldest batch first
-        if sender is not None and in_flight < self.controller.concurrency_limit():
+        if (
+            sender is not None
+            and self.controller.in_flight < connections
+            and in_flight < self.controller.limits.max_connections + DECODE_SLOTS
+        ):
             item = sender.ready[0]
             if item.settled:  # a hedge whose first copy answered meanwhile
                 sender.ready.popleft()
@@ -746,9 +774,12 @@ class Lane:
         item.gates.append(gate)
         if item.settled:  # settled between dispatch and now
             gate.cancel()
+        conditional = reuse.conditional_headers(item.row)  # issue #18 hook: a revalidation's conditional GET
         try:
-            result = self.fetcher.get(url, gate)
+            result = self.fetcher.get(url, gate, headers=conditional)
         except HttpStatusError as exc:
+            if exc.code == 304 and conditional:  # issue #18 hook: not modified, the staged copy is the row
+                return _Outcome(item, success=reuse.confirmed_row(item.row, exc.headers), status=304)
             return _Outcome(item, code=exc.code, message=exc.message, status=exc.code, cancelled=gate.cancelled)
         except DownloadError as exc:
             network = exc.code in (ErrorCode.NETWORK, ErrorCode.TIMEOUT)
@@ -762,7 +793,8 @@ class Lane:
             image = imaging.process_image(result.body, self.image_settings)
         except DownloadError as exc:
             return _Outcome(item, code=exc.code, message=exc.message, nbytes=len(result.body), status=200)
-        return _Outcome(item, success=success_row(item.row, image), nbytes=len(result.body), status=200)
+        success = success_row(item.row, image, result.headers)
+        return _Outcome(item, success=success, nbytes=len(result.body), status=200)
 
     def _handle(self, outcome: _Outcome, runs: list[_BatchRun], order: itertools.count) -> None:
         item = outcome.item
@@ -979,6 +1011,9 @@ class _LaneGate(HopGate):
         ticket, concurrency = controller.started()
         self.tickets.append((controller, ticket))
         self.controller, self.sent_at, self.concurrency = controller, time.monotonic(), concurrency
+
+    def on_wire(self) -> None:
+        self.controller.space_send()
 
     def _sleep(self, seconds: float) -> None:
         if self.cancelled:  # a copy no longer wanted leaves the queue without spending a slot

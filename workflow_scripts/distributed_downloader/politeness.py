@@ -37,6 +37,19 @@ server's connections. A connection cap is learned only from evidence that concur
 server refuses (refusals only at >= k requests in flight, none below), and it recovers by one
 connection per ``CAP_RECOVERY_SECONDS`` without refusals.
 
+**Jitter is not congestion.** A server with a tiny burst allowance refuses any two requests that
+arrive closer than its interval, and our sends reach the wire with some jitter (threads, the GIL,
+a busy CPU). So requests are spaced again right before they are written (``space_send``: a token
+bucket of our own rate holding ``WIRE_BURST_SECONDS`` of burst). A lone refusal (no other in the
+last ``ACCEPTED_WINDOW``, or under ``JITTER_SHARE`` of our sends) that comes while we send no faster
+than the level the server showed lowers that level by ``JITTER_STEP`` only, a lone refusal
+lowers it by 10% at most and any refusal event by ``MAX_CUT``: the accepted rate is believed only
+as far as the refusals say we were above it. Without this, a few jitter refusals ratcheted a slow server down to half of what it
+allows (measured: 2-req/s hosts held at 1.2-1.4 req/s for a whole run). A refusal that comes while
+the lane presses all its connections is read as a connection limit only if one connection less
+still carries the rate (Little's law); otherwise a 2-connection lane took a jittered pair for a
+connection cap and fell to 1/latency.
+
 **Pauses.** Retry-After (any header case, seconds or HTTP date), a quota reset and a ban stop every
 request of the lane until the given time; the lane relays a pause to the server's other lanes on
 other ranks through the coordinator (``pause_until``). The controller keeps no reservations: the
@@ -217,6 +230,10 @@ class RateController:
     CAP_EVIDENCE = 3  # refusals at >= k in flight, with none below, before a connection cap is learned
     CAP_SAMPLES = 64
     CAP_RECOVERY_SECONDS = 30.0
+    WIRE_BURST_SECONDS = 0.1  # at the wire, at most this much of our rate back to back (>= 1 request)
+    JITTER_SHARE = 0.02  # refusals per send (last ACCEPTED_WINDOW) below which one is jitter...
+    JITTER_STEP = 0.03  # ...and lowers the level by this much only
+    MAX_CUT = 0.25  # the most one refusal event lowers the level by
     LATENCY_SAMPLES = 32
     LATENCY_RISE = 5.0  # median latency this many times its baseline...
     LATENCY_MIN_RISE = 1.0  # ...and at least this many seconds above it...
@@ -242,6 +259,9 @@ class RateController:
         self.level_measured = True  # the level came from sending at our rate (else: our own limits)
         self.level_since = clock()  # when the level was last set
         self.peak = 0.0  # the most this lane has seen the server accept per second (2-s windows)
+        self.refused: deque[float] = deque()  # times of refusals (429/503) in the last ACCEPTED_WINDOW
+        self.wire_tokens = 1.0  # space_send's bucket
+        self.wire_at = clock()
         self.slow_start = limits.level is None
         now = clock()
         self.paused_until = 0.0
@@ -267,7 +287,7 @@ class RateController:
         self.latency_high_since: float | None = None
         self.forbidden_streak = 0
         self.bans = 0
-        self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0}
+        self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0, "jitter": 0}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ sending
@@ -308,6 +328,27 @@ class RateController:
             self.epoch_sent += 1
             self.sent_since_increase += 1
             return 0.0
+
+    def space_send(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Right before a request is written: wait until our own rate allows it *at the wire*.
+
+        Slots are taken by the lane thread; a fetch thread may reach the socket late (a busy CPU)
+        and the next one on time, and a server with a burst of one refuses the pair. A token bucket
+        at our rate with ``WIRE_BURST_SECONDS`` of capacity (at least one request) spaces them
+        again; waiting callers queue (the tokens go negative). A short pause is honoured here too.
+        """
+        with self._lock:
+            now = self.clock()
+            capacity = max(1.0, self.rate * self.WIRE_BURST_SECONDS)
+            tokens = min(capacity, self.wire_tokens + (now - self.wire_at) * self.rate)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            paused = self.paused_until - now
+            if 0 < paused <= 5.0:  # a pause that came after the slot was taken (longer ones: the lane stops)
+                wait = max(wait, paused)
+            self.wire_tokens = tokens - 1.0
+            self.wire_at = now
+        if wait > 0:
+            sleep(min(wait, 5.0))
 
     def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep, connection: bool = False) -> bool:
         """Block until a slot is taken (True), or return False at once if it is further than max_wait.
@@ -381,6 +422,9 @@ class RateController:
             self._apply_headers(now, headers)
             sent_at = now if sent_at is None else sent_at
             if status in REFUSAL_STATUSES:
+                self.refused.append(now)
+                while self.refused[0] < now - self.ACCEPTED_WINDOW:
+                    self.refused.popleft()
                 self.concurrency.append((concurrency, True))
                 self.forbidden_streak = 0
                 if self._explained_by_connections(now, concurrency):
@@ -498,7 +542,11 @@ class RateController:
         if self.connection_cap is not None and concurrency > self.connection_cap:
             return True  # sent before the cap was lowered
         pressed = now - self.last_pressed < max(1.0, 2 * self.latency)
-        if concurrency >= 2 and pressed and self.level is not None:
+        # One connection less must still carry the rate (Little's law): a slow server with a burst of
+        # one refuses a jittered pair while the lane "presses" its two connections, and taking it
+        # for a connection limit would hold the lane at 1/latency (measured: 1.3 of 2 req/s).
+        sustains = concurrency - 1 >= self.rate * max(self.latency, 0.05) * 1.5
+        if concurrency >= 2 and pressed and sustains and self.level is not None:
             span = max(2.0, 8.0 / self.rate)
             since = max(now - span, self.created)
             sent = sum(1 for t in self.sends if t >= since) / max(now - since, 1e-9)
@@ -565,6 +613,8 @@ class RateController:
         self.epoch_congested = True
         if sent_at < self.last_decrease and not force:
             return  # sent before our last reaction: not news
+        if factor is None and not force and self._jitter(now):
+            return
         self.events["congestion"] += 1
         accepted, sent, full = self._measured(now)
         if factor is None and accepted > 0:
@@ -572,10 +622,14 @@ class RateController:
                 # The first refusal came as our real sending rate crossed the limit (or a burst
                 # allowance ran out above it): that rate is the first guess, a refusal corrects it.
                 accepted = max(accepted, min(self.rate, sent))
-            elif not full or now - self.last_decrease > self.ACCEPTED_WINDOW:
+            elif not full or now - self.last_decrease > self.ACCEPTED_WINDOW or len(self.refused) <= 1:
                 # One refusal after a quiet spell (we just crossed the limit), or too young to
                 # measure: an estimate too low costs minutes of probing, so step down 10% at most.
-                accepted = max(accepted, 0.9 * min(self.rate, max(sent, accepted)))
+                accepted = max(accepted, 0.9 * min(self.rate, max(sent, accepted, self.peak)))
+            # One event lowers the level by MAX_CUT at most: a short window with two refusals in it
+            # (server-side jitter on a busy host) reads far below what the server accepts, and a
+            # real overload takes two or three events instead of one.
+            accepted = max(accepted, (1.0 - self.MAX_CUT) * min(self.rate, max(sent, accepted)))
             self.level = min(self.rate, accepted)
             target = self.level * (1.0 - self.HEADROOM)
         else:
@@ -601,6 +655,33 @@ class RateController:
         self.next_start = max(self.next_start, now + 1.0 / self.rate)
         self.sent_since_increase = 0
         self.last_increase = now
+
+    def _jitter(self, now: float) -> bool:
+        """A lone refusal while we send no faster than the level the server showed: lower it a little."""
+        if self.slow_start or self.level is None:
+            return False
+        span = min(self.ACCEPTED_WINDOW, now - self.created)
+        if span < 2.0:
+            return False
+        while self.refused and self.refused[0] < now - self.ACCEPTED_WINDOW:
+            self.refused.popleft()
+        sends = sum(1 for t in self.sends if t >= now - span)
+        if sends / span > self.level or len(self.refused) > max(1.0, self.JITTER_SHARE * sends):
+            return False
+        before = self.rate
+        self.level *= 1.0 - self.JITTER_STEP
+        self.rate = max(self.floor, min(self.rate, self.level * (1.0 - self.HEADROOM)))
+        self.last_decrease = now
+        self.events["jitter"] += 1
+        log.info(
+            "%s: lone refusal at %.2f req/s, below the %.2f/s level: jitter, %.2f -> %.2f req/s",
+            self.name,
+            sends / span,
+            self.level / (1.0 - self.JITTER_STEP),
+            before,
+            self.rate,
+        )
+        return True
 
     def _roll_epoch(self, now: float) -> None:
         # Epochs of a few sends (0.25-1 s) so growth is smooth: a burst-hiding token bucket then
