@@ -24,7 +24,7 @@ FIRST_BATCH = 0  # profiling probes the first URLs of a server's first batch (a 
 
 
 class ProbeKeeper:
-    """``ProbeSettings.keep_probe``: (server, url, body) -> the URL's row in its batch's parts."""
+    """``ProbeSettings.keep_probe``: (server, url, body, headers) -> the URL's row in its batch's parts."""
 
     def __init__(self, paths: Paths, manifest: Mapping, params: Mapping) -> None:
         self.paths = paths
@@ -43,7 +43,7 @@ class ProbeKeeper:
                 return partition_id, row
         return None
 
-    def __call__(self, server: str, url: str, body: bytes) -> None:
+    def __call__(self, server: str, url: str, body: bytes, headers: Mapping[str, str] | None = None) -> None:
         found = self._find(server, url)
         if found is None:
             return
@@ -59,7 +59,7 @@ class ProbeKeeper:
             image = imaging.process_image(body, self.image_settings)
         except DownloadError:
             return  # not an image: the download writes its error row with the usual ladder
-        parts.append_success(success_row(row, image))
+        parts.append_success(success_row(row, image, headers))  # its validators too (issue #18)
         parts.flush()
         with self._lock:
             self.kept += 1

@@ -83,9 +83,9 @@ class ProbeSettings:
     probe_candidates: int = PROBE_CANDIDATES
     max_probe_wait: float = PROBE_MAX_WAIT
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
-    # Called with (server, url, body) for a probe answered 200: the download keeps it as the URL's
-    # row (the probe is the first request of the download, not an extra one). None: nothing kept.
-    keep_probe: Callable[[str, str, bytes], None] | None = field(default=None, repr=False)
+    # Called with (server, url, body, headers) for a probe answered 200: the download keeps it as the
+    # URL's row (the probe is the first request of the download, not an extra one). None: nothing kept.
+    keep_probe: Callable[[str, str, bytes, Mapping[str, str]], None] | None = field(default=None, repr=False)
 
 
 def probe_server(
@@ -150,7 +150,7 @@ def probe_server(
         headers = result_headers
         if body is not None and settings.keep_probe is not None:
             try:
-                settings.keep_probe(name, profile.probe_url, body)
+                settings.keep_probe(name, profile.probe_url, body, headers)
             except Exception:  # the download fetches it again: nothing is lost
                 log.exception("%s: the probe's answer could not be kept", name)
         profile.reachable = True
