@@ -420,3 +420,29 @@ def test_tool_killed_mid_run_and_rerun(tmp_path: Path, downloaded: dict) -> None
     assert summary["partitions"] == total and summary["rows_removed"] == len(reported)
     assert not glob.glob(str(output / "downloaded_images" / "*" / "*" / ".*.tmp"))
     print(f"\nkilled slow_tag at {at_kill}/{total} partitions; rerun finished in {wall:.1f}s, {len(reported)} removed")
+
+
+# --------------------------------------------------------------------------- export_webdataset (issue #19)
+
+
+def test_export_webdataset(tmp_path: Path, downloaded: dict) -> None:
+    """The real tool (2 MPI ranks) over the downloaded store: every success row in exactly one shard,
+    every sample read back and decoded by the webdataset package, each image's MD5 the store's
+    hashsum_resized, the index listing exactly the shards; the store itself untouched."""
+    from tests.unit.test_export_webdataset import check_index, check_samples_match_store, read_shards
+
+    config = prepare(tmp_path, downloaded, export_shard_max_samples=16)
+    output = tmp_path / "run" / "output"
+    before = dataset(output)
+    target = str(output / "tools" / "export_webdataset" / "_done.json")
+    wall = timed(target_cmd(config, tmp_path / "run", target))
+    folder = output / "exports" / "webdataset"
+    samples = read_shards(folder)
+    check_samples_match_store(samples, before, "jpeg")
+    index = check_index(folder)
+    summary = done(output, "export_webdataset")
+    assert summary["samples"] == len(before) == index["totals"]["samples"] and summary["ranks"] == 2
+    assert {s["file"].split("-")[1] for s in index["shards"]} == {"0", "1"}  # one stream per rank
+    assert all(s["samples"] <= 16 for s in index["shards"])
+    assert dataset(output) == before
+    print(f"\nexport_webdataset: {len(samples)} samples in {len(index['shards'])} shards in {wall:.1f}s")

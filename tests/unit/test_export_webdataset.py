@@ -449,3 +449,45 @@ def test_progress_of_another_version_is_ignored(tmp_path: Path) -> None:
     progress_path(folder, 0).write_text(json.dumps({"stream": 0, "unknown": 1}))
     assert export_stream(job(config, ExportSettings())).samples == 20
     assert Partition("a.org", 0).files(config_mod.paths(config))  # the store is untouched
+
+
+# --------------------------------------------------------------------------- the tool, in process
+
+
+def export_in_process(config: dict) -> dict:
+    """filter -> schedule -> every scheduled rank's run_rank in this process -> rank 0's summarize."""
+    from distributed_downloader.tools import resolve
+
+    classes = resolve("export_webdataset", config)
+    classes.filter(config, "export_webdataset").run()
+    schedule = json.loads(json.dumps(classes.scheduler(config, "export_webdataset").run()))
+    runner = classes.runner(config, "export_webdataset")
+    for rank in range(schedule["ranks"]):
+        runner.rank = rank
+        stats = runner.run_rank(schedule, [p for p in schedule["partitions"] if p["rank"] == rank])
+        assert stats["failed"] == 0
+    return runner.summarize(schedule)
+
+
+def test_tool_in_process_writes_the_index_and_drops_stale_shards(tmp_path: Path) -> None:
+    config = make_config(tmp_path, workers_per_node=2, export_shard_max_samples=4)
+    store = build_store(config)
+    folder = export_folder(config_mod.paths(config))
+    broken = config_mod.paths(config).batch_images("a.org", 3) / "successes-r2.parquet"
+    broken.write_bytes(b"not parquet")
+    summary = export_in_process(config)
+    assert summary["ok"] and summary["streams"] == 2 and summary["samples"] == len(store)
+    assert summary["unreadable"][0]["file"] == "server_name=a.org/partition_id=3/successes-r2.parquet"
+    index = check_index(folder)
+    assert index["totals"]["samples"] == len(store) and index["unreadable"] == summary["unreadable"]
+    assert {s["file"].split("-")[1] for s in index["shards"]} == {"0", "1"}
+    check_samples_match_store(read_shards(folder, decode=False), store, "jpeg")
+
+    # One rank now: another application; stream 1's shards (an earlier export's) are removed.
+    broken.unlink()
+    config = make_config(tmp_path, workers_per_node=1, export_shard_max_samples=4)
+    summary = export_in_process(config)
+    index = check_index(folder)
+    assert {s["file"].split("-")[1] for s in index["shards"]} == {"0"} and not summary["unreadable"]
+    assert sorted(p.name for p in (folder / "_progress").iterdir()) == ["rank-0.json"]
+    check_samples_match_store(read_shards(folder, decode=False), store, "jpeg")

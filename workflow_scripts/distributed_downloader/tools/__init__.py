@@ -1,6 +1,7 @@
 """Tools applied to a downloaded dataset: filter -> schedule -> run (MPI), each a Snakemake rule.
 
-Built-ins: ``size_based``, ``duplication_based``, ``resize``, ``image_verification``. Custom tools
+Built-ins: ``size_based``, ``duplication_based``, ``resize``, ``image_verification``,
+``export_webdataset`` (writes WebDataset shards beside the store; tools/export/). Custom tools
 register their parts with the decorators below from the module named by ``tools_parameters.tools_module``::
 
     from distributed_downloader.tools import FilterRegister, RunnerRegister, PythonFilterToolBase, MPIRunnerTool

@@ -396,5 +396,39 @@ class MPIRunnerTool(ToolBase):
         reasons = [part.reason_for(u, default) for u in removed.column("uuid").to_pylist()]
         return BatchResult(kept=batch.filter(keep), removed=removed, reasons=reasons)
 
-    def run(self) -> Any:  # the MPI loop lives in runner.run_rank
-        raise NotImplementedError("runners are driven by distributed_downloader.tools.runner.run_rank")
+    def run_rank(
+        self, schedule: Mapping, mine: Sequence[Mapping], report: Callable[[dict], None] | None = None
+    ) -> dict:
+        """This rank's share of the run step (``mine``: its scheduled partitions); returns its stats.
+
+        The default rewrites each partition's success files in place through ``apply_batch``
+        (``runner.run_partitions``). A runner whose output is not the store (an export) overrides
+        this, ``summarize`` and the two texts. ``stats["failed"]`` non-zero makes the rank exit 1.
+        """
+        from distributed_downloader.tools.runner import run_partitions  # runner.py imports this module
+
+        return run_partitions(self, schedule, mine, report)
+
+    def summarize(self, schedule: Mapping) -> dict:
+        """On rank 0 once every rank is done: the run's summary (``_done.json``); ``ok`` False = unfinished
+        (``missing`` names what), which fails the job so that the same command resumes it."""
+        from distributed_downloader.tools.runner import summarize
+
+        return summarize(schedule, self)
+
+    def progress_text(self, stats: Mapping) -> str:
+        """One progress line of this rank (printed every few seconds)."""
+        return (
+            f"partitions {stats['done_before'] + stats['processed']}/{stats['partitions']} (failed {stats['failed']})"
+            f" | rows {stats['rows_in']} in, {stats['removed']} removed, {stats['changed']} changed"
+        )
+
+    def done_text(self, summary: Mapping) -> str:
+        """The closing line of a finished run."""
+        return (
+            f"{summary['partitions']} partitions, {summary['rows_seen']} rows seen,"
+            f" {summary['rows_removed']} removed, {summary['rows_changed']} changed"
+        )
+
+    def run(self) -> Any:  # the MPI loop lives in tools/worker.py
+        raise NotImplementedError("runners are driven by distributed_downloader.tools.worker (run_rank)")

@@ -1,4 +1,5 @@
-"""The built-in tools: size_based, duplication_based, resize, image_verification (SPEC §4)."""
+"""The built-in tools: size_based, duplication_based, resize, image_verification (SPEC §4), and
+export_webdataset (tools/export/: training-ready shards, issue #19)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from distributed_downloader.tools.base import (
 from distributed_downloader.tools.dataset import ParquetRewrite
 from distributed_downloader.tools.registry import FilterRegister, RunnerRegister, SchedulerRegister
 
-BUILTIN_TOOLS = ("size_based", "duplication_based", "resize", "image_verification")
+BUILTIN_TOOLS = ("size_based", "duplication_based", "resize", "image_verification", "export_webdataset")
 
 
 def _md5(data: bytes) -> str:
@@ -380,6 +381,9 @@ class ImageVerificationRunnerTool(MPIRunnerTool):
         bad = {i: reason for i, reason in zip(todo, results, strict=True) if reason is not None}
         return _finish(batch, bad, 0)
 
+
+# export_webdataset's filter and runner register on import (after the classes above: no cycle).
+from distributed_downloader.tools.export import tool as _export_tool  # noqa: E402, F401
 
 for _name in BUILTIN_TOOLS:
     SchedulerRegister(_name)(DefaultScheduler)

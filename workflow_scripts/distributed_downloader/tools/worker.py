@@ -1,10 +1,11 @@
 """The MPI job of a tool's run step: ``mpiexec|srun -n N python tool_worker.py SCHEDULE.json DONE.json``.
 
-Every rank applies the runner to the partitions the schedule gave it (rank ``r`` of a run with ``size``
-ranks takes the scheduled ranks ``k`` with ``k % size == r``), logs to ``logs/tools/<tool>/rank_K.log``
-and prints its progress. The ranks meet once at the end through a polled non-blocking barrier (MPICH's
-blocking waits spin a core); rank 0 then checks every scheduled partition's marker and writes the
-summary ``_done.json``.
+Every rank runs its share of the schedule (``runner.run_rank``: by default it rewrites the partitions
+the schedule gave it; rank ``r`` of a run with ``size`` ranks takes the scheduled ranks ``k`` with
+``k % size == r``), logs to ``logs/tools/<tool>/rank_K.log`` and prints its progress. The ranks meet
+once at the end through a polled non-blocking barrier (MPICH's blocking waits spin a core); rank 0
+then asks the runner for the summary (``runner.summarize``: by default it checks every scheduled
+partition's marker) and writes it to ``_done.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 from distributed_downloader.store import atomic_write_json
 from distributed_downloader.tools import registry
-from distributed_downloader.tools.runner import run_partitions, summarize
 
 POLL_SECONDS = 0.05
 PROGRESS_SECONDS = 5.0
@@ -70,16 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         now = time.monotonic()
         if force or now - last[0] >= PROGRESS_SECONDS:
             last[0] = now
-            print(
-                f"[{tool} rank {rank}/{size}] partitions {stats['done_before'] + stats['processed']}"
-                f"/{stats['partitions']} (failed {stats['failed']}) | rows {stats['rows_in']} in,"
-                f" {stats['removed']} removed, {stats['changed']} changed | {now - started:.0f}s",
-                flush=True,
-            )
+            print(f"[{tool} rank {rank}/{size}] {runner.progress_text(stats)} | {now - started:.0f}s", flush=True)
 
     log.info("rank %d/%d: %d partitions of %s (application %s)", rank, size, len(mine), tool, schedule["application"])
     try:
-        stats = run_partitions(runner, schedule, mine, progress)
+        stats = runner.run_rank(schedule, mine, progress)
     except BaseException:
         log.exception("rank %d failed", rank)
         traceback.print_exc()
@@ -89,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     _wait_all(comm)
     if rank != 0:
         return 1 if stats["failed"] else 0
-    summary = summarize(schedule, runner)
+    summary = runner.summarize(schedule)
     summary["ranks"] = size
     summary["placement"] = placement
     summary["seconds"] = round(time.monotonic() - started, 3)
@@ -101,9 +96,5 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     atomic_write_json(done_path, summary)
-    print(
-        f"[{tool}] done: {summary['partitions']} partitions, {summary['rows_seen']} rows seen,"
-        f" {summary['rows_removed']} removed, {summary['rows_changed']} changed in {summary['seconds']}s",
-        flush=True,
-    )
+    print(f"[{tool}] done: {runner.done_text(summary)} in {summary['seconds']}s", flush=True)
     return 1 if stats["failed"] else 0
