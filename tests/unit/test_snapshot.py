@@ -100,7 +100,11 @@ def planned(paths: config_mod.Paths) -> dict[str, dict]:
     return out
 
 
-def test_urls_that_succeeded_are_reused_and_a_salted_sample_is_revalidated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bucket_urls", [snapshot.BUCKET_URLS, 8])  # 8: two batches of 4 per stage bucket
+def test_urls_that_succeeded_are_reused_and_a_salted_sample_is_revalidated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket_urls: int
+) -> None:
+    monkeypatch.setattr(snapshot, "BUCKET_URLS", bucket_urls)
     urls = [f"http://a.org/img/{i}.jpg" for i in range(40)]
     previous = tmp_path / "prev"
     write_previous(previous, "a.org", [_success(u) for u in urls[:30]])

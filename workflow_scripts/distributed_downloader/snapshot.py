@@ -67,6 +67,10 @@ RETRIED_NOW = frozenset({int(ErrorCode.SERVER_IGNORED), int(ErrorCode.RETRIES_EX
 _TRANSIENT = pa.array(sorted({int(c) for c in TRANSIENT_CODES} | set(TRANSIENT_HTTP) | RETRIED_NOW), pa.int64())
 DAY = 86_400.0
 UNMATCHED_PART, GONE_PART = -1, -2  # stage-1 partitions of new rows without a match / previous rows that left
+# Stage partitions hold the rows of several batches (about this many URLs): DuckDB keeps a bounded number
+# of partition writers open, and one partition per batch (20,000 at 200M rows) would scatter each
+# batch over many small files; a bucket is read back whole, which this bounds.
+BUCKET_URLS = 500_000
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
 PLAN_SCHEMA = pa.schema(
@@ -293,9 +297,10 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     per_batch: dict[int, dict[str, int]] = {}
     try:
         if files and batches:
-            _match(work, batches, files, settings, salt)
+            per_bucket = max(1, BUCKET_URLS // max(1, int(manifest["batch_size"])))
+            _match(work, batches, files, settings, salt, per_bucket)
             gone = _gone_counts(work, files)
-            per_batch = _finish_batches(work, incoming, batches, files, settings, salt, plan_id, now)
+            per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, plan_id, now)
     except Exception as exc:  # a previous dataset the match cannot read: download everything
         message = f"matching the previous dataset(s) failed ({type(exc).__name__}: {exc}); nothing is reused"
         log.error("%s", message, exc_info=exc)
@@ -372,9 +377,14 @@ def _optional(files: list[previous_mod.PreviousFile], column: str, sql_type: str
 
 
 def _match(
-    work: Path, batches: list[_Batch], files: list[previous_mod.PreviousFile], settings: Settings, salt: str
+    work: Path,
+    batches: list[_Batch],
+    files: list[previous_mod.PreviousFile],
+    settings: Settings,
+    salt: str,
+    per_bucket: int,
 ) -> None:
-    """Stage 1 (the big join) and stage 2 (the unmatched rows), written under ``work``."""
+    """Stage 1 (the big join) and stage 2 (the unmatched rows), written under ``work`` by bucket of batches."""
     con = _connect(work, settings.memory_mb)
     try:
         table = _files_arrow(files)
@@ -400,7 +410,7 @@ def _match(
               ok AS ({ok_select})
               SELECT
                 CASE WHEN new.batch IS NULL THEN {GONE_PART} WHEN ok.file_id IS NULL THEN {UNMATCHED_PART}
-                     ELSE new.batch END AS part,
+                     ELSE new.batch // {per_bucket} END AS part,
                 new.batch, new.uuid, new.new_row,
                 CASE WHEN ok.file_id IS NULL THEN new.identifier END AS identifier,
                 CASE WHEN ok.file_id IS NULL THEN new.source_id END AS source_id,
@@ -413,7 +423,7 @@ def _match(
             ) TO '{stage1}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)
             """
         )
-        _stage2(con, work, errors, settings, salt)
+        _stage2(con, work, errors, settings, salt, per_bucket)
     finally:
         con.close()
 
@@ -461,7 +471,9 @@ def _stage_table(con, work: Path, part: int, name: str, columns: str) -> None:  
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT {columns} FROM read_parquet('{source}'){where}")
 
 
-def _stage2(con, work: Path, errors: list[previous_mod.PreviousFile], settings: Settings, salt: str) -> None:  # noqa: ANN001
+def _stage2(  # noqa: ANN001
+    con, work: Path, errors: list[previous_mod.PreviousFile], settings: Settings, salt: str, per_bucket: int
+) -> None:
     """The rows stage 1 left unmatched: matches by source_id, then previous errors by URL."""
     _stage_table(con, work, UNMATCHED_PART, "unmatched", "batch, uuid, new_row, identifier, source_id")
     _stage_table(
@@ -503,8 +515,9 @@ def _stage2(con, work: Path, errors: list[previous_mod.PreviousFile], settings: 
             " NULL::VARCHAR AS prev_identifier, NULL::VARCHAR AS hashsum_original, NULL::VARCHAR AS etag,"
             " NULL::VARCHAR AS last_modified, NULL::TIMESTAMPTZ AS checked_at, NULL::UBIGINT AS sample_key WHERE false"
         )
-    union = """
-        SELECT batch AS part, 'source_id' AS kind, uuid, new_row, file_id, prev_row, hashsum_original, etag,
+    union = f"""
+        SELECT batch // {per_bucket} AS part, batch, 'source_id' AS kind, uuid, new_row, file_id, prev_row,
+               hashsum_original, etag,
                last_modified, checked_at, sample_key, NULL::BIGINT AS error_code, NULL::VARCHAR AS error_msg,
                NULL::BIGINT AS retry_count
         FROM by_source"""
@@ -513,7 +526,8 @@ def _stage2(con, work: Path, errors: list[previous_mod.PreviousFile], settings: 
         field = "struct_extract(err, '{}')".format
         union += f"""
         UNION ALL
-        SELECT batch AS part, 'error' AS kind, uuid, new_row, {field("file_id")}, {field("prev_row")}, NULL, NULL,
+        SELECT batch // {per_bucket} AS part, batch, 'error' AS kind, uuid, new_row, {field("file_id")},
+               {field("prev_row")}, NULL, NULL,
                NULL, {field("checked_at")}, NULL, {field("error_code")}, {field("error_msg")}, {field("retry_count")}
         FROM (
           SELECT m.batch, m.uuid, m.new_row,
@@ -562,37 +576,49 @@ def _read_part(folder: Path) -> pa.Table | None:
     return pa.concat_tables([pq.ParquetFile(p).read() for p in paths], promote_options="permissive")
 
 
+def _by_batch(table: pa.Table | None) -> dict[int, pa.Table]:
+    """A bucket's stage rows split by batch."""
+    if table is None or not table.num_rows:
+        return {}
+    table = table.take(pc.sort_indices(table, [("batch", "ascending")]))
+    keys = table.column("batch").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    ends = np.concatenate([starts[1:], [len(keys)]])
+    return {int(keys[a]): table.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)}
+
+
 def _finish_batches(
     work: Path,
     out: Path,
     batches: list[_Batch],
     files: list[previous_mod.PreviousFile],
     settings: Settings,
-    salt: str,
+    per_bucket: int,
     plan_id: str,
     now: float,
 ) -> dict[int, dict[str, int]]:
-    """Each batch's plan file from its stage partitions, one batch in memory at a time."""
+    """Each batch's plan file from its stage rows, one bucket of batches in memory at a time."""
     mtimes = np.array([f.mtime for f in files], np.float64)
     counts: dict[int, dict[str, int]] = {}
-    for batch in batches:
-        stage1 = _read_part(work / "stage1" / f"part={batch.key}")
-        stage2 = _read_part(work / "stage2" / f"part={batch.key}")
-        table = finish_batch(stage1, stage2, mtimes, settings, now)
-        if table is None:
-            continue
-        target = out / f"server_name={batch.server}" / f"partition_id={batch.partition_id}" / PLAN_FILE
-        meta = {PLAN_KEY: json.dumps({"fingerprint": batch.fingerprint, "plan": plan_id}).encode()}
-        atomic_write_table(target, table.replace_schema_metadata(meta))
-        actions = dict(zip(*_value_counts(table.column("action")), strict=True))
-        by_source = int(pc.sum(pc.equal(table.column("match"), BY_SOURCE_ID)).as_py() or 0)
-        matched = table.num_rows
-        counts[batch.key] = {
-            **{key: int(actions.get(key, 0)) for key in (REUSE, REVALIDATE, KEEP_ERROR, RETRY_ERROR)},
-            "by_source_id": by_source,
-            "new": batch.urls - matched,
-            "urls": batch.urls,
-        }
+    for first in range(0, len(batches), per_bucket):
+        bucket = first // per_bucket
+        stage1 = _by_batch(_read_part(work / "stage1" / f"part={bucket}"))
+        stage2 = _by_batch(_read_part(work / "stage2" / f"part={bucket}"))
+        for batch in batches[first : first + per_bucket]:
+            table = finish_batch(stage1.pop(batch.key, None), stage2.pop(batch.key, None), mtimes, settings, now)
+            if table is None:
+                continue
+            target = out / f"server_name={batch.server}" / f"partition_id={batch.partition_id}" / PLAN_FILE
+            meta = {PLAN_KEY: json.dumps({"fingerprint": batch.fingerprint, "plan": plan_id}).encode()}
+            atomic_write_table(target, table.replace_schema_metadata(meta))
+            actions = dict(zip(*_value_counts(table.column("action")), strict=True))
+            by_source = int(pc.sum(pc.equal(table.column("match"), BY_SOURCE_ID)).as_py() or 0)
+            counts[batch.key] = {
+                **{key: int(actions.get(key, 0)) for key in (REUSE, REVALIDATE, KEEP_ERROR, RETRY_ERROR)},
+                "by_source_id": by_source,
+                "new": batch.urls - table.num_rows,
+                "urls": batch.urls,
+            }
     return counts
 
 
