@@ -446,3 +446,74 @@ def test_export_webdataset(tmp_path: Path, downloaded: dict) -> None:
     assert all(s["samples"] <= 16 for s in index["shards"])
     assert dataset(output) == before
     print(f"\nexport_webdataset: {len(samples)} samples in {len(index['shards'])} shards in {wall:.1f}s")
+
+
+SLOW_EXPORT = """
+import time
+
+from distributed_downloader.tools import DefaultScheduler, FilterRegister, RunnerRegister, SchedulerRegister
+from distributed_downloader.tools.export.tool import WebDatasetExportFilter, WebDatasetExportRunner
+
+FilterRegister("slow_export")(WebDatasetExportFilter)
+SchedulerRegister("slow_export")(DefaultScheduler)
+
+
+@RunnerRegister("slow_export")
+class SlowExport(WebDatasetExportRunner):
+    \"\"\"The real export, slowed after each shard so that a kill lands mid-export.\"\"\"
+
+    def shard_committed(self, info):
+        time.sleep(0.4)
+"""
+
+
+def _committed_shards(folder: Path) -> dict[str, int]:
+    """Shard file -> mtime_ns of every shard the progress files list."""
+    found = {}
+    for path in (folder / "_progress").glob("rank-*.json"):
+        progress = json.loads(path.read_text())
+        for shard in progress["shards"]:
+            found[shard["file"]] = (folder / shard["file"]).stat().st_mtime_ns
+    return found
+
+
+def test_export_webdataset_killed_and_resumed(tmp_path: Path, downloaded: dict) -> None:
+    """SIGKILL of the whole workflow while the MPI ranks write shards; the same command resumes: every
+    success row in exactly one shard, and the shards committed before the kill are not written again."""
+    from tests.unit.test_export_webdataset import check_index, check_samples_match_store, read_shards
+
+    module = tmp_path / "slow_export.py"
+    module.write_text(SLOW_EXPORT)
+    config = prepare(tmp_path, downloaded, tools_module=str(module), export_shard_max_samples=4)
+    work = tmp_path / "run"
+    output = work / "output"
+    folder = output / "exports" / "webdataset"
+    before = dataset(output)
+    target = str(output / "tools" / "slow_export" / "_done.json")
+    proc = subprocess.Popen(
+        target_cmd(config, work, target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if folder.is_dir() and len(_committed_shards(folder)) >= 4:
+                break
+            time.sleep(0.05)
+    finally:
+        kill_group(proc)
+    at_kill = _committed_shards(folder)
+    assert not _tool_workers(output), "MPI ranks outlived the kill"
+    assert len(at_kill) >= 4, f"kill landed at {len(at_kill)} shards"
+    assert not Path(target).exists() and not (folder / "shards.json").exists()
+
+    run(snakemake_cmd(config, work, "--unlock"))
+    wall = timed(target_cmd(config, work, target))
+    samples = read_shards(folder)
+    check_samples_match_store(samples, before, "jpeg")
+    index = check_index(folder)
+    total = len(index["shards"])
+    assert len(at_kill) < total, f"the kill landed after the last of {total} shards"
+    assert done(output, "slow_export")["samples"] == len(before)
+    after = _committed_shards(folder)
+    assert {name: after[name] for name in at_kill} == at_kill, "a shard committed before the kill was rewritten"
+    print(f"\nexport killed after {len(at_kill)}/{total} shards; the rerun wrote the rest in {wall:.1f}s")
