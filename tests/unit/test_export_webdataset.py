@@ -491,3 +491,62 @@ def test_tool_in_process_writes_the_index_and_drops_stale_shards(tmp_path: Path)
     assert {s["file"].split("-")[1] for s in index["shards"]} == {"0"} and not summary["unreadable"]
     assert sorted(p.name for p in (folder / "_progress").iterdir()) == ["rank-0.json"]
     check_samples_match_store(read_shards(folder, decode=False), store, "jpeg")
+
+
+def test_fast_member_headers_are_what_tarfile_writes() -> None:
+    from distributed_downloader.tools.export.shard import _tarinfo_header, member_header
+
+    for name, size in [("a.jpg", 0), ("t-0-01.json", 123_456), ("x" * 100, 5), ("x" * 101, 5), ("é.jpg", 3)]:
+        assert member_header(name, size) == _tarinfo_header(name, size), name
+    assert member_header("k.png", 8**11) == _tarinfo_header("k.png", 8**11)  # past ustar's size field
+
+
+# --------------------------------------------------------------------------- the README's Hugging Face recipe
+
+
+def test_datasets_load_dataset_reads_the_store_itself(tmp_path: Path, monkeypatch) -> None:
+    """``datasets.load_dataset("parquet", data_files=...)`` over successes*.parquet, as the README says:
+    every successes column loads (the hive folders' server_name / partition_id do not), ``image`` as
+    binary that ``datasets.Image()`` decodes, nothing fetched from the network."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    config = make_config(tmp_path)
+    store = build_store(config)
+    images = config_mod.paths(config).images
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(images / "**" / "successes*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert loaded.column_names == SUCCESS_SCHEMA.names
+    assert sorted(loaded["uuid"]) == sorted(store)
+    for row in loaded:
+        assert hashlib.md5(row["image"]).hexdigest() == store[row["uuid"]]["hashsum_resized"]
+    decoded = loaded.cast_column("image", datasets.Image())
+    first = decoded[0]
+    assert first["image"].size == tuple(reversed(first["resized_size"]))
+    streamed = datasets.load_dataset(
+        "parquet", data_files=str(images / "**" / "successes*.parquet"), split="train", streaming=True
+    )
+    assert sum(1 for _ in streamed) == len(store)
+    # A file of an older version, without the snapshot columns: the README's columns=[...] loads both.
+    older = [{k: v for k, v in row.items() if k in SUCCESS_SCHEMA.names[:12]} for row in list(store.values())[:2]]
+    older_schema = pa.schema(list(SUCCESS_SCHEMA)[:12])
+    folder = config_mod.paths(config).batch_images("c.org", 0)
+    folder.mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "uuid": "old-" + r["uuid"]} for r in older], older_schema),
+        folder / "successes.parquet",
+    )
+    mixed = datasets.load_dataset(
+        "parquet",
+        data_files=str(images / "**" / "successes*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache-2"),
+        columns=older_schema.names,
+    )
+    assert mixed.num_rows == len(store) + 2 and mixed.column_names == older_schema.names

@@ -48,8 +48,7 @@ def closed_size(written: int) -> int:
     return -(-(written + END_OF_ARCHIVE) // RECORD) * RECORD
 
 
-def member_header(name: str, size: int) -> bytes:
-    """The header block(s) of a regular-file member (PAX: a long or non-ASCII name gets an extended header)."""
+def _tarinfo_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -58,6 +57,29 @@ def member_header(name: str, size: int) -> bytes:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _tarinfo_header("", 0)  # a ustar block; only the name, size and checksum fields vary
+_NAME, _SIZE, _CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_MAX_FAST_SIZE = 8**11  # what 11 octal digits hold
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header block(s) of a regular-file member, byte for byte what ``tarfile`` writes in PAX format.
+
+    ``TarInfo.tobuf`` costs ~40 us a member (8% of an export of 100 kB images); a short ASCII name
+    (every uuid key) only needs three fields of a fixed block filled in. Anything else (a long or
+    non-ASCII name gets a PAX extended header) goes through ``tarfile``.
+    """
+    encoded = name.encode("ascii", "replace")
+    if len(encoded) > 100 or not name.isascii() or size >= _MAX_FAST_SIZE:
+        return _tarinfo_header(name, size)
+    block = bytearray(_TEMPLATE)
+    block[_NAME] = encoded.ljust(100, b"\0")
+    block[_SIZE] = b"%011o\0" % size
+    block[_CHECKSUM] = b"        "
+    block[_CHECKSUM] = b"%06o\0 " % sum(block)
+    return bytes(block)
 
 
 def temp_name(final: str) -> str:

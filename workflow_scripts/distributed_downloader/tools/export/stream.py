@@ -78,7 +78,9 @@ class _Files:
         while len(self._open) > OPEN_FILES:
             self._open.popitem(last=False)[1].close()
         try:
-            table = parquet.read_row_group(group).take(rows)
+            table = parquet.read_row_group(group)
+            if len(rows) != table.num_rows:  # (rows are sorted and distinct: all of them means in order)
+                table = table.take(rows)  # a copy of the images: only when a filter left rows out
             return table.to_pylist()
         except Exception as exc:
             return f"cannot read row group {group} of {self.units[unit].name}: {type(exc).__name__}: {exc}"
