@@ -268,13 +268,12 @@ def test_a_plan_is_removed_when_the_run_has_no_previous_dataset(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.02, 0.5, 1.0])
-def test_the_sample_rule_is_duckdbs_md5_number_upper(fraction: float) -> None:
-    import duckdb
-
-    identifiers = [f"https://x.org/{i}.jpg" for i in range(300)]
-    keys = duckdb.execute(
-        "SELECT md5_number_upper('salt' || s) FROM unnest($ids) t(s)", {"ids": identifiers}
-    ).fetchall()
-    assert [k for (k,) in keys] == [snapshot.sample_key("salt", s) for s in identifiers]
+def test_the_sample_is_a_deterministic_salted_share_of_the_urls(fraction: float) -> None:
+    identifiers = [f"https://x.org/media/{i}/original.jpg" for i in range(4000)]
+    keys = snapshot.sample_keys("salt", pa.array(identifiers))
+    assert list(keys) == list(snapshot.sample_keys("salt", pa.array(identifiers)))  # the same every time
     chosen = [snapshot.in_sample("salt", s, fraction) for s in identifiers]
-    assert sum(chosen) == pytest.approx(fraction * len(identifiers), abs=25)
+    assert chosen == list(snapshot.sampled(keys, fraction))
+    assert sum(chosen) == pytest.approx(fraction * len(identifiers), abs=4 * (len(identifiers) * 0.25) ** 0.5)
+    other = [snapshot.in_sample("pepper", s, 0.5) for s in identifiers]
+    assert other != [snapshot.in_sample("salt", s, 0.5) for s in identifiers]  # another snapshot, another sample

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distributed_downloader import partition
 from distributed_downloader import previous as previous_mod
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import TRANSIENT_CODES, TRANSIENT_HTTP, ErrorCode
@@ -136,14 +137,26 @@ def plan_salt(manifest: Mapping) -> str:
     return digest.hexdigest()[:16]
 
 
-def sample_key(salt: str, identifier: str) -> int:
-    """DuckDB's ``md5_number_upper(salt || identifier)``: the first 8 bytes of the MD5, little-endian."""
-    return int.from_bytes(hashlib.md5((salt + identifier).encode()).digest()[:8], "little")
+SAMPLE_BITS = 31
+
+
+def sample_keys(salt: str, identifiers: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 31-bit key per URL: the initializer's vectorised string hash (partition.string_buckets) of
+    ``salt + identifier``. Computed per batch in Arrow: DuckDB's md5() cost 4x its whole join."""
+    if isinstance(identifiers, pa.ChunkedArray):
+        identifiers = identifiers.combine_chunks()
+    salted = pc.binary_join_element_wise(pa.scalar(salt), identifiers.cast(pa.string()), "")
+    return partition.string_buckets(salted, 1 << SAMPLE_BITS)
+
+
+def sampled(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Which keys fall in a sample of ``fraction``."""
+    return np.ones(len(keys), bool) if fraction >= 1.0 else keys < int(fraction * (1 << SAMPLE_BITS))
 
 
 def in_sample(salt: str, identifier: str, fraction: float) -> bool:
     """Whether a reused URL is in the revalidation sample of the snapshot with this salt."""
-    return fraction >= 1.0 or sample_key(salt, identifier) < int(fraction * 2.0**64)
+    return bool(sampled(sample_keys(salt, pa.array([identifier])), fraction)[0])
 
 
 # ---------------------------------------------------------------- reading a plan
@@ -283,6 +296,7 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     datasets = previous_mod.load_all(
         config["previous_dataset"], config["output_structure"]["images_folder"], paths.images
     )
+    timings = {"footers": round(time.monotonic() - started, 3)}
     files = [f for dataset in datasets for f in dataset.files]
     problems = [problem for dataset in datasets for problem in dataset.problems]
     batches = _batches(manifest, paths)
@@ -298,9 +312,13 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     try:
         if files and batches:
             per_bucket = max(1, BUCKET_URLS // max(1, int(manifest["batch_size"])))
+            mark = time.monotonic()
             _match(work, batches, files, settings, salt, per_bucket)
             gone = _gone_counts(work, files)
-            per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, plan_id, now)
+            timings["match"] = round(time.monotonic() - mark, 3)
+            mark = time.monotonic()
+            per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, salt, plan_id, now)
+            timings["plan_files"] = round(time.monotonic() - mark, 3)
     except Exception as exc:  # a previous dataset the match cannot read: download everything
         message = f"matching the previous dataset(s) failed ({type(exc).__name__}: {exc}); nothing is reused"
         log.error("%s", message, exc_info=exc)
@@ -311,6 +329,7 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = _summary(batches, per_batch, gone, datasets, problems, settings, salt, plan_id, now, started)
+    summary["timings"] = timings  # seconds: reading the previous footers, the DuckDB match, the plan files
     _write_files_table(incoming / FILES_TABLE, files)
     atomic_write_json(incoming / PLAN_JSON, summary)
     final = plan_root(paths)
@@ -404,21 +423,19 @@ def _match(
             f"""
             COPY (
               WITH new AS (
-                SELECT f.batch, u.uuid, u.identifier, u.source_id, u.file_row_number AS new_row
+                SELECT f.batch, u.identifier, u.source_id, u.file_row_number AS new_row
                 FROM u JOIN url_files f ON u.filename = f.path
               ),
               ok AS ({ok_select})
               SELECT
                 CASE WHEN new.batch IS NULL THEN {GONE_PART} WHEN ok.file_id IS NULL THEN {UNMATCHED_PART}
                      ELSE new.batch // {per_bucket} END AS part,
-                new.batch, new.uuid, new.new_row,
+                new.batch, new.new_row,
                 CASE WHEN ok.file_id IS NULL THEN new.identifier END AS identifier,
                 CASE WHEN ok.file_id IS NULL THEN new.source_id END AS source_id,
                 ok.file_id, ok.prev_row, ok.hashsum_original, ok.etag, ok.last_modified, ok.checked_at,
                 CASE WHEN new.batch IS NULL THEN ok.prev_identifier END AS prev_identifier,
-                CASE WHEN new.batch IS NULL THEN ok.prev_source_id END AS prev_source_id,
-                CASE WHEN new.batch IS NOT NULL AND ok.file_id IS NOT NULL
-                     THEN md5_number_upper('{salt}' || new.identifier) END AS sample_key
+                CASE WHEN new.batch IS NULL THEN ok.prev_source_id END AS prev_source_id
               FROM new FULL OUTER JOIN ok ON new.identifier = ok.prev_identifier
             ) TO '{stage1}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)
             """
@@ -475,7 +492,7 @@ def _stage2(  # noqa: ANN001
     con, work: Path, errors: list[previous_mod.PreviousFile], settings: Settings, salt: str, per_bucket: int
 ) -> None:
     """The rows stage 1 left unmatched: matches by source_id, then previous errors by URL."""
-    _stage_table(con, work, UNMATCHED_PART, "unmatched", "batch, uuid, new_row, identifier, source_id")
+    _stage_table(con, work, UNMATCHED_PART, "unmatched", "batch, new_row, identifier, source_id")
     _stage_table(
         con,
         work,
@@ -490,8 +507,7 @@ def _stage2(  # noqa: ANN001
             CREATE TEMP TABLE by_source AS
             WITH n AS (
               SELECT source_id, {path_of.format("identifier")} AS path, count(*) AS rows,
-                     any_value(batch) AS batch, any_value(uuid) AS uuid, any_value(new_row) AS new_row,
-                     any_value(identifier) AS identifier
+                     any_value(batch) AS batch, any_value(new_row) AS new_row
               FROM unmatched WHERE source_id <> '' GROUP BY ALL HAVING count(*) = 1
             ),
             g AS (
@@ -502,23 +518,23 @@ def _stage2(  # noqa: ANN001
                              file_id::BIGINT * 4294967296 + prev_row) AS p
               FROM gone WHERE prev_source_id <> '' GROUP BY ALL HAVING count(DISTINCT prev_identifier) = 1
             )
-            SELECT n.batch, n.uuid, n.new_row, p.file_id, p.prev_row, p.prev_identifier, p.hashsum_original,
-                   p.etag, p.last_modified, p.checked_at, md5_number_upper('{salt}' || n.identifier) AS sample_key
+            SELECT n.batch, n.new_row, p.file_id, p.prev_row, p.prev_identifier, p.hashsum_original,
+                   p.etag, p.last_modified, p.checked_at
             FROM n JOIN g ON n.source_id = g.prev_source_id AND n.path = g.path
             WHERE n.path NOT IN ('', '/')
             """
         )
     else:
         con.execute(
-            "CREATE TEMP TABLE by_source AS SELECT NULL::BIGINT AS batch, NULL::VARCHAR AS uuid,"
+            "CREATE TEMP TABLE by_source AS SELECT NULL::BIGINT AS batch,"
             " NULL::BIGINT AS new_row, NULL::INTEGER AS file_id, NULL::BIGINT AS prev_row,"
             " NULL::VARCHAR AS prev_identifier, NULL::VARCHAR AS hashsum_original, NULL::VARCHAR AS etag,"
-            " NULL::VARCHAR AS last_modified, NULL::TIMESTAMPTZ AS checked_at, NULL::UBIGINT AS sample_key WHERE false"
+            " NULL::VARCHAR AS last_modified, NULL::TIMESTAMPTZ AS checked_at WHERE false"
         )
     union = f"""
-        SELECT batch // {per_bucket} AS part, batch, 'source_id' AS kind, uuid, new_row, file_id, prev_row,
+        SELECT batch // {per_bucket} AS part, batch, 'source_id' AS kind, new_row, file_id, prev_row,
                hashsum_original, etag,
-               last_modified, checked_at, sample_key, NULL::BIGINT AS error_code, NULL::VARCHAR AS error_msg,
+               last_modified, checked_at, NULL::BIGINT AS error_code, NULL::VARCHAR AS error_msg,
                NULL::BIGINT AS retry_count
         FROM by_source"""
     if errors:
@@ -526,15 +542,15 @@ def _stage2(  # noqa: ANN001
         field = "struct_extract(err, '{}')".format
         union += f"""
         UNION ALL
-        SELECT batch // {per_bucket} AS part, batch, 'error' AS kind, uuid, new_row, {field("file_id")},
-               {field("prev_row")}, NULL, NULL,
-               NULL, {field("checked_at")}, NULL, {field("error_code")}, {field("error_msg")}, {field("retry_count")}
+        SELECT batch // {per_bucket} AS part, batch, 'error' AS kind, new_row, {field("file_id")},
+               {field("prev_row")}, NULL, NULL, NULL,
+               {field("checked_at")}, {field("error_code")}, {field("error_msg")}, {field("retry_count")}
         FROM (
-          SELECT m.batch, m.uuid, m.new_row,
+          SELECT m.batch, m.new_row,
                  arg_min(struct_pack(e.file_id, e.prev_row, e.error_code, e.error_msg, e.retry_count, e.checked_at),
                          e.file_id::BIGINT * 4294967296 + e.prev_row) AS err
           FROM unmatched m JOIN ({error_select}) e ON m.identifier = e.identifier
-          WHERE m.uuid NOT IN (SELECT uuid FROM by_source)
+          WHERE (m.batch, m.new_row) NOT IN (SELECT (batch, new_row) FROM by_source)
           GROUP BY ALL
         ) matched_errors"""
     con.execute(f"COPY ({union}) TO '{work / 'stage2'}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)")
@@ -594,6 +610,7 @@ def _finish_batches(
     files: list[previous_mod.PreviousFile],
     settings: Settings,
     per_bucket: int,
+    salt: str,
     plan_id: str,
     now: float,
 ) -> dict[int, dict[str, int]]:
@@ -605,12 +622,16 @@ def _finish_batches(
         stage1 = _by_batch(_read_part(work / "stage1" / f"part={bucket}"))
         stage2 = _by_batch(_read_part(work / "stage2" / f"part={bucket}"))
         for batch in batches[first : first + per_bucket]:
-            table = finish_batch(stage1.pop(batch.key, None), stage2.pop(batch.key, None), mtimes, settings, now)
-            if table is None:
+            rows1, rows2 = stage1.pop(batch.key, None), stage2.pop(batch.key, None)
+            if rows1 is None and rows2 is None:
                 continue
+            urls = pq.ParquetFile(batch.path).read(columns=["uuid", "identifier"])
+            table = finish_batch(rows1, rows2, urls, mtimes, settings, salt, now)
             target = out / f"server_name={batch.server}" / f"partition_id={batch.partition_id}" / PLAN_FILE
             meta = {PLAN_KEY: json.dumps({"fingerprint": batch.fingerprint, "plan": plan_id}).encode()}
-            atomic_write_table(target, table.replace_schema_metadata(meta))
+            # No temp + fsync per file (a third of this step): plan.incoming is swapped in whole once complete.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table.replace_schema_metadata(meta), target, compression="zstd")
             actions = dict(zip(*_value_counts(table.column("action")), strict=True))
             by_source = int(pc.sum(pc.equal(table.column("match"), BY_SOURCE_ID)).as_py() or 0)
             counts[batch.key] = {
@@ -637,17 +658,23 @@ def _timestamps(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def finish_batch(
-    stage1: pa.Table | None, stage2: pa.Table | None, mtimes: np.ndarray, settings: Settings, now: float
+    stage1: pa.Table | None,
+    stage2: pa.Table | None,
+    urls: pa.Table,
+    mtimes: np.ndarray,
+    settings: Settings,
+    salt: str,
+    now: float,
 ) -> pa.Table | None:
     """One batch's plan rows (PLAN_SCHEMA, by new_row) from its stage rows, or None when nothing matched.
 
+    ``urls``: the batch's urls.parquet (uuid, identifier), which the stage rows point into by row.
     Successes matched by URL (stage 1) or source_id (stage 2) are deduplicated per new row (lowest
     file id, then row, wins), then sampled for revalidation; previous errors are kept or retried by
     permanence and age.
     """
     pieces = []
-    columns = ["uuid", "new_row", "file_id", "prev_row", "hashsum_original", "etag", "last_modified"]
-    columns += ["checked_at", "sample_key"]
+    columns = ["new_row", "file_id", "prev_row", "hashsum_original", "etag", "last_modified", "checked_at"]
     if stage1 is not None and stage1.num_rows:
         pieces.append(_with_match(stage1.select(columns), BY_URL))
     errors = None
@@ -659,9 +686,9 @@ def finish_batch(
         errors = stage2.filter(pc.equal(kind, "error"))
     out = []
     if pieces:
-        out.append(_plan_successes(_concat(pieces), mtimes, settings, now))
+        out.append(_plan_successes(_concat(pieces), urls, mtimes, settings, salt, now))
     if errors is not None and errors.num_rows:
-        out.append(_plan_errors(errors, mtimes, settings, now))
+        out.append(_plan_errors(errors, urls, mtimes, settings, now))
     if not out:
         return None
     table = pa.concat_tables(out)
@@ -677,7 +704,6 @@ def _with_match(table: pa.Table, match: str) -> pa.Table:
     table = table.cast(  # safe=False: DuckDB's microseconds back to the store's milliseconds
         pa.schema(
             [
-                ("uuid", pa.string()),
                 ("new_row", pa.int64()),
                 ("file_id", pa.int32()),
                 ("prev_row", pa.int64()),
@@ -685,7 +711,6 @@ def _with_match(table: pa.Table, match: str) -> pa.Table:
                 ("etag", pa.string()),
                 ("last_modified", pa.string()),
                 ("checked_at", _TIMESTAMP),
-                ("sample_key", pa.uint64()),
             ]
         ),
         safe=False,
@@ -693,7 +718,9 @@ def _with_match(table: pa.Table, match: str) -> pa.Table:
     return table.append_column("match", pa.array([match] * table.num_rows, pa.string()))
 
 
-def _plan_successes(table: pa.Table, mtimes: np.ndarray, settings: Settings, now: float) -> pa.Table:
+def _plan_successes(
+    table: pa.Table, urls: pa.Table, mtimes: np.ndarray, settings: Settings, salt: str, now: float
+) -> pa.Table:
     new_row = table.column("new_row").to_numpy()
     file_id = table.column("file_id").to_numpy()
     prev_row = table.column("prev_row").to_numpy()
@@ -704,17 +731,14 @@ def _plan_successes(table: pa.Table, mtimes: np.ndarray, settings: Settings, now
     checked = _timestamps(table.column("checked_at"))
     missing = np.isnan(checked)
     checked[missing] = mtimes[table.column("file_id").to_numpy()[missing]]
-    keys = table.column("sample_key").to_numpy()
-    if settings.revalidate_fraction >= 1.0:
-        revalidate = np.ones(len(keys), bool)
-    else:
-        revalidate = keys < np.uint64(int(settings.revalidate_fraction * 2.0**64))
+    rows = table.column("new_row").combine_chunks()
+    revalidate = sampled(sample_keys(salt, urls.column("identifier").take(rows)), settings.revalidate_fraction)
     if settings.revalidate_older_than is not None:
         revalidate |= (now - checked) > settings.revalidate_older_than * DAY
     n = table.num_rows
     return pa.table(
         {
-            "uuid": table.column("uuid"),
+            "uuid": urls.column("uuid").take(rows),
             "new_row": table.column("new_row"),
             "action": pa.array(np.where(revalidate, REVALIDATE, REUSE).tolist(), pa.string()),
             "match": table.column("match"),
@@ -732,7 +756,7 @@ def _plan_successes(table: pa.Table, mtimes: np.ndarray, settings: Settings, now
     )
 
 
-def _plan_errors(table: pa.Table, mtimes: np.ndarray, settings: Settings, now: float) -> pa.Table:
+def _plan_errors(table: pa.Table, urls: pa.Table, mtimes: np.ndarray, settings: Settings, now: float) -> pa.Table:
     codes = pc.cast(table.column("error_code"), pa.int64())
     checked = _timestamps(table.column("checked_at"))
     file_id = pc.cast(table.column("file_id"), pa.int32())
@@ -744,7 +768,7 @@ def _plan_errors(table: pa.Table, mtimes: np.ndarray, settings: Settings, now: f
     n = table.num_rows
     return pa.table(
         {
-            "uuid": pc.cast(table.column("uuid"), pa.string()),
+            "uuid": urls.column("uuid").take(pc.cast(table.column("new_row"), pa.int64())),
             "new_row": pc.cast(table.column("new_row"), pa.int64()),
             "action": pa.array(np.where(keep, KEEP_ERROR, RETRY_ERROR).tolist(), pa.string()),
             "match": pa.array([BY_URL] * n, pa.string()),
