@@ -272,8 +272,8 @@ def test_the_sample_is_a_deterministic_salted_share_of_the_urls(fraction: float)
     identifiers = [f"https://x.org/media/{i}/original.jpg" for i in range(4000)]
     keys = snapshot.sample_keys("salt", pa.array(identifiers))
     assert list(keys) == list(snapshot.sample_keys("salt", pa.array(identifiers)))  # the same every time
-    chosen = [snapshot.in_sample("salt", s, fraction) for s in identifiers]
-    assert chosen == list(snapshot.sampled(keys, fraction))
-    assert sum(chosen) == pytest.approx(fraction * len(identifiers), abs=4 * (len(identifiers) * 0.25) ** 0.5)
-    other = [snapshot.in_sample("pepper", s, 0.5) for s in identifiers]
-    assert other != [snapshot.in_sample("salt", s, 0.5) for s in identifiers]  # another snapshot, another sample
+    chosen = snapshot.sampled(keys, fraction)
+    assert [snapshot.in_sample("salt", s, fraction) for s in identifiers[:100]] == list(chosen[:100])
+    assert chosen.sum() == pytest.approx(fraction * len(identifiers), abs=4 * (len(identifiers) * 0.25) ** 0.5)
+    other = snapshot.sampled(snapshot.sample_keys("pepper", pa.array(identifiers)), 0.5)
+    assert list(other) != list(snapshot.sampled(keys, 0.5))  # another snapshot, another sample
