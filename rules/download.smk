@@ -38,4 +38,4 @@ rule download:
     shell:
         "{params.python:q} {params.empty:q} {input.schedule:q} {output:q} > {log:q} 2>&1"
         " || {resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
-        " {input.schedule:q} {output:q} 2>&1 | tee {log:q}"
+        " --tasks {resources.tasks} {input.schedule:q} {output:q} 2>&1 | tee {log:q}"

@@ -65,4 +65,4 @@ rule tool_run:
         mpi="mpiexec",
     shell:
         "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
-        " {input.schedule:q} {output:q} > {log:q} 2>&1"
+        " --tasks {resources.tasks} {input.schedule:q} {output:q} > {log:q} 2>&1"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import ownership, snapshot
+from distributed_downloader import launch, ownership, snapshot
 from distributed_downloader.batch_parts import PARTS_DIR, BatchParts
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
@@ -378,15 +378,16 @@ def _setup_logging(paths: config_mod.Paths, round_no: int, rank: int, level: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: download_worker.py SCHEDULE.json DONE_FILE", file=sys.stderr)
-        return 2
-    schedule_path, done_path = Path(args[0]), Path(args[1])
+    args = launch.parse_worker_args("download_worker.py", "DONE_FILE", argv)
+    schedule_path, done_path = args.schedule, args.done
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    if mismatch := launch.world_size_problem(args.tasks, size, rank, "download_worker.py"):
+        if rank == 0:
+            print(mismatch, file=sys.stderr, flush=True)
+        return 2
     schedule = json.loads(schedule_path.read_text())
     config = schedule["config"]
     paths = config_mod.paths(config)

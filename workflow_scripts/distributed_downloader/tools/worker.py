@@ -1,4 +1,4 @@
-"""The MPI job of a tool's run step: ``mpiexec|srun -n N python tool_worker.py SCHEDULE.json DONE.json``.
+"""The MPI job of a tool's run step: ``mpiexec|srun -n N python tool_worker.py --tasks N SCHEDULE DONE``.
 
 Every rank runs its share of the schedule (``runner.run_rank``: by default it rewrites the partitions
 the schedule gave it; rank ``r`` of a run with ``size`` ranks takes the scheduled ranks ``k`` with
@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from distributed_downloader import launch
 from distributed_downloader.store import atomic_write_json
 from distributed_downloader.tools import registry
 
@@ -44,15 +45,16 @@ def _wait_all(comm) -> None:  # noqa: ANN001 - mpi4py communicator
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: tool_worker.py SCHEDULE.json DONE.json", file=sys.stderr)
-        return 2
-    schedule_path, done_path = Path(args[0]), Path(args[1])
+    args = launch.parse_worker_args("tool_worker.py", "DONE.json", argv)
+    schedule_path, done_path = args.schedule, args.done
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    if mismatch := launch.world_size_problem(args.tasks, size, rank, "tool_worker.py"):
+        if rank == 0:
+            print(mismatch, file=sys.stderr, flush=True)
+        return 2
     # Where each rank ran (tells nodes apart under Slurm, where every fake node shares a hostname).
     placement = comm.gather({"rank": rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "")})
     schedule = json.loads(schedule_path.read_text())
