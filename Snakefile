@@ -24,6 +24,9 @@ include: "rules/tools.smk"
 include: "rules/report.smk"
 
 
+check_mpi_launchers("download", "tool_run")
+
+
 rule all:
     default_target: True
     input:

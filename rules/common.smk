@@ -10,6 +10,7 @@ if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
 from distributed_downloader import config as dd_config
+from distributed_downloader import launch as dd_launch
 
 try:
     config.update(dd_config.validate(config))
@@ -56,6 +57,24 @@ def schedule_inputs(wildcards):
 def download_tasks():
     params = config["downloader_parameters"]
     return params["max_nodes"] * params["workers_per_node"]
+
+
+def mpi_launcher(wildcards, resources):
+    """resources.mpi with a bare mpiexec/mpirun made the one beside this Python (the venv's, activated or not)."""
+    return dd_launch.resolve(resources.mpi)
+
+
+def check_mpi_launchers(*names):
+    """Before any job: stop, naming what is missing, when an MPI rule's launcher is not on this machine."""
+    for name in names:
+        try:
+            raw = getattr(rules, name).rule.resources["mpi"].raw
+        except (AttributeError, KeyError):
+            continue  # Snakemake keeps resources elsewhere: the job itself fails on a missing launcher
+        command = dd_launch.literal(raw)  # None: an expression only the job can evaluate
+        problem = dd_launch.problem(command, name) if command is not None else None
+        if problem:
+            raise WorkflowError(problem)
 
 
 def verification_report():

@@ -29,6 +29,7 @@ rule download:
         python=PYTHON,
         worker=str(SCRIPTS_DIR / "download_worker.py"),
         empty=str(SCRIPTS_DIR / "empty_round.py"),
+        mpi=mpi_launcher,
     threads: 1
     resources:
         nodes=config["downloader_parameters"]["max_nodes"],
@@ -37,5 +38,5 @@ rule download:
         mpi="mpiexec",
     shell:
         "{params.python:q} {params.empty:q} {input.schedule:q} {output:q} > {log:q} 2>&1"
-        " || {resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
+        " || {params.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
         " --tasks {resources.tasks} {input.schedule:q} {output:q} 2>&1 | tee {log:q}"

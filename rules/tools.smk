@@ -57,6 +57,7 @@ rule tool_run:
     params:
         python=PYTHON,
         worker=str(SCRIPTS_DIR / "tool_worker.py"),
+        mpi=mpi_launcher,
     threads: 1
     resources:
         nodes=config["tools_parameters"]["max_nodes"],
@@ -64,5 +65,5 @@ rule tool_run:
         cpus_per_task=config["tools_parameters"]["cpu_per_worker"],
         mpi="mpiexec",
     shell:
-        "{resources.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
+        "{params.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
         " --tasks {resources.tasks} {input.schedule:q} {output:q} > {log:q} 2>&1"

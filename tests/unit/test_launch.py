@@ -60,3 +60,35 @@ def test_a_world_of_the_wrong_size_stops_and_the_right_one_goes_on(tmp_path: Pat
     right = _run([str(MPIEXEC), "-n", "2", sys.executable, worker, "--tasks", "2", schedule, done])
     assert right.returncode != 0 and "COMM_WORLD has" not in right.stderr
     assert "schedule.json" in right.stderr  # past the check: the (missing) schedule is read
+
+
+def test_a_bare_launcher_is_the_one_beside_the_interpreter(tmp_path: Path) -> None:
+    python = tmp_path / "venv" / "bin" / "python"  # never run: only its folder matters
+    python.parent.mkdir(parents=True)
+    assert launch.resolve("mpiexec", str(python)) == "mpiexec"  # none there: as given (PATH decides)
+    own = python.parent / "mpiexec"
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    assert launch.resolve("mpiexec", str(python)) == str(own)
+    assert launch.resolve("mpiexec -genv A 'x y'", str(python)) == f"{own} -genv A 'x y'"
+    for kept in ("srun --mpi=pmi2 --kill-on-bad-exit=1", "/opt/mpi/bin/mpiexec -n 2", "mpirun"):
+        assert launch.resolve(kept, str(python)) == kept
+    # The running interpreter's own launcher (the venv's mpich wheel): what the rules use.
+    assert launch.resolve("mpiexec") == str(MPIEXEC) and launch.problem("mpiexec", "download") is None
+
+
+def test_a_launcher_missing_from_the_machine_is_named(tmp_path: Path) -> None:
+    python = str(tmp_path / "bin" / "python")
+    message = launch.problem("no-such-mpiexec -v", "tool_run", python)
+    assert message is not None
+    assert message.startswith("rule tool_run: MPI launcher 'no-such-mpiexec' not found")
+    assert str(tmp_path / "bin") in message and "--set-resources tool_run:mpi=" in message
+    assert launch.problem(str(tmp_path / "absent" / "mpiexec"), "download", python) is not None
+    assert launch.problem("", "download") == "rule download: the MPI launcher (resources.mpi) is empty"
+    assert launch.problem("sh -c true", "download") is None  # on PATH
+
+
+def test_resource_values_as_snakemake_reads_them() -> None:
+    assert launch.literal("srun --mpi=pmi2") == "srun --mpi=pmi2"  # a profile's plain string
+    assert launch.literal("'mpiexec -v'") == "mpiexec -v"  # --set-resources download:mpi="'mpiexec -v'"
+    assert launch.literal("2") is None and launch.literal(None) is None

@@ -215,8 +215,9 @@ def test_server_name_is_the_server_the_client_contacts(named: dict[str, tuple[st
 # ---------------------------------------------------------------- no config value or URL reaches a shell unquoted
 
 # Placeholders allowed unquoted, with why: they come from the profile / integers, and `mpi` is a
-# command prefix ("srun --mpi=pmi2 ...") that must be split into words.
-UNQUOTED_OK = {"resources.mpi", "resources.tasks", "threads"}
+# command prefix ("srun --mpi=pmi2 ...") that must be split into words (params.mpi: resources.mpi with
+# a bare mpiexec resolved beside the interpreter, re-joined with shlex.join).
+UNQUOTED_OK = {"resources.mpi", "params.mpi", "resources.tasks", "threads"}
 
 
 def _workflow_files() -> list[Path]:
