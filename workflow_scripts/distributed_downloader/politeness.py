@@ -38,17 +38,17 @@ server refuses (refusals only at >= k requests in flight, none below), and it re
 connection per ``CAP_RECOVERY_SECONDS`` without refusals.
 
 **Jitter is not congestion.** A server with a tiny burst allowance refuses any two requests that
-arrive closer than its interval, and our sends reach the wire with some jitter (threads, the GIL,
-a busy CPU). So requests are spaced again right before they are written (``space_send``: a token
+arrive closer than its interval, and our sends reach the wire with some jitter (threads, the GIL, a
+busy CPU). So requests are spaced again right before they are written (``space_send``: a token
 bucket of our own rate holding ``WIRE_BURST_SECONDS`` of burst). A lone refusal (no other in the
 last ``ACCEPTED_WINDOW``, or under ``JITTER_SHARE`` of our sends) that comes while we send no faster
-than the level the server showed lowers that level by ``JITTER_STEP`` only, a lone refusal
-lowers it by 10% at most and any refusal event by ``MAX_CUT``: the accepted rate is believed only
-as far as the refusals say we were above it. Without this, a few jitter refusals ratcheted a slow server down to half of what it
-allows (measured: 2-req/s hosts held at 1.2-1.4 req/s for a whole run). A refusal that comes while
-the lane presses all its connections is read as a connection limit only if one connection less
-still carries the rate (Little's law); otherwise a 2-connection lane took a jittered pair for a
-connection cap and fell to 1/latency.
+than the level the server showed lowers that level by ``JITTER_STEP`` only, a lone refusal lowers it
+by 10% at most and any refusal event by ``MAX_CUT``: the accepted rate is believed only as far as
+the refusals say we were above it. Without this, a few jitter refusals ratcheted a slow server down
+to half of what it allows (measured: 2-req/s hosts held at 1.2-1.4 req/s for a whole run). A refusal
+that comes while the lane presses all its connections is read as a connection limit only if one
+connection less still carries the rate (Little's law); otherwise a 2-connection lane took a jittered
+pair for a connection cap and fell to 1/latency.
 
 **Pauses.** Retry-After (any header case, seconds or HTTP date), a quota reset and a ban stop every
 request of the lane until the given time; the lane relays a pause to the server's other lanes on
@@ -219,7 +219,10 @@ class RateController:
     GROWTH_NEAR = 0.01  # per probe, near the level
     PROBE_REQUESTS = 100  # requests between two probes near the level...
     PROBE_SECONDS = 8.0  # ...and at least this long
-    LEVEL_HOLD = 60.0  # seconds without congestion after which a level is stale: grow briskly again
+    # Seconds without congestion after which a level is stale (grow briskly again). Long: the gentle
+    # probes near the level find a raised limit anyway, and each brisk re-probe of a busy host cost
+    # a burst of refusals (measured at 60 s: 18 refusals on the two largest hosts of the bench).
+    LEVEL_HOLD = 300.0
     FORGET_LEVEL = 1.05  # this far past the level without trouble: it was low or the limit rose, grow briskly
     ACCEPTED_WINDOW = 10.0  # seconds of accepted answers that estimate what the server accepts
     OUTCOME_WINDOW = 16  # recent outcomes that judge a burst of failures
