@@ -463,7 +463,7 @@ class SlowExport(WebDatasetExportRunner):
     \"\"\"The real export, slowed after each shard so that a kill lands mid-export.\"\"\"
 
     def shard_committed(self, info):
-        time.sleep(0.4)
+        time.sleep(0.25)
 """
 
 
