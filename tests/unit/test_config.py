@@ -196,3 +196,11 @@ def test_dump_round_trips_through_load(tmp_path: Path) -> None:
     config_mod.dump(cfg, target)
     assert config_mod.load(target) == cfg
     assert [p.name for p in tmp_path.iterdir()] == ["completed.yaml"]
+
+
+def test_workflow_files_are_found_or_named() -> None:
+    assert config_mod.workflow_file("Snakefile") == config_mod.WORKFLOW_ROOT / "Snakefile"
+    assert config_mod.workflow_file("config", "config.schema.yaml").is_file()
+    with pytest.raises(config_mod.IncompleteInstall, match=r"pip install -e \.") as info:
+        config_mod.workflow_file("rules", "no_such.smk")
+    assert str(config_mod.WORKFLOW_ROOT / "rules" / "no_such.smk") in str(info.value)

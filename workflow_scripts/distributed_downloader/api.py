@@ -18,8 +18,7 @@ import yaml
 
 from distributed_downloader import config as config_mod
 
-REPO_ROOT = config_mod.REPO_ROOT
-SNAKEFILE = REPO_ROOT / "Snakefile"
+WORKFLOW_ROOT = config_mod.WORKFLOW_ROOT  # the checkout, or the workflow a wheel bundles
 PATH_KEYS = ("path_to_input", "path_to_output", "path_to_output_folder", "path_to_occurrences")
 
 
@@ -29,7 +28,7 @@ class WorkflowFailed(RuntimeError):
 
 def profile_dir(profile: str) -> str:
     """A bundled profile by name (local, slurm), else the path or name as given."""
-    bundled = REPO_ROOT / "profiles" / profile
+    bundled = WORKFLOW_ROOT / "profiles" / profile
     return str(bundled) if bundled.is_dir() else profile
 
 
@@ -99,7 +98,9 @@ def snakemake_args(
     extra: Sequence[str] = (),
 ) -> list[str]:
     # Targets first: --configfile and --forcerun take several values and would swallow them.
-    args = [*targets, "--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--profile", profile_dir(profile)]
+    snakefile = config_mod.workflow_file("Snakefile")
+    args = [*targets, "--snakefile", str(snakefile), "--directory", str(WORKFLOW_ROOT)]
+    args += ["--profile", profile_dir(profile)]
     args += ["--configfile", str(run_config)]
     if forcerun:
         args += ["--forcerun", *forcerun]
@@ -144,10 +145,11 @@ def run_snakemake(args: Sequence[str]) -> bool:
 
 
 def unlock_if_stale() -> None:
-    locks = REPO_ROOT / ".snakemake" / "locks"
-    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(REPO_ROOT):
+    locks = WORKFLOW_ROOT / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(WORKFLOW_ROOT):
         print("removing a stale Snakemake lock left by a killed run (snakemake --unlock)", file=sys.stderr)
-        run_snakemake(["--snakefile", str(SNAKEFILE), "--directory", str(REPO_ROOT), "--unlock"])
+        snakefile = config_mod.workflow_file("Snakefile")
+        run_snakemake(["--snakefile", str(snakefile), "--directory", str(WORKFLOW_ROOT), "--unlock"])
 
 
 def run_workflow(

@@ -38,6 +38,9 @@ def classic(argv: list[str]) -> int:
     except config_mod.ConfigError as exc:
         print(f"distributed_downloader: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except config_mod.IncompleteInstall as exc:
+        print(f"distributed_downloader: {exc}", file=sys.stderr)
+        return 2
     except api.WorkflowFailed as exc:
         print(f"distributed_downloader: {exc}", file=sys.stderr)
         return 1
@@ -74,7 +77,7 @@ def install_profiles(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     dest = Path(args.dest)
-    for source in sorted((api.REPO_ROOT / "profiles").iterdir()):
+    for source in sorted(config_mod.workflow_file("profiles").iterdir()):
         if source.is_dir():
             target = dest / source.name
             shutil.copytree(source, target, dirs_exist_ok=True)

@@ -12,12 +12,42 @@ from typing import Any
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "config" / "config.schema.yaml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _workflow_root() -> Path:
+    """Where the Snakefile, rules/, config/, profiles/ and envs/ are.
+
+    The checkout this package sits in (a source tree, an editable install), else the copy a built
+    wheel bundles as ``_workflow/`` (setup.py).
+    """
+    checkout = PACKAGE_DIR.parents[1]
+    if (checkout / "Snakefile").is_file() and (checkout / "workflow_scripts" / PACKAGE_DIR.name).is_dir():
+        return checkout
+    return PACKAGE_DIR / "_workflow"
+
+
+WORKFLOW_ROOT = _workflow_root()
 
 
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending key."""
+
+
+class IncompleteInstall(RuntimeError):
+    """The workflow files are neither in a checkout around the package nor bundled in it."""
+
+
+def workflow_file(*parts: str) -> Path:
+    """A file of the workflow (``workflow_file("Snakefile")``); IncompleteInstall when it is missing."""
+    path = WORKFLOW_ROOT.joinpath(*parts)
+    if not path.exists():
+        raise IncompleteInstall(
+            f"{path} is missing: this install of distributed_downloader has neither a checkout around "
+            f"{PACKAGE_DIR} nor the workflow bundled in it. Install from the project's checkout: "
+            "`pip install -e .` (editable) or `pip install .` (a wheel built by the project's setup.py)."
+        )
+    return path
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -38,7 +68,7 @@ _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
 def load_schema() -> dict:
-    with open(SCHEMA_PATH) as handle:
+    with open(workflow_file("config", "config.schema.yaml")) as handle:
         return yaml.safe_load(handle)
 
 
