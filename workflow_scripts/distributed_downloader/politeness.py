@@ -234,7 +234,7 @@ class RateController:
     CAP_SAMPLES = 64
     CAP_RECOVERY_SECONDS = 30.0
     WIRE_BURST_SECONDS = 0.1  # at the wire, at most this much of our rate back to back (>= 1 request)
-    JITTER_SHARE = 0.02  # refusals per send (last ACCEPTED_WINDOW) below which one is jitter...
+    JITTER_SHARE = 0.005  # refusals per send (last ACCEPTED_WINDOW) below which one is jitter...
     JITTER_STEP = 0.03  # ...and lowers the level by this much only
     MAX_CUT = 0.25  # the most one refusal event lowers the level by
     LATENCY_SAMPLES = 32
@@ -661,15 +661,15 @@ class RateController:
 
     def _jitter(self, now: float) -> bool:
         """A lone refusal while we send no faster than the level the server showed: lower it a little."""
-        if self.slow_start or self.level is None:
-            return False
-        span = min(self.ACCEPTED_WINDOW, now - self.created)
-        if span < 2.0:
+        if self.slow_start or self.level is None or now - self.created < 2.0:
             return False
         while self.refused and self.refused[0] < now - self.ACCEPTED_WINDOW:
             self.refused.popleft()
-        sends = sum(1 for t in self.sends if t >= now - span)
-        if sends / span > self.level or len(self.refused) > max(1.0, self.JITTER_SHARE * sends):
+        window_sends = sum(1 for t in self.sends if t >= now - self.ACCEPTED_WINDOW)
+        if len(self.refused) > max(1.0, self.JITTER_SHARE * window_sends):
+            return False
+        _, sending, _ = self._measured(now)  # now, not a 10-s average that a ramp would hold down
+        if sending > self.level:
             return False
         before = self.rate
         self.level *= 1.0 - self.JITTER_STEP
@@ -679,7 +679,7 @@ class RateController:
         log.info(
             "%s: lone refusal at %.2f req/s, below the %.2f/s level: jitter, %.2f -> %.2f req/s",
             self.name,
-            sends / span,
+            sending,
             self.level / (1.0 - self.JITTER_STEP),
             before,
             self.rate,
