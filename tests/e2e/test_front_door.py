@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -61,8 +63,8 @@ def test_cli_flags_api_status_and_report(tmp_path: Path, farm: ImageFarm) -> Non
     text = run([*CLI, "status", str(config)]).stdout
     assert "every URL accounted for exactly once" in text
 
-    report = tmp_path / "report.html"
-    run(snakemake_cmd(config, REPO, "--report", str(report)))
+    report = tmp_path / "report.html"  # from the run's state, which lies in its output folder
+    run(snakemake_cmd(config, tmp_path / "output", "--report", str(report)))
     html = report.read_text(errors="replace")
     for figure in ("throughput.svg", "errors_by_server.svg", "rate_over_time.svg", "server_summary.csv"):
         assert figure in html, figure
@@ -124,3 +126,61 @@ def test_readme_demo_command(tmp_path: Path) -> None:
     result = run([*CLI, "demo", "--dir", str(tmp_path / "demo"), "--hosts", "2", "--per-host", "12"])
     assert "every URL accounted for exactly once" in result.stdout
     assert "successes 24" in result.stdout and "errors 6" in result.stdout
+
+
+def _state_files_under(folder: Path, root: Path) -> list[str]:
+    """Output files under ``root`` whose Snakemake metadata lies in ``folder``/.snakemake/metadata."""
+    found = []
+    for entry in (folder / ".snakemake" / "metadata").rglob("*"):
+        if entry.is_file():  # the name is the output's path, urlsafe base64 (long ones split into folders)
+            encoded = "".join(entry.relative_to(folder / ".snakemake" / "metadata").parts)
+            with contextlib.suppress(ValueError):
+                path = base64.urlsafe_b64decode(encoded).decode()
+                if path.startswith(str(root)):
+                    found.append(path)
+    return found
+
+
+def test_two_outputs_two_run_states(tmp_path: Path) -> None:
+    """Two classic runs at once on two outputs: each keeps its Snakemake state (locks, metadata) in its own
+    output folder, none in the checkout, and neither waits for or unlocks the other."""
+    with ImageFarm([HostSpec("a", latency=0.05), HostSpec("b", latency=0.05)]) as farm:
+        configs, rows = [], []
+        for host, name in enumerate("ab"):
+            folder = tmp_path / name
+            mine = [r for r in demo.demo_rows(farm, per_host=8, faults=False) if f"demo-{host}-" in r.uuid]
+            rate = {"default_rate_limit": 2, "max_rate_limit": 2}  # a few seconds of download each
+            configs.append(
+                demo.write_config(folder, demo.write_input(mine, folder / "urls.csv"), num_downloads=1, **rate)
+            )
+            rows.append(mine)
+        logs = [tmp_path / f"{name}.log" for name in "ab"]
+        procs = []
+        for config, log in zip(configs, logs, strict=True):
+            with open(log, "wb") as handle:  # a file, not a pipe nobody reads while both run
+                procs.append(
+                    subprocess.Popen(
+                        [*CLI, str(config)], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        locks = [tmp_path / name / "output" / ".snakemake" / "locks" for name in "ab"]
+        both_locked = False
+        try:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                both_locked = both_locked or all(d.is_dir() and any(d.iterdir()) for d in locks)
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    kill_group(proc)
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+    assert both_locked, "the runs never held their locks at the same time"
+    for name, mine, lock in zip("ab", rows, locks, strict=True):
+        output = tmp_path / name / "output"
+        check_dataset(output, mine)
+        assert not lock.exists() or not any(lock.iterdir())  # released
+        assert _state_files_under(output, output)  # this run's metadata, in its own output
+    assert not _state_files_under(tmp_path / "a" / "output", tmp_path / "b")  # and not the other's
+    assert not _state_files_under(REPO, tmp_path)  # nothing in the checkout

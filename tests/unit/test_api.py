@@ -34,3 +34,12 @@ def test_account_becomes_slurm_account_on_the_slurm_profile_only(tmp_path: Path)
     names = set(parsed.default_resources.keys())
     assert {"slurm_account", "runtime", "mem_mb"} <= names
     assert api.account_resources(write_config(tmp_path), "slurm") == []  # no account: the profile as is
+
+
+def test_snakemake_works_in_the_output_folder(tmp_path: Path) -> None:
+    """Snakemake's state (.snakemake/: locks, metadata) of a run lives with its output, not in the checkout."""
+    run_config = api.write_run_config(write_config(tmp_path))
+    assert run_config == tmp_path / "out" / ".run" / "config.yaml"
+    _, parsed = parse_args(api.snakemake_args(run_config))
+    assert Path(parsed.directory) == tmp_path / "out"
+    assert str(parsed.snakefile) == str(api.WORKFLOW_ROOT / "Snakefile")

@@ -412,7 +412,7 @@ def test_apply_tool_builds_the_snakemake_call(tmp_path: Path, monkeypatch, clean
     )
     calls: list[list[str]] = []
     monkeypatch.setattr(api, "run_snakemake", lambda args: calls.append(list(args)) or True)
-    monkeypatch.setattr(api, "unlock_if_stale", lambda: None)
+    monkeypatch.setattr(api, "unlock_if_stale", lambda workdir: None)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ToolError, match="without a registered scheduler/runner"):
         tools_api.apply_tool(config, "half_tool")

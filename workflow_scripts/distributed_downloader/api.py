@@ -47,10 +47,14 @@ def resolved_config(config_path: str | os.PathLike, base: Path | None = None) ->
     return raw
 
 
+def output_folder(config: dict) -> Path:
+    """A run's output folder: where its data, its run config and Snakemake's state (.snakemake/) live."""
+    return Path(config.get("path_to_output") or config["path_to_output_folder"]).absolute()
+
+
 def write_run_config(config_path: str | os.PathLike) -> Path:
     raw = resolved_config(config_path)
-    out = Path(raw.get("path_to_output") or raw["path_to_output_folder"])
-    target = out / ".run" / "config.yaml"
+    target = output_folder(raw) / ".run" / "config.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     from distributed_downloader.store import atomic_write_text
 
@@ -98,8 +102,11 @@ def snakemake_args(
     extra: Sequence[str] = (),
 ) -> list[str]:
     # Targets first: --configfile and --forcerun take several values and would swallow them.
+    # The working directory is the output folder: Snakemake's state (locks, metadata, logs) of a run
+    # lives with its data, so runs on different outputs never share it, whatever the checkout.
+    workdir = output_folder(yaml.safe_load(Path(run_config).read_text()) or {})
     snakefile = config_mod.workflow_file("Snakefile")
-    args = [*targets, "--snakefile", str(snakefile), "--directory", str(WORKFLOW_ROOT)]
+    args = [*targets, "--snakefile", str(snakefile), "--directory", str(workdir)]
     args += ["--profile", profile_dir(profile)]
     args += ["--configfile", str(run_config)]
     if forcerun:
@@ -144,12 +151,13 @@ def run_snakemake(args: Sequence[str]) -> bool:
         os.chdir(cwd)
 
 
-def unlock_if_stale() -> None:
-    locks = WORKFLOW_ROOT / ".snakemake" / "locks"
-    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(WORKFLOW_ROOT):
+def unlock_if_stale(workdir: Path) -> None:
+    """Remove the Snakemake lock a killed run left in ``workdir`` (a run's output folder), if nobody runs there."""
+    locks = workdir / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(workdir):
         print("removing a stale Snakemake lock left by a killed run (snakemake --unlock)", file=sys.stderr)
         snakefile = config_mod.workflow_file("Snakefile")
-        run_snakemake(["--snakefile", str(snakefile), "--directory", str(WORKFLOW_ROOT), "--unlock"])
+        run_snakemake(["--snakefile", str(snakefile), "--directory", str(workdir), "--unlock"])
 
 
 def run_workflow(
@@ -161,9 +169,10 @@ def run_workflow(
     extra: Sequence[str] = (),
 ) -> bool:
     run_config = write_run_config(config_path)
-    with run_lock(run_config.parent.parent) as alone:
+    output = run_config.parent.parent
+    with run_lock(output) as alone:
         if alone and not dryrun:
-            unlock_if_stale()
+            unlock_if_stale(output)
         os.environ["CONFIG_PATH"] = str(Path(config_path).absolute())
         return run_snakemake(snakemake_args(run_config, profile, forcerun, targets, dryrun, extra))
 

@@ -71,7 +71,7 @@ def apply_tool(
     forcerun = forcerun_rules(reset_filtering, reset_scheduling, reset_runners)
     with api.run_lock(paths.output) as alone:
         if alone and not dryrun:
-            api.unlock_if_stale()
+            api.unlock_if_stale(paths.output)
         # The target goes first: after --configfile / --forcerun (nargs '+' / '*') it would be taken as
         # one more config file or rule name.
         ok = api.run_snakemake([str(target), *api.snakemake_args(run_config, profile, forcerun, (), dryrun)])
