@@ -71,7 +71,8 @@ def check_mpi_launchers(*names):
             raw = getattr(rules, name).rule.resources["mpi"].raw
         except (AttributeError, KeyError):
             continue  # Snakemake keeps resources elsewhere: the job itself fails on a missing launcher
-        command = dd_launch.literal(raw)  # None: an expression only the job can evaluate
+        command = dd_launch.literal(raw)
+        # None: an expression (of wildcards, input...) only the job can evaluate
         problem = dd_launch.problem(command, name) if command is not None else None
         if problem:
             raise WorkflowError(problem)

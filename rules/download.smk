@@ -1,13 +1,13 @@
 rule schedule:
-    localrule: True
     input:
         unpack(schedule_inputs),
     output:
         schedule_file("{round}"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("schedule_round_{round}"),
+    localrule: True
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="schedule",
     script:
@@ -21,21 +21,21 @@ rule download:
         schedule=schedule_file("{round}"),
     output:
         round_done("{round}"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("download_round_{round}"),
-    params:
-        python=PYTHON,
-        worker=str(SCRIPTS_DIR / "download_worker.py"),
-        empty=str(SCRIPTS_DIR / "empty_round.py"),
-        mpi=mpi_launcher,
+    conda:
+        "../envs/environment.yaml"
     threads: 1
     resources:
         nodes=config["downloader_parameters"]["max_nodes"],
         tasks=download_tasks(),
         cpus_per_task=config["downloader_parameters"]["cpu_per_worker"],
         mpi="mpiexec",
+    params:
+        python=PYTHON,
+        worker=str(SCRIPTS_DIR / "download_worker.py"),
+        empty=str(SCRIPTS_DIR / "empty_round.py"),
+        mpi=mpi_launcher,
     shell:
         "{params.python:q} {params.empty:q} {input.schedule:q} {output:q} > {log:q} 2>&1"
         " || {params.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"

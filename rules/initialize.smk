@@ -3,10 +3,10 @@ rule initialize:
         config["path_to_input"],
     output:
         urls_manifest(),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("initialize"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="initialize",
         snapshot=snapshot_params(),

@@ -4,10 +4,10 @@ rule profile_servers:
     output:
         profiles=str(PATHS.profiles_table),
         ignored=str(PATHS.ignored_table),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("profile_servers"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="profile_servers",
     script:

@@ -6,10 +6,10 @@ rule report_plots:
         throughput=report(plot_file("throughput"), caption="report/throughput.rst", category="Download"),
         errors=report(plot_file("errors_by_server"), caption="report/errors.rst", category="Download"),
         rates=report(plot_file("rate_over_time"), caption="report/rates.rst", category="Politeness"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("report_plots"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="report_plots",
     script:

@@ -6,10 +6,10 @@ rule snapshot_report:
     output:
         json=snapshot_report_file("json"),
         csv=report(snapshot_report_file("csv"), caption="report/snapshot.rst", category="Verification"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("snapshot_report"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="snapshot_report",
     script:

@@ -18,10 +18,10 @@ rule tool_filter:
         unpack(TOOLS.filter_inputs),
     output:
         TOOLS.file("{tool}", "filter/_summary.json"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("tools/{tool}/filter"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="filter",
     script:
@@ -29,15 +29,15 @@ rule tool_filter:
 
 
 rule tool_schedule:
-    localrule: True
     input:
         TOOLS.file("{tool}", "filter/_summary.json"),
     output:
         TOOLS.file("{tool}", "schedule.json"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("tools/{tool}/schedule"),
+    localrule: True
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="schedule",
     script:
@@ -50,20 +50,20 @@ rule tool_run:
         schedule=TOOLS.file("{tool}", "schedule.json"),
     output:
         TOOLS.done("{tool}"),
-    conda:
-        "../envs/environment.yaml"
     log:
         log_file("tools/{tool}/run"),
-    params:
-        python=PYTHON,
-        worker=str(SCRIPTS_DIR / "tool_worker.py"),
-        mpi=mpi_launcher,
+    conda:
+        "../envs/environment.yaml"
     threads: 1
     resources:
         nodes=config["tools_parameters"]["max_nodes"],
         tasks=TOOLS.tasks(),
         cpus_per_task=config["tools_parameters"]["cpu_per_worker"],
         mpi="mpiexec",
+    params:
+        python=PYTHON,
+        worker=str(SCRIPTS_DIR / "tool_worker.py"),
+        mpi=mpi_launcher,
     shell:
         "{params.mpi} -n {resources.tasks} {params.python:q} {params.worker:q}"
         " --tasks {resources.tasks} {input.schedule:q} {output:q} > {log:q} 2>&1"

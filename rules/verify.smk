@@ -4,13 +4,11 @@ rule verify:
         manifest=urls_manifest(),
     output:
         json=verification_report(),
-        csv=report(
-            str(PATHS.reports / "server_summary.csv"), caption="report/summary.rst", category="Verification"
-        ),
-    conda:
-        "../envs/environment.yaml"
+        csv=report(str(PATHS.reports / "server_summary.csv"), caption="report/summary.rst", category="Verification"),
     log:
         log_file("verify"),
+    conda:
+        "../envs/environment.yaml"
     params:
         stage="verify",
     script:
