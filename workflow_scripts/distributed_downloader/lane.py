@@ -643,8 +643,9 @@ class Lane:
         # Connections are the server's requests not yet answered (the controller's tickets); an item
         # still counts in `in_flight` while its image is decoded, which only DECODE_SLOTS may add.
         connections = self.controller.concurrency_limit()
-        if tail or self.controller.in_flight >= connections:
-            self._hedge_stalled(runs, now, resend=not tail)
+        # A stall mid-batch is cut too (resent later): waiting out its read timeout kept a batch,
+        # and on a small server the round, open ~20 s for one URL (measured on the heavy farm).
+        self._hedge_stalled(runs, now, resend=not tail)
         in_flight = sum(run.in_flight for run in runs)
         wait = 0.25
         sender = next((run for run in runs if run.ready), None)  # the oldest batch first
@@ -711,11 +712,11 @@ class Lane:
     def _hedge_stalled(self, runs: list[_BatchRun], now: float, resend: bool) -> None:
         """Send a second copy of a request stuck far beyond the usual latency (once per URL and round).
 
-        A one-off stall would otherwise hold a connection, and at a lane's tail the end of the
-        run, until its read timeout. At the tail the stuck request keeps running beside its copy
-        (the first answer wins, the other is cancelled); while the lane is short of connections
-        it is cancelled at once (``resend``), which frees the server's connection too. The copy
-        takes a rate slot like any request.
+        A one-off stall would otherwise hold a connection, its batch and at a lane's tail the end
+        of the run, until its read timeout. At the tail the stuck request keeps running beside its
+        copy (the first answer wins, the other is cancelled); before the tail it is cancelled at
+        once (``resend``), which frees the server's connection too, and its URL goes back to the
+        front of the queue. The copy takes a rate slot like any request.
         """
         after = max(HEDGE_AFTER_SECONDS, 8 * self.controller.latency)
         for run in runs:
