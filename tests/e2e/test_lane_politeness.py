@@ -333,3 +333,24 @@ def test_a_stalled_request_at_the_tail_is_hedged_not_waited_for(tmp_path: Path) 
     assert len(successes) == 3 and not errors
     assert seconds < 12, f"waited {seconds:.1f}s for stalls"
     assert len(log) == 6  # each URL twice: the stalled copy and its hedge, nothing more
+
+
+def test_a_request_stalled_mid_batch_is_resent_before_its_read_timeout(tmp_path: Path) -> None:
+    """A stall among many URLs is cut after ~2 s of silence and its URL sent again while the batch goes on.
+
+    Before, only a lane's tail or a lane short of connections hedged: mid-batch the stalled request
+    held its batch open until the read timeout (measured: 20 s on the heavy farm for one URL).
+    """
+    with ImageFarm(1, seed=13) as farm:
+        urls = [farm.url(0, "/stall/late.jpg?w=32&h=24")]
+        urls += [farm.url(0, f"/img/m{i}.jpg?w=32&h=24") for i in range(60)]
+        successes, errors, _ = _run(
+            tmp_path, farm, urls, start=10.0, ceiling=10.0, timeout={"connect": 3, "read": 6, "total": 12}
+        )
+    log = _images(farm.request_log(0))  # a stalled request is logged when its handler ends: at the farm's stop
+    stalls = sorted(entry.start for entry in log if entry.path.startswith("/stall/"))
+    images = sorted(entry.start for entry in log if entry.path.startswith("/img/"))
+    assert len(successes) == 60 and len(errors) == 1  # /stall/ never answers whole: a timeout row
+    assert len(stalls) == 2, stalls
+    assert stalls[1] - stalls[0] < 4.5, f"resent {stalls[1] - stalls[0]:.1f}s after its first request"
+    assert stalls[1] < images[-1]  # while the batch was still being sent
