@@ -23,7 +23,9 @@ import urllib3
 import yaml
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs
+from distributed_downloader import inputs, stages
+from distributed_downloader.errors import DownloadError
+from distributed_downloader.fetch import FetchSettings, ServerFetcher
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.store import MARKER_FILE, SUCCESS_SCHEMA, StreamingParquet
 from distributed_downloader.testserver import ImageFarm
@@ -100,21 +102,44 @@ URLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def named(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
-    """url -> (server_name, reject reason), through the real initializer reader."""
-    path = tmp_path_factory.mktemp("names") / "urls.csv"
+def _write_urls(path: Path) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["uuid", "identifier", "source_id"])
         for i, url in enumerate(URLS):
             writer.writerow([f"u{i}", url, f"s{i}"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """url -> (server_name, reject reason), through the real initializer reader."""
+    path = _write_urls(tmp_path_factory.mktemp("names") / "urls.csv")
     out: dict[str, tuple[str, str]] = {}
     for batch in inputs.rows(path):
         for row in batch.to_pylist():
             out[row["identifier"]] = (row["server_name"], row["_reject"])
     assert set(out) == set(URLS), set(URLS) - set(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict[str, str]]:
+    """The real initialize stage over URLS: (url -> reason in the rejected table, url -> server of its batch)."""
+    folder = tmp_path_factory.mktemp("initialized")
+    raw = {"path_to_input": str(_write_urls(folder / "urls.csv")), "path_to_output": str(folder / "output")}
+    config = config_mod.validate(raw)
+    paths = config_mod.paths(config)
+    stages.initialize(config, paths.urls_manifest)
+    rejected = {row["identifier"]: row["reason"] for row in pq.read_table(paths.rejected_table).to_pylist()}
+    batched: dict[str, str] = {}
+    for file in paths.urls.glob("server_name=*/partition_id=*/urls.parquet"):
+        server = file.parent.parent.name.split("=", 1)[1]
+        for url in pq.read_table(file, columns=["identifier"]).column("identifier").to_pylist():
+            assert url not in batched, url
+            batched[url] = server
+    assert set(rejected) | set(batched) == set(URLS) and not set(rejected) & set(batched)
+    return rejected, batched
 
 
 def test_every_server_name_stays_a_single_folder_inside_the_output(
@@ -190,26 +215,35 @@ def _client_server(url: str) -> str | None:
     return host if parsed.port in (None, default) else f"{host}:{parsed.port}"
 
 
-CLIENT_DISAGREES = {
-    "http://example.org\\@evil.example/a.jpg": "backslash: the client goes to example.org, the name says "
-    "evil.example (the fetcher refuses such URLs as ambiguous, but their rows sit under the wrong server)",
-    "http://straße.de/a.jpg": "IDNA 2003 vs 2008 (see test_idna_2008_hosts_do_not_collide)",
-}
+@pytest.fixture(scope="module")
+def fetcher() -> Iterator[ServerFetcher]:
+    params = config_mod.validate({"path_to_input": "x", "path_to_output": "y"})["downloader_parameters"]
+    with contextlib.closing(ServerFetcher(FetchSettings.from_config(params))) as made:
+        yield made
 
 
-@pytest.mark.parametrize(
-    "url",
-    [url for url in URLS],
-)
-def test_server_name_is_the_server_the_client_contacts(named: dict[str, tuple[str, str]], url: str) -> None:
-    """Per-server politeness only holds if the requests of a server_name really go to that server."""
+@pytest.mark.parametrize("url", URLS)
+def test_each_url_is_rejected_refused_or_named_after_the_server_the_client_contacts(
+    named: dict[str, tuple[str, str]],
+    initialized: tuple[dict[str, str], dict[str, str]],
+    fetcher: ServerFetcher,
+    url: str,
+) -> None:
+    """Per-server politeness only holds if the requests of a server_name really go to that server. So a URL
+    is rejected at initialization (in the rejected table with its reason, in no batch), or it sits in the
+    batch of its server_name and either the fetcher refuses it before any request or the HTTP client
+    contacts exactly that server."""
     name, reason = named[url]
-    if reason:
-        return
+    rejected, batched = initialized
     client = _client_server(url)
-    if client is None:
-        return  # the fetcher refuses it: an error row, no request anywhere
-    assert name == client
+    if reason:
+        assert name == "" and rejected.get(url) == reason and url not in batched
+    elif client is None:
+        assert batched.get(url) == name
+        with pytest.raises(DownloadError, match="invalid URL"):  # raised before any lookup or connection
+            fetcher.get(url)
+    else:
+        assert batched.get(url) == name == client
 
 
 # ---------------------------------------------------------------- no config value or URL reaches a shell unquoted
