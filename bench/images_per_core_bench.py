@@ -68,7 +68,7 @@ from distributed_downloader.nginxfarm import NginxFarm, NginxHost  # noqa: E402
 
 IMAGE_SIZE = 720
 QUALITY = 90
-SYSTEMS = ("ours", "img2dataset", "naive", "minimal")
+SYSTEMS = ("ours", "img2dataset", "naive", "minimal", "lane")  # lane: only ours' per-format lane runs
 
 
 @dataclass(frozen=True)
@@ -299,10 +299,15 @@ def mtime(path: Path) -> float | None:
 
 
 def profile_rank(pid: int, seconds: float, out: Path) -> subprocess.Popen:
-    """py-spy on one rank: every thread (idle ones too), raw collapsed stacks."""
+    """py-spy on one rank: samples of the threads on a CPU (not --idle), raw collapsed stacks.
+
+    Without ``--idle`` a sample is a thread the OS saw running, so the shares are where the rank's
+    CPU goes; what the cores did not get from the rank is its waiting (printed beside it).
+    """
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100"]
-    cmd += ["--idle", "--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
+    # 25 Hz: reading ~280 threads' stacks at 100 Hz took a quarter of a core from the ranks.
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "25"]
+    cmd += ["--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -321,12 +326,21 @@ def run_ours(urls: list[Url], farm: Farm, workdir: Path, args: argparse.Namespac
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         tree = TreeCpu(proc.pid)
         spy: subprocess.Popen | None = None
+        window: list[tuple[float, float, float]] = []  # (time, profiled rank's CPU, both ranks' CPU)
+        profiled = 0
         while proc.poll() is None:
             if args.profile_rank and spy is None:
                 ranks = sorted(tree.matching("download_worker.py"))
                 if len(ranks) >= 2 and time.time() - started > 1:
                     time.sleep(args.profile_delay)  # past the MPI start, into the steady state
-                    spy = profile_rank(ranks[-1], args.profile_rank, workdir / "rank.pyspy.txt")
+                    # The busier rank (with few servers one rank may hold every lane).
+                    cpu = tree.matching("download_worker.py")
+                    profiled = max(cpu, key=lambda pid: cpu[pid])
+                    spy = profile_rank(profiled, args.profile_rank, workdir / "rank.pyspy.txt")
+                    window.append((time.time(), cpu[profiled], sum(cpu.values())))
+            elif spy is not None and len(window) == 1 and spy.poll() is not None:
+                cpu = tree.matching("download_worker.py")
+                window.append((time.time(), cpu.get(profiled, 0.0), sum(cpu.values())))
             time.sleep(0.2)
         tree.stop()
     output = workdir / "output"
@@ -348,6 +362,10 @@ def run_ours(urls: list[Url], farm: Farm, workdir: Path, args: argparse.Namespac
         _, err = spy.communicate()
         path = workdir / "rank.pyspy.txt"
         result.extra["profile"] = str(path) if path.exists() else f"py-spy failed: {err[-500:]}"
+        if len(window) == 2:
+            (t0, mine0, both0), (t1, mine1, both1) = window
+            cores = os.cpu_count() or 1
+            result.extra["profile_use"] = ((mine1 - mine0) / (t1 - t0) / cores, (both1 - both0) / (t1 - t0) / cores)
     result.extra["quality"] = stored_quality(urls, output / "downloaded_images")
     return result
 
@@ -409,6 +427,8 @@ def run_img2dataset(urls: list[Url], farm: Farm, workdir: Path) -> Result:
     cmd += ["--output_format", "parquet", "--output_folder", str(output), "--processes_count", "2"]
     cmd += ["--thread_count", "32", "--image_size", str(IMAGE_SIZE), "--resize_mode", "keep_ratio"]
     cmd += ["--resize_only_if_bigger", "True", "--encode_quality", str(QUALITY), "--retries", "0"]
+    # Its default shard is 10,000 URLs, one per process: 2,500 URLs would leave one process idle.
+    cmd += ["--number_sample_per_shard", str(max(1, len(urls) // 10))]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"
     log_path = workdir / "peer.log"
@@ -547,15 +567,27 @@ lane = Lane(spec, config, paths, round_no=1)
 def cpu():
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
+spy = None
+if args.get("profile"):  # py-spy on this process while the batch runs (--lane-profile)
+    import subprocess
+    spy = subprocess.Popen([args["pyspy"], "record", "--pid", str(__import__("os").getpid()), "--rate", "50",
+                            "--threads", "--nonblocking", "--format", "raw", "--output", args["profile"]],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
 before, started = cpu(), time.monotonic()
 stats = lane.run_batch(0, "bench", "full")
+if spy is not None:
+    spy.send_signal(2)
+    spy.wait()
 print(json.dumps({"cpu": cpu() - before, "seconds": time.monotonic() - started,
                   "successes": stats.new_successes, "errors": stats.errors}))
 lane.close()
 """
 
 
-def run_ours_per_format(urls: list[Url], farm: Farm, workdir: Path, per_group_urls: int) -> dict[str, float]:
+def run_ours_per_format(
+    urls: list[Url], farm: Farm, workdir: Path, per_group_urls: int, profile: bool = False
+) -> dict[str, float]:
     """CPU per image of the real Lane (fetch ... commit), one process and one format at a time."""
     from distributed_downloader import config as config_mod
     from distributed_downloader.hosts import server_of
@@ -565,7 +597,8 @@ def run_ours_per_format(urls: list[Url], farm: Farm, workdir: Path, per_group_ur
 
     out = {}
     for group in GROUPS:
-        chosen = [u for u in urls if KIND_BY_NAME[u.kind].group == group and u.host == 0][:per_group_urls]
+        # From every host (one lane fetches them all: the lane only looks at redirect hops' hosts).
+        chosen = [u for u in urls if KIND_BY_NAME[u.kind].group == group][:per_group_urls]
         if not chosen:
             continue
         folder = workdir / group.replace(" ", "_")
@@ -584,7 +617,9 @@ def run_ours_per_format(urls: list[Url], farm: Farm, workdir: Path, per_group_ur
         config = config_mod.validate(config)
         server = server_of(farm.url(chosen[0]))
         write_batch_urls(config_mod.paths(config).batch_urls(server, 0), [farm.url(u) for u in chosen])
-        payload = json.dumps({"config": config, "server": server})
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        stacks = str(folder / "lane.pyspy.txt") if profile else ""
+        payload = json.dumps({"config": config, "server": server, "profile": stacks, "pyspy": spy})
         proc = subprocess.run([sys.executable, "-c", LANE_CHILD, payload], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"  lane child for {group} failed: {proc.stderr[-1500:]}", flush=True)
@@ -592,6 +627,11 @@ def run_ours_per_format(urls: list[Url], farm: Farm, workdir: Path, per_group_ur
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         if data["successes"]:
             out[group] = 1000 * data["cpu"] / data["successes"]
+        if stacks and Path(stacks).exists():
+            counts, total, _ = summarize_profile(Path(stacks))
+            counts.pop("blocked", None)
+            busy = max(1, sum(counts.values()))
+            print(f"  lane, {group}: " + ", ".join(f"{k} {100 * n / busy:.0f}%" for k, n in counts.most_common()))
     return out
 
 
@@ -606,17 +646,24 @@ CATEGORIES = (  # (category, markers in a frame), first match from the leaf up w
     ("write", ("batch_parts.py", "pyarrow", "parquet", "store.py", "_commit")),
     ("fetch", ("fetch.py", "requests/", "urllib3/", "http/client.py", "socket.py", "ssl.py")),
 )
-WAITS = ("wait (threading.py", "sleep", "get (queue.py", "_wait_for", "select", "Iprobe", "acquire (", "join (")
+# The rest of a rank: lane dispatch loops, thread hand-offs, MPI polling, the coordinator.
+DISPATCH = ("lane.py", "politeness.py", "worker.py", "coordinator.py", "hosts.py", "concurrent/futures", "queue.py")
+
+
+# Leaves of a thread that is blocked, not computing: py-spy (without --idle) still reports some of them.
+BLOCKED = ("Condition.wait (threading.py", "_worker (concurrent/futures/thread.py:81)", "Event.wait", "sleep")
 
 
 def classify(stack: str) -> str:
     frames = stack.split(";")
+    if any(m in frames[-1] for m in BLOCKED):
+        return "blocked"
     for frame in reversed(frames):  # the leaf first
         for category, markers in CATEGORIES:
             if any(m in frame for m in markers):
                 return category
-        if any(m in frame for m in WAITS):
-            return "waiting"
+    if any(m in frame for frame in frames for m in DISPATCH):
+        return "dispatch"
     return "other"
 
 
@@ -647,11 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--urls", type=int, default=None)
     parser.add_argument("--hosts", type=int, default=None)
     parser.add_argument("--pool", type=int, default=6, help="distinct images per kind")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS[:4]), choices=SYSTEMS)
     parser.add_argument("--threads", type=int, default=32, help="naive loop threads")
     parser.add_argument("--per-format", type=int, default=None, help="URLs per format for ours' lane (0: skip)")
     parser.add_argument("--profile-rank", type=float, default=0.0, help="py-spy a rank for this many seconds")
     parser.add_argument("--profile-delay", type=float, default=8.0)
+    parser.add_argument("--lane-profile", action="store_true", help="py-spy each per-format lane run")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--naive-worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -689,6 +737,11 @@ def main(argv: list[str] | None = None) -> int:
                     result.per_group_cpu_ms = run_ours_per_format(urls, farm, workdir / "ours_lane", per_format)
             elif system == "img2dataset":
                 result = run_img2dataset(urls, farm, workdir / "peer")
+            elif system == "lane":
+                result = Result("ours, one Lane per format (in process)", 0, 0.0, 0.0)
+                result.per_group_cpu_ms = run_ours_per_format(
+                    urls, farm, workdir / "ours_lane", per_format, args.lane_profile
+                )
             elif system == "naive":
                 result = run_naive(urls, farm, workdir / "naive", args.threads)
             else:
@@ -738,9 +791,21 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
         profile = extra.get("profile")
         if profile and Path(profile).exists():
             counts, total, others = summarize_profile(Path(profile))
-            print(f"\n  py-spy, one rank, {args.profile_rank:.0f} s, all threads (--idle), {total} samples:")
+            blocked = counts.pop("blocked", 0)
+            busy = max(1, total - blocked)
+            print(
+                f"\n  py-spy, the busier rank, {args.profile_rank:.0f} s: {busy} samples of threads on a CPU "
+                f"({blocked} more of blocked threads py-spy took for active, left out); "
+                "fetch includes the MD5 of the body (hashed while read)"
+            )
             for category, n in counts.most_common():
-                print(f"    {category:8s} {100 * n / total:5.1f}%")
+                print(f"    {category:8s} {100 * n / busy:5.1f}% of its CPU samples")
+            if "profile_use" in extra:
+                mine, both = extra["profile_use"]
+                print(
+                    f"    meanwhile it used {100 * mine:.0f}% of the {os.cpu_count()} cores, both ranks "
+                    f"{100 * both:.0f}%: waiting (cores the ranks left unused) {100 * (1 - both):.0f}%"
+                )
             print("    top 'other' leaves: " + "; ".join(f"{leaf} {n}" for leaf, n in others.most_common(6)))
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

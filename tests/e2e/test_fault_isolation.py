@@ -74,10 +74,10 @@ def test_a_library_raising_on_one_url_is_that_urls_error_row(
     real_process = imaging.process_image
     real_allowed = robots_module.RobotsRules.allowed
 
-    def process(data: bytes, settings: imaging.ImageSettings) -> imaging.ProcessedImage:
+    def process(data: bytes, settings: imaging.ImageSettings, *args: object) -> imaging.ProcessedImage:
         if data == farm_bytes[decoder_breaks]:
             raise IndexError("tuple index out of range")  # what a codec plugin might raise
-        return real_process(data, settings)
+        return real_process(data, settings, *args)  # type: ignore[arg-type]  # (budget, original_md5)
 
     def allowed(self: robots_module.RobotsRules, url: str) -> bool:
         if url == matcher_breaks:
@@ -177,11 +177,11 @@ def test_an_exception_that_cannot_even_be_printed_still_ends_as_a_row(
     real_process = imaging.process_image
     raised: list[bool] = []
 
-    def process(data: bytes, settings: imaging.ImageSettings) -> imaging.ProcessedImage:
+    def process(data: bytes, settings: imaging.ImageSettings, *args: object) -> imaging.ProcessedImage:
         if not raised:
             raised.append(True)
             raise Unprintable
-        return real_process(data, settings)
+        return real_process(data, settings, *args)  # type: ignore[arg-type]  # (budget, original_md5)
 
     monkeypatch.setattr(lane_module.imaging, "process_image", process)
     lane, paths = _lane(tmp_path, farm, {0: urls})

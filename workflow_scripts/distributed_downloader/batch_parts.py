@@ -52,6 +52,9 @@ PARTS_DIR = ".parts"
 PARTS_SECONDS = 5.0  # a kill re-downloads at most this long of a lane's work (config checkpoint_seconds)...
 PARTS_ROWS = ROW_GROUP_ROWS  # ...or this many rows...
 PARTS_BYTES = 32 * 1024 * 1024  # ...or this many image bytes (bounds the lane's memory)
+# A committed file's row groups: parts (a few rows each at checkpoint_seconds) are gathered into
+# groups of ROW_GROUP_ROWS rows, or fewer once they hold this many bytes (raw_bgr images are large).
+GROUP_BYTES = 64 * 1024 * 1024
 _SUCCESS_NAME = re.compile(r"^successes(?:-r(\d+)|-(reuse))?\.parquet$")
 REUSE_SUCCESSES = "successes-reuse.parquet"  # rows copied from a previous dataset (reuse.py)
 _PART_NAME = re.compile(r"^r(\d+)-(\d+)\.(successes|errors)\.parquet$")
@@ -230,10 +233,22 @@ class BatchParts:
         rows = 0
         try:
             with pq.ParquetWriter(temp, SUCCESS_SCHEMA, compression=PARQUET_COMPRESSION) as writer:
+                # Parts hold the few rows of one checkpoint each; written one by one, a batch's file
+                # had row groups of ~5 rows (slow to read, metadata per group). Gathered instead,
+                # with at most one group's worth (plus one part) in memory.
+                group: list[pa.Table] = []
+                group_rows = group_bytes = 0
                 for path in parts:
                     table = pq.read_table(path, schema=SUCCESS_SCHEMA)
-                    writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                    group.append(table)
+                    group_rows += table.num_rows
+                    group_bytes += table.nbytes
                     rows += table.num_rows
+                    if group_rows >= ROW_GROUP_ROWS or group_bytes >= GROUP_BYTES:
+                        writer.write_table(pa.concat_tables(group), row_group_size=group_rows)
+                        group, group_rows, group_bytes = [], 0, 0
+                if group:
+                    writer.write_table(pa.concat_tables(group), row_group_size=max(1, group_rows))
             _fsync_and_rename(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)

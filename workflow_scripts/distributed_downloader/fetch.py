@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import heapq
 import http.client
 import ipaddress
@@ -34,7 +35,12 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 COLON_DIRECTIVES = frozenset({"max-image-preview", "max-snippet", "max-video-preview", "unavailable_after"})
 _CRAWLER_NAME = re.compile(r"^[A-Za-z0-9._*-]+$")
-CHUNK_BYTES = 64 * 1024
+# Largest body read per call: one socket read (bounded by the read timeout) gives what has arrived,
+# up to this. 1 MiB, not 64 KiB: a 7 MB original is a handful of reads (each a GIL hand-off in a
+# busy rank) instead of ~100; the byte cap may be overshot by one chunk before it is noticed.
+CHUNK_BYTES = 1024 * 1024
+# Content-Encodings the body is decoded from (urllib3's decoders); any other value is read as is.
+_DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 ROBOTS_TXT_PATH = "/robots.txt"  # a fetch of robots.txt (and its redirects) never counts as opted out
 
 
@@ -88,6 +94,7 @@ class FetchResult:
     headers: Mapping[str, str]
     url: str
     elapsed: float  # seconds from request start to the last body byte
+    md5: str = ""  # MD5 hex of ``body``, hashed as it was read ('' when the fetch did not hash it)
 
 
 class HttpStatusError(DownloadError):
@@ -567,8 +574,8 @@ class ServerFetcher:
             raise DownloadError(
                 ErrorCode.TOO_LARGE, f"Content-Length {declared} over the {self.settings.max_bytes}-byte cap"
             )
-        body = self._read_body(response, watch)
-        return FetchResult(200, body, CaseInsensitiveDict(headers), url, time.monotonic() - started)
+        body, md5 = self._read_body(response, watch)
+        return FetchResult(200, body, CaseInsensitiveDict(headers), url, time.monotonic() - started, md5)
 
     def _check_opt_outs(self, response: requests.Response) -> None:
         """Raise the opt-out row's error when a 200's headers forbid us its content (before any body byte)."""
@@ -584,24 +591,37 @@ class ServerFetcher:
                 + (f"; tdm-policy: {policy[:200]}" if policy else ""),
             )
 
-    def _read_body(self, response: requests.Response, watch: _Watch) -> bytes:
-        """The (decoded) body; the byte cap counts decoded bytes, so a gzip bomb stops at the cap."""
+    def _read_body(self, response: requests.Response, watch: _Watch) -> tuple[bytes, str]:
+        """The (decoded) body and its MD5 hex, in one pass; the byte cap counts decoded bytes, so a
+        gzip bomb stops at the cap.
+
+        Each chunk is hashed as it arrives (while it is in cache, and while the next bytes are on
+        their way) so the stored ``hashsum_original`` costs no second pass over a multi-MB body.
+        A body without a Content-Encoding is read undecoded: urllib3's decoded-content path
+        copies every chunk twice more (a BytesIO write and getvalue) for nothing. The only copy
+        left is the final join of the socket's chunks (none for a body that came in one read);
+        the decoder then reads it through a BytesIO view.
+        """
         chunks: list[bytes] = []
         size = 0
         raw = response.raw
+        digest = hashlib.md5(usedforsecurity=False)  # a content fingerprint, not a security feature
+        encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+        decode = any(part.strip() in _DECODED_ENCODINGS for part in encoding.split(","))
         try:
             while True:
                 if time.monotonic() > watch.deadline:
                     raise self._out_of_time(f"mid-body after {size} bytes")
                 # read1: at most one socket read (each bounded by the read timeout, and the watchdog ends
                 # any read at the deadline); the decoder yields at most CHUNK_BYTES per call.
-                chunk = raw.read1(CHUNK_BYTES, decode_content=True)
+                chunk = raw.read1(CHUNK_BYTES, decode_content=decode)
                 if not chunk:
                     break
                 watch.progress = time.monotonic()
                 size += len(chunk)
                 if size > self.settings.max_bytes:
                     raise DownloadError(ErrorCode.TOO_LARGE, f"body over the {self.settings.max_bytes}-byte cap")
+                digest.update(chunk)  # releases the GIL for chunks over 2 KB
                 chunks.append(chunk)
         except DownloadError:
             raise
@@ -611,7 +631,7 @@ class ServerFetcher:
             raise _body_error(exc, size, self.settings.read_timeout) from exc
         if watch.fired:  # the watchdog's shutdown looks like a clean end of a body without a length
             raise self._out_of_time(f"mid-body after {size} bytes")
-        return b"".join(chunks)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), digest.hexdigest()
 
 
 def _proxies_for(url: str) -> dict[str, str]:

@@ -790,12 +790,14 @@ class Lane:
             self.controller.finished(ticket)
             gate.close()
             gate.finished = True  # the lane thread drops it with the outcome (until then: no stall to hedge)
+        nbytes = len(result.body)
         try:
-            image = imaging.process_image(result.body, self.image_settings)
+            # On the rank's decode threads (one per core it may use), with the MD5 the fetch took while reading.
+            image = imaging.process_image_pooled(result.body, self.image_settings, result.md5 or None)
         except DownloadError as exc:
-            return _Outcome(item, code=exc.code, message=exc.message, nbytes=len(result.body), status=200)
+            return _Outcome(item, code=exc.code, message=exc.message, nbytes=nbytes, status=200)
         success = success_row(item.row, image, result.headers)
-        return _Outcome(item, success=success, nbytes=len(result.body), status=200)
+        return _Outcome(item, success=success, nbytes=nbytes, status=200)
 
     def _handle(self, outcome: _Outcome, runs: list[_BatchRun], order: itertools.count) -> None:
         item = outcome.item
