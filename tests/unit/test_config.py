@@ -190,14 +190,6 @@ def test_load_reads_yaml_and_rejects_non_mapping(tmp_path: Path) -> None:
         config_mod.load(tmp_path / "missing.yaml")
 
 
-def test_dump_round_trips_through_load(tmp_path: Path) -> None:
-    cfg = config_mod.validate(base(downloader_parameters={"timeout": 3}))
-    target = tmp_path / "completed.yaml"
-    config_mod.dump(cfg, target)
-    assert config_mod.load(target) == cfg
-    assert [p.name for p in tmp_path.iterdir()] == ["completed.yaml"]
-
-
 def test_workflow_files_are_found_or_named() -> None:
     assert config_mod.workflow_file("Snakefile") == config_mod.WORKFLOW_ROOT / "Snakefile"
     assert config_mod.workflow_file("config", "config.schema.yaml").is_file()

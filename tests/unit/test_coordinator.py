@@ -152,7 +152,7 @@ def test_closed_lane_index_is_reused(tmp_path: Path) -> None:
 def test_exhausted_finished_and_progress(tmp_path: Path) -> None:
     coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
     assert coord.total_batches == 6 + 4 + 1
-    assert not coord.exhausted and not coord.finished
+    assert not coord.exhausted and coord.done_batches < coord.total_batches
     assert coord.progress()["eta_s"] is None
     held: dict[int, set[str]] = {r: set() for r in range(4)}
     lanes: list[tuple[str, int]] = []
@@ -170,7 +170,7 @@ def test_exhausted_finished_and_progress(tmp_path: Path) -> None:
             lanes.append((name, index))
         if coord.exhausted:
             assert all(not s.pending for s in coord.servers.values())
-    assert coord.exhausted and coord.finished
+    assert coord.exhausted and coord.done_batches == coord.total_batches
     assert reported == coord.total_batches == coord.done_batches
     progress = coord.progress()
     assert progress["batches_done"] == progress["batches_total"] == 11
@@ -206,7 +206,7 @@ def test_random_interleavings_keep_the_invariants(tmp_path: Path) -> None:
         handed: Counter = Counter()
         refused: set[int] = set()  # ranks that were answered "no lane" with free slots
         steps = 0
-        while not coord.finished:
+        while coord.done_batches < coord.total_batches:
             steps += 1
             assert steps < 1000
             rank = rng.randrange(5)

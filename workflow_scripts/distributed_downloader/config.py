@@ -201,10 +201,3 @@ def export_environment(config: Mapping, scripts_dir: Path) -> None:
     if str(scripts_dir) not in current.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(scripts_dir), current) if p)
     os.environ.update(environment(config, os.environ.get("CONFIG_PATH")))
-
-
-def dump(config: Mapping, path: Path) -> None:
-    """Write the completed config (what jobs read back) atomically."""
-    from distributed_downloader.store import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(dict(config), sort_keys=True))

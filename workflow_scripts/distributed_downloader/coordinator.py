@@ -153,10 +153,6 @@ class Coordinator:
     def exhausted(self) -> bool:
         return all(not s.pending for s in self.servers.values())
 
-    @property
-    def finished(self) -> bool:
-        return self.done_batches >= self.total_batches
-
     def update_live(self, rank: int, lanes: list[dict]) -> None:
         self.live[rank] = lanes
         self.learn(lanes)

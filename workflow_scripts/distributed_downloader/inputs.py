@@ -381,11 +381,6 @@ def raw_batches(path: str | Path) -> Iterator[pa.RecordBatch]:
         yield from (_parquet_batches(file) if _is_parquet(file) else _csv_batches(file))
 
 
-def columns_of(path: str | Path) -> list[str]:
-    """Column names of the first input file (for early, clear errors)."""
-    return _columns_of_file(input_files(path)[0])
-
-
 def _columns_of_file(file: Path) -> list[str]:
     if _is_parquet(file):
         return list(pq.ParquetFile(file).schema_arrow.names)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,7 +113,3 @@ def snapshot_report(config: Mapping, json_out: Path, csv_out: Path) -> dict:
     report = report_mod.write(paths, partition.read_manifest(paths.urls), Path(json_out), Path(csv_out))
     log.info("snapshot changes: %s", report["totals"])
     return report
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
