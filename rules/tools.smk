@@ -1,4 +1,4 @@
-# Tools (SPEC §2.6, §4): per tool, filter -> schedule -> run (MPI), after verification.
+# Tools (README: Tools): per tool, filter -> schedule -> run (MPI), after verification.
 # config["tools"] runs in order, each tool on the dataset the previous one left; any tool also runs
 # on its own by asking for <tools_folder>/<tool>/_done.json. The image store is rewritten in place
 # (undeclared), so only the small summaries are declared outputs; per-partition markers under

@@ -1,7 +1,7 @@
 """Error codes written to ``errors.parquet`` and the exceptions that carry them.
 
 Positive codes are HTTP statuses. Negative codes are ours; they are part of the
-data format (SPEC §2) and must never be renumbered.
+data format (the README's table of error codes) and must never be renumbered.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ class ErrorCode(IntEnum):
     PRIVATE_ADDRESS = -8  # URL or redirect resolves to a private/loopback/link-local address
     REDIRECT = -9  # redirect loop or too many redirects
     SERVER_IGNORED = -10  # server on the ignored list (unreachable at profiling, or the user's list)
-    RETRIES_EXHAUSTED = -11  # transient failures in every round
+    # -11 is reserved and never written: a URL still failing after the last round keeps its last transient
+    # code (retry_count says how often it was tried). Kept so that the number is never reused and a store
+    # that holds it (a monthly snapshot's previous_dataset) reads it as transient (snapshot.RETRIED_NOW).
+    RETRIES_EXHAUSTED = -11
     PROTOCOL = -12  # malformed HTTP response (bad Content-Length, bad encoding)
     BANNED = -13  # refused (403) during a burst of 403s: a temporary ban, tried again next round
     SERVER_PAUSED = -14  # the server asked us to wait (Retry-After, quota) longer than a round may wait
