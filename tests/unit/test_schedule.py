@@ -207,3 +207,46 @@ def test_lanes_with_and_without_schedule_rules(tmp_path: Path) -> None:
     # ceil(100 / 60) = 2 lanes for big.org; small.org has a single batch, so a single lane
     assert lanes(tmp_path / "a") == {"big.org": 2, "small.org": 1}
     assert lanes(tmp_path / "b", schedule_rules={"1": 1, "5": 2}) == {"big.org": 2, "small.org": 1}
+
+
+# ---------------------------------------------------------------- a round with nothing to do
+
+
+def test_an_empty_round_ends_without_mpi_and_without_importing_the_worker(tmp_path: Path) -> None:
+    """empty_round.py exits 0 with the done file written, in well under the worker's import time."""
+    import json
+    import subprocess
+    import sys
+
+    from distributed_downloader.rounds import finish_if_empty
+
+    cfg, paths, manifest = make_run(tmp_path, {"a.org": 4})
+    profiles = {n: profile(n, manifest) for n in manifest["servers"]}
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps(schedule.build(manifest, profiles, paths, cfg, 1)))
+    assert not finish_if_empty(listed, tmp_path / "listed.done")  # batches to download: MPI's job
+    assert not (tmp_path / "listed.done").exists()
+    for pid in range(2):  # every listed batch already done (a resumed round): nothing left
+        mark(paths, manifest, "a.org", pid)
+    assert finish_if_empty(listed, tmp_path / "listed.done")
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"round": 2, "servers": [], "config": dict(cfg)}))
+    script = Path(__file__).resolve().parents[2] / "workflow_scripts" / "empty_round.py"
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('worker imported:', 'distributed_downloader.worker' in sys.modules))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(script), str(empty), str(tmp_path / "empty.done")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "empty.done").read_text())["round"] == 2
+    assert "nothing to do" in done.stdout
+    assert "worker imported: False" in done.stdout  # its imports cost seconds between rounds

@@ -344,20 +344,6 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     return missing
 
 
-def finish_if_empty(schedule_path: Path, done_path: Path) -> bool:
-    """Write the round's done file when its schedule has no batch left; False when there is work.
-
-    A round after a clean one has nothing to retry: starting MPI ranks for it would cost seconds.
-    """
-    schedule = json.loads(schedule_path.read_text())
-    paths = config_mod.paths(schedule["config"])
-    if remaining_work(schedule, paths)["servers"]:
-        return False
-    atomic_write_json(done_path, {"round": schedule["round"], "ranks": 0, "progress": {}})
-    print(f"[download] round {schedule['round']}: nothing to do", flush=True)
-    return True
-
-
 def read_memory(path: Path) -> dict[str, dict]:
     """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable)."""
     try:
