@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 from distributed_downloader.config import Paths
+from distributed_downloader.jsonfiles import read_json
 from distributed_downloader.store import read_marker
 
 
-def _json(path: Path) -> dict | list | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def collect(paths: Paths) -> dict:
-    manifest = _json(paths.urls_manifest)
+    manifest = read_json(paths.urls_manifest)
     if not isinstance(manifest, dict):
         return {"stage": "not initialized"}
     batches_total = done = successes = errors = transient = 0
@@ -44,8 +36,8 @@ def collect(paths: Paths) -> dict:
     )
     progress = {}
     for path in sorted(paths.state.glob("round_*_progress.json")) if paths.state.is_dir() else []:
-        progress[path.name.split("_")[1]] = _json(path)
-    verification = _json(paths.reports / "verification.json")
+        progress[path.name.split("_")[1]] = read_json(path)
+    verification = read_json(paths.reports / "verification.json")
     return {
         "stage": "verified" if verification else ("downloading" if paths.state.is_dir() else "initialized"),
         "input_rows": manifest["input_rows"],

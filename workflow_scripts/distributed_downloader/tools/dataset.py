@@ -14,13 +14,13 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.batch_parts import success_files
 from distributed_downloader.config import Paths
+from distributed_downloader.jsonfiles import read_json as read_json  # re-exported: tools import it from here
 from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE
 
 WRITE_ID_KEY = b"distributed_downloader.write_id"
@@ -217,13 +217,6 @@ def remove_stale_temps(folder: Path, name: str, tag: str) -> int:
             temp.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def parameters_digest(data: Mapping) -> str:
