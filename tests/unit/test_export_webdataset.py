@@ -577,3 +577,21 @@ def test_a_stream_does_not_keep_the_row_groups_of_files_it_read(tmp_path: Path) 
     )
     assert progress.samples == 64 and len(held) == 8
     assert max(held) < 1.5 * group_bytes, [h // 1_000_000 for h in held]
+
+
+def test_another_shard_size_under_the_same_application_cuts_the_shards_again(tmp_path: Path) -> None:
+    """The runner's settings come from the schedule, the application id from the filter summary: after
+    ``--forcerun tool_schedule`` with another shard size they differ. The shards must follow the
+    settings that ``shards.json`` reports, not stay cut at the old size."""
+    config = make_config(tmp_path)
+    store = build_store(config)
+    folder = export_folder(config_mod.paths(config))
+    export_stream(job(config, ExportSettings(max_samples=4)))
+    written = []
+    progress = export_stream(job(config, ExportSettings(max_samples=10), on_shard=written.append))
+    assert [i.samples for i in written] == [10, 10, 3] and len(shard_hashes(folder)) == 3
+    written.clear()
+    export_stream(job(config, ExportSettings(max_samples=10, max_bytes=60_000), on_shard=written.append))
+    assert written and all(i.bytes <= 60_000 for i in written if i.samples > 1)
+    assert progress.samples == len(store)
+    check_samples_match_store(read_shards(folder, decode=False), store, "jpeg")

@@ -4,8 +4,9 @@ Resuming without duplicating or losing a sample needs one thing: the rerun must 
 sequence of rows, so that "the first N positions are in committed shards" means the same rows both
 times. The plan is that sequence, computed before any image is read from the files' metadata and a
 few small columns: ``(file, row group, row)`` per position, cut into *windows* (the rows read and
-shuffled together). Its digest (files and their fingerprints, the settings, the positions) is stored
-with the progress; a rerun whose plan differs (the store changed) starts the stream over.
+shuffled together). Its digest (files and their fingerprints, every setting including the shard
+sizes, the positions) is stored with the progress; a rerun whose plan differs (the store or the
+settings changed) starts the stream over.
 
 Order without shuffle: partitions by (server_name, partition_id), success files in their order
 (``successes.parquet`` first, then by round), rows in file order; one window per row group. With
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,7 @@ def _digest(
 ) -> str:
     head = {
         "stream": stream,
-        "shuffle": settings.shuffle,
-        "seed": settings.seed,
-        "shuffle_window": settings.shuffle_window,
+        "settings": asdict(settings),  # the shard sizes too: they decide which rows a committed shard holds
         "files": [[s.unit.name, s.fingerprint] for s in surveys],
     }
     sha = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
