@@ -4,26 +4,16 @@ log file, then call the stage named by the rule's `params.stage`."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from distributed_downloader import stages
-
-
-def logging_to(log_path: str | None, level: str) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
-    )
+from distributed_downloader.logs import log_to
 
 
 def run(smk: Any) -> None:
     config = smk.config
-    logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
+    log_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"], mode="w", stderr=True)
     stage = smk.params.stage
     try:
         if stage == "initialize":

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from distributed_downloader.rule_entry import logging_to
+from distributed_downloader.logs import log_to
 from distributed_downloader.tools import registry
 
 
@@ -29,7 +29,7 @@ def run_stage(config: Any, tool: str, stage: str, output: Path) -> dict:
 
 def run(smk: Any) -> None:
     config = smk.config
-    logging_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"])
+    log_to(smk.log[0] if smk.log else None, config["downloader_parameters"]["logger_level"], mode="w", stderr=True)
     tool, stage = smk.wildcards.tool, smk.params.stage
     try:
         run_stage(config, tool, stage, Path(smk.output[0]))

@@ -17,9 +17,9 @@ import socket
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from distributed_downloader import launch
+from distributed_downloader.logs import log_to
 from distributed_downloader.store import atomic_write_json
 from distributed_downloader.tools import registry
 
@@ -27,15 +27,6 @@ POLL_SECONDS = 0.05
 PROGRESS_SECONDS = 5.0
 
 log = logging.getLogger("distributed_downloader.tools.worker")
-
-
-def _setup_logging(folder: Path, rank: int, level: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / f"rank_{rank}.log", mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _wait_all(comm) -> None:  # noqa: ANN001 - mpi4py communicator
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = registry.resolve(tool, config)
     runner = classes.runner(config, tool)
     runner.rank, runner.size = rank, size
-    _setup_logging(runner.tool_paths.logs, rank, config["downloader_parameters"]["logger_level"])
+    log_to(runner.tool_paths.logs / f"rank_{rank}.log", config["downloader_parameters"]["logger_level"])
     mine = [p for p in schedule["partitions"] if int(p["rank"]) % size == rank]
     started = time.monotonic()
     last = [started]
