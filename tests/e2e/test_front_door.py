@@ -17,7 +17,7 @@ import yaml
 from distributed_downloader import demo, download_images
 from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.conftest import REPO, kill_group, run, snakemake_cmd
-from tests.e2e.helpers import check_dataset
+from tests.e2e.helpers import check_dataset, read_all
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "distributed_downloader.cli"]
@@ -184,3 +184,47 @@ def test_two_outputs_two_run_states(tmp_path: Path) -> None:
         assert _state_files_under(output, output)  # this run's metadata, in its own output
     assert not _state_files_under(tmp_path / "a" / "output", tmp_path / "b")  # and not the other's
     assert not _state_files_under(REPO, tmp_path)  # nothing in the checkout
+
+
+HALF_TOOL = '''
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distributed_downloader.tools import FilterRegister, PythonFilterToolBase
+
+
+@FilterRegister("half_tool")
+class EvenRows(PythonFilterToolBase):
+    """Lists the rows whose uuid ends with an even number (the default runner then removes them)."""
+
+    columns = ("uuid",)
+
+    def filter_partition(self, table, server_name, partition_id):
+        even = [u for u in table.column("uuid").to_pylist() if int(u.rsplit("-", 1)[1]) % 2 == 0]
+        return table.filter(pc.is_in(table.column("uuid"), value_set=pa.array(even, pa.string())))
+'''
+
+
+def test_apply_tools_python_api_real_run(tmp_path: Path) -> None:
+    """The classic tools API for real (not with run_snakemake replaced): a user module's filter, named by a
+    path relative to where the command runs, with the default scheduler and runner (tool_name_override);
+    one call downloads the dataset first (the tool needs the verified store), then applies the tool."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "half.py").write_text(HALF_TOOL)
+    with ImageFarm(1) as farm:
+        rows = demo.demo_rows(farm, per_host=6, faults=False)
+        config = demo.write_config(tmp_path, demo.write_input(rows, tmp_path / "urls.csv"), num_downloads=1)
+        raw = yaml.safe_load(config.read_text())
+        raw["tools_parameters"] = {"tools_module": "mods/half.py"}
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        script = tmp_path / "apply.py"  # its own process: the tool registers in that one, not in pytest's
+        script.write_text(
+            "import sys\nfrom distributed_downloader import apply_tools\n"
+            "apply_tools(sys.argv[1], 'half_tool', tool_name_override=True)\n"
+        )
+        run([sys.executable, str(script), "config.yaml"], cwd=tmp_path, timeout=600)
+    output = tmp_path / "output"
+    summary = json.loads((output / "tools" / "half_tool" / "_done.json").read_text())
+    assert summary["ok"] and summary["rows_seen"] == 6 and summary["rows_removed"] == 3
+    kept = {r["uuid"] for r in read_all(output / "downloaded_images", "successes.parquet", columns=["uuid"])}
+    assert kept == {r.uuid for r in rows if int(r.uuid.rsplit("-", 1)[1]) % 2 == 1}
