@@ -595,3 +595,27 @@ def test_another_shard_size_under_the_same_application_cuts_the_shards_again(tmp
     assert written and all(i.bytes <= 60_000 for i in written if i.samples > 1)
     assert progress.samples == len(store)
     check_samples_match_store(read_shards(folder, decode=False), store, "jpeg")
+
+
+def test_json_members_are_strict_json_for_non_finite_floats(tmp_path: Path) -> None:
+    """A float column a later version adds may hold NaN or an infinity: Python writes them as the bare
+    tokens NaN / Infinity, which no strict JSON parser reads. They are written as null."""
+
+    def strict(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    config = make_config(tmp_path)
+    rows = [success_row(f"f-{i}", 40, 40, "jpeg") for i in range(3)]
+    scores = [float("nan"), float("inf"), 0.5]
+    schema = SUCCESS_SCHEMA.append(pa.field("score", pa.float64())).append(pa.field("scores", pa.list_(pa.float64())))
+    table = pa.Table.from_pylist(
+        [{**r, "score": s, "scores": [s, 1.0]} for r, s in zip(rows, scores, strict=True)], schema=schema
+    )
+    atomic_write_table(config_mod.paths(config).batch_images("f.org", 0) / "successes.parquet", table)
+    export_stream(job(config, ExportSettings()))
+    samples = read_shards(export_folder(config_mod.paths(config)), decode=False)
+    with tarfile.open(export_folder(config_mod.paths(config)) / "shard-0-000000.tar") as tar:
+        metas = [json.loads(tar.extractfile(m).read(), parse_constant=strict) for m in tar if m.name.endswith(".json")]
+    assert [m["score"] for m in metas] == [None, None, 0.5]
+    assert [m["scores"] for m in metas] == [[None, 1.0], [None, 1.0], [0.5, 1.0]]
+    assert len(samples) == 3

@@ -17,6 +17,7 @@ import datetime
 import decimal
 import io
 import json
+import math
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,22 @@ def metadata_json(row: dict, server_name: str, partition_id: int) -> bytes:
     meta = {name: value for name, value in row.items() if name != "image"}
     meta["server_name"] = server_name
     meta["partition_id"] = partition_id
-    return json.dumps(meta, ensure_ascii=False, default=_json_value, separators=(",", ":")).encode()
+    try:
+        text = json.dumps(meta, ensure_ascii=False, default=_json_value, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN or an infinity (a float column): no JSON token, written as null
+        text = json.dumps(_finite(meta), ensure_ascii=False, default=_json_value, separators=(",", ":"))
+    return text.encode()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def make_sample(row: dict, server_name: str, partition_id: int, image_format: str) -> Sample | str:
