@@ -112,10 +112,7 @@ def test_urls_that_succeeded_are_reused_and_a_salted_sample_is_revalidated(
     _, paths, manifest, summary = initialize(tmp_path, rows, previous, revalidate_fraction=0.3)
     plan = planned(paths)
     assert set(plan) == {f"n{i}" for i in range(30)}
-    assert all(
-        row["match"] == snapshot.BY_URL and row["hashsum_original"] == "h-" + urls[int(uuid[1:])]
-        for uuid, row in plan.items()
-    )
+    assert all(row["match"] == snapshot.BY_URL and row["prev_row"] == int(uuid[1:]) for uuid, row in plan.items())
     salt = snapshot.plan_salt(manifest)
     assert summary["salt"] == salt
     sample = {uuid for uuid, row in plan.items() if row["action"] == snapshot.REVALIDATE}
@@ -158,10 +155,7 @@ def test_a_moved_image_is_reused_by_source_id_only_when_the_path_is_the_same_and
     ]
     _, paths, _, summary = initialize(tmp_path, rows, previous)
     plan = planned(paths)
-    assert (
-        plan["n1"]["match"] == snapshot.BY_SOURCE_ID
-        and plan["n1"]["hashsum_original"] == "h-http://old.org/media/1.jpg"
-    )
+    assert plan["n1"]["match"] == snapshot.BY_SOURCE_ID and plan["n1"]["prev_row"] == 0
     assert plan["n4"]["match"] == snapshot.BY_URL
     assert set(plan) == {"n1", "n4"}
     assert summary["totals"]["by_source_id"] == 1
@@ -230,10 +224,21 @@ def test_a_store_written_before_the_new_columns_is_matched(tmp_path: Path) -> No
     folder = write_previous(previous, "a.org", [_success("http://a.org/1.jpg")], schema=old_schema)
     mtime = time.time() - 10 * DAY
     os.utime(folder / "successes.parquet", (mtime, mtime))
-    _, paths, _, summary = initialize(tmp_path, [("n1", "", "http://a.org/1.jpg")], previous)
+    _, paths, manifest, summary = initialize(tmp_path, [("n1", "", "http://a.org/1.jpg")], previous)
     row = planned(paths)["n1"]
-    assert row["action"] == snapshot.REUSE and row["etag"] is None
+    assert row["action"] == snapshot.REUSE
     assert abs(row["checked_at"].timestamp() - mtime) < 1  # the file's time: the row's age keeps growing
+    # Copied into this run's store with the new columns: no validators, the file's time as checked_at.
+    from distributed_downloader import reuse
+    from distributed_downloader.batch_parts import BatchParts
+
+    fingerprint = manifest["servers"]["a.org"]["fingerprints"][0]
+    urls = pq.read_table(paths.batch_urls("a.org", 0)).to_pylist()
+    folder = paths.batch_images("a.org", 0)
+    opened = reuse.open_batch(paths, "a.org", 0, fingerprint, urls, True, BatchParts(folder, fingerprint, 1))
+    copy = pq.read_table(folder / "successes-reuse.parquet").to_pylist()
+    assert opened.copied == 1 and copy[0]["etag"] is None and copy[0]["image"] == b"http://a.org/1.jpg"
+    assert abs(copy[0]["checked_at"].timestamp() - mtime) < 1
 
 
 def test_an_unreadable_previous_dataset_is_reported_and_everything_downloaded(tmp_path: Path) -> None:

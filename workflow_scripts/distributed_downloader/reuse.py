@@ -127,7 +127,7 @@ def open_batch(
     done = folder / STAGED_DIR / f"{fingerprint[:32]}.done.json"
     if not first:
         if _read_json(done) == meta:
-            _attach(urls, plan, staged, _ids(staged))
+            _attach(urls, staged, _validators(staged))
         return OpenedBatch(urls)
     _drop_other_staged(folder / STAGED_DIR, {staged, done})
     taken = parts.carried_successes() | {row["uuid"] for _, row in parts.carried_errors()}
@@ -135,11 +135,11 @@ def open_batch(
     by_uuid = {row["uuid"]: row for row in urls}
     actions = plan.column("action")
     if _read_json(done) == meta:  # an earlier attempt copied them: they are in place
-        copied, staged_ids = _ids(folder / REUSE_SUCCESSES), _ids(staged)
+        copied, staged_copies = _ids(folder / REUSE_SUCCESSES), _validators(staged)
     else:
         done.unlink(missing_ok=True)
         copies = plan.filter(pc.is_in(actions, value_set=pa.array([snapshot.REUSE, snapshot.REVALIDATE])))
-        copied, staged_ids = _copy(paths, folder, staged, copies, by_uuid, meta)
+        copied, staged_copies = _copy(paths, folder, staged, copies, by_uuid, meta)
         atomic_write_json(done, meta)
     kept = [
         _kept_error(by_uuid[row["uuid"]], row)
@@ -148,7 +148,7 @@ def open_batch(
     ]
     skip = set(copied) | {row["uuid"] for row in kept}
     download = [row for row in urls if row["uuid"] not in skip]
-    _attach(download, plan, staged, staged_ids)
+    _attach(download, staged, staged_copies)
     return OpenedBatch(download, len(copied), kept)
 
 
@@ -175,27 +175,27 @@ def _ids(path: Path) -> list[str]:
         return []
 
 
-def _attach(rows: list[dict], plan: pa.Table, staged: Path, staged_ids: list[str]) -> None:
-    """Give each revalidation row with a staged copy its conditional headers and copy's place."""
-    if not staged_ids:
-        return
-    place = {uuid: index for index, uuid in enumerate(staged_ids)}
-    validators = {
-        row["uuid"]: row
-        for row in plan.filter(pc.equal(plan.column("action"), snapshot.REVALIDATE))
-        .select(["uuid", "etag", "last_modified"])
-        .to_pylist()
-    }
+def _validators(path: Path) -> list[dict]:
+    """(uuid, etag, last_modified) of each staged copy, in file order ([] when none were staged)."""
+    try:
+        return pq.ParquetFile(path).read(columns=["uuid", "etag", "last_modified"]).to_pylist()
+    except FileNotFoundError:
+        return []
+
+
+def _attach(rows: list[dict], staged: Path, copies: list[dict]) -> None:
+    """Give each revalidation row with a staged copy its conditional headers and the copy's place."""
+    place = {copy["uuid"]: (index, copy) for index, copy in enumerate(copies)}
     for row in rows:
-        index = place.get(row["uuid"])
-        planned = validators.get(row["uuid"])
-        if index is None or planned is None:
+        found = place.get(row["uuid"])
+        if found is None:
             continue
+        index, copy = found
         headers = {}
-        if planned["etag"]:
-            headers["If-None-Match"] = planned["etag"]
-        if planned["last_modified"]:
-            headers["If-Modified-Since"] = planned["last_modified"]
+        if copy["etag"]:
+            headers["If-None-Match"] = copy["etag"]
+        if copy["last_modified"]:
+            headers["If-Modified-Since"] = copy["last_modified"]
         if headers:  # without validators the server cannot answer 304: a plain download
             row[CONDITIONAL] = headers
             row[STAGED] = (str(staged), index)
@@ -225,6 +225,7 @@ class _CopyWriter:
         self.pending_rows = 0
         self.pending_bytes = 0
         self.ids: list[str] = []
+        self.validators: list[dict] = []  # uuid, etag, last_modified of each row, in file order
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -233,6 +234,7 @@ class _CopyWriter:
         self.pending_rows += table.num_rows
         self.pending_bytes += table.column("image").nbytes
         self.ids.extend(table.column("uuid").to_pylist())
+        self.validators.extend(table.select(["uuid", "etag", "last_modified"]).to_pylist())
         if self.pending_rows >= self.row_group_rows or self.pending_bytes >= COPY_BYTES:
             self._flush()
 
@@ -246,15 +248,14 @@ class _CopyWriter:
         self.writer.write_table(table, row_group_size=self.row_group_rows)
         self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
 
-    def commit(self) -> list[str]:
+    def commit(self) -> None:
         self._flush()
         if self.writer is None:
             self.target.unlink(missing_ok=True)
-            return []
+            return
         self.writer.close()
         assert self.temp is not None
         _fsync_and_rename(self.temp, self.target)
-        return self.ids
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -273,7 +274,8 @@ def _copy(
     meta: Mapping,
 ) -> tuple[list[str], list[str]]:
     """Copy the planned rows: reuse rows into the batch's reuse file, revalidation rows into the
-    staged file. Returns the uuids of each; a row that could not be copied is in neither."""
+    staged file. Returns the reused uuids and the staged copies' (uuid, etag, last_modified); a row
+    that could not be copied is in neither."""
     files = snapshot.previous_files(paths)
     reused = _CopyWriter(folder / REUSE_SUCCESSES, meta, ROW_GROUP_ROWS)
     sample = _CopyWriter(staged, meta, STAGED_ROW_GROUP)
@@ -287,7 +289,9 @@ def _copy(
                 revalidate = pc.equal(pa.array([p["action"] for p in planned]), snapshot.REVALIDATE)
                 sample.add(table.filter(revalidate))
                 reused.add(table.filter(pc.invert(revalidate)))
-        return reused.commit(), sample.commit()
+        reused.commit()
+        sample.commit()
+        return reused.ids, sample.validators
     except BaseException:
         reused.abort()
         sample.abort()
@@ -322,15 +326,16 @@ def _previous_rows(path: str | None, planned: list[dict], by_uuid: Mapping[str, 
 
 
 def _checked(picked: pa.Table, rows: list[dict], by_uuid: Mapping[str, dict], path: str) -> tuple[list[dict], pa.Table]:
-    """The copies whose previous row is the planned one (same hash; same URL for a URL match)."""
-    same_hash = [
-        a == b["hashsum_original"] for a, b in zip(picked.column("hashsum_original").to_pylist(), rows, strict=True)
+    """The copies whose previous row is the one the match saw: the same URL (a URL match) or the
+    same source_id (a source_id match); a file rewritten since (a tool ran) moved its rows."""
+    urls = picked.column("identifier").to_pylist()
+    sources = picked.column("source_id").to_pylist()
+    good = [
+        url == by_uuid[row["uuid"]]["identifier"]
+        if row["match"] == snapshot.BY_URL
+        else source == by_uuid[row["uuid"]]["source_id"]
+        for url, source, row in zip(urls, sources, rows, strict=True)
     ]
-    same_url = [
-        b["match"] != snapshot.BY_URL or a == by_uuid[b["uuid"]]["identifier"]
-        for a, b in zip(picked.column("identifier").to_pylist(), rows, strict=True)
-    ]
-    good = [h and u for h, u in zip(same_hash, same_url, strict=True)]
     if not all(good):
         log.warning("%s: %d planned rows changed since the match: downloaded instead", path, good.count(False))
     keep = [row for row, ok in zip(rows, good, strict=True) if ok]
@@ -352,8 +357,9 @@ def _as_success_rows(picked: pa.Table, planned: list[dict], by_uuid: Mapping[str
     }
     for name in ("hashsum_original", "hashsum_resized", "original_size", "resized_size", "image"):
         columns[name] = picked.column(name).cast(SUCCESS_SCHEMA.field(name).type)
-    columns["etag"] = [row["etag"] for row in planned]
-    columns["last_modified"] = [row["last_modified"] for row in planned]
+    for name in ("etag", "last_modified"):  # absent from stores written before them
+        present = name in picked.column_names
+        columns[name] = picked.column(name).cast(pa.string()) if present else pa.nulls(len(planned), pa.string())
     columns["checked_at"] = pa.array([row["checked_at"] for row in planned], SUCCESS_SCHEMA.field("checked_at").type)
     return pa.table(columns, schema=SUCCESS_SCHEMA)
 

@@ -82,10 +82,10 @@ PLAN_SCHEMA = pa.schema(
         ("match", pa.string()),  # url | source_id (successes); url (errors)
         ("file_id", pa.int32()),  # the previous file (FILES_TABLE)
         ("prev_row", pa.int64()),  # the row in that file
-        ("hashsum_original", pa.string()),  # of the previous image: a copy is checked against it
-        ("etag", pa.string()),
-        ("last_modified", pa.string()),
-        ("checked_at", _TIMESTAMP),  # when the server last gave or confirmed it (file time for older stores)
+        # When the server last gave or confirmed the image, or when the URL last failed (the previous
+        # file's time for stores without checked_at). The image, hashes and validators are read from
+        # the previous row itself when it is copied: the match carries only what it must decide on.
+        ("checked_at", _TIMESTAMP),
         ("error_code", pa.int64()),
         ("error_msg", pa.string()),
         ("retry_count", pa.int64()),
@@ -433,7 +433,7 @@ def _match(
                 new.batch, new.new_row,
                 CASE WHEN ok.file_id IS NULL THEN new.identifier END AS identifier,
                 CASE WHEN ok.file_id IS NULL THEN new.source_id END AS source_id,
-                ok.file_id, ok.prev_row, ok.hashsum_original, ok.etag, ok.last_modified, ok.checked_at,
+                ok.file_id, ok.prev_row, ok.checked_at,
                 CASE WHEN new.batch IS NULL THEN ok.prev_identifier END AS prev_identifier,
                 CASE WHEN new.batch IS NULL THEN ok.prev_source_id END AS prev_source_id
               FROM new FULL OUTER JOIN ok ON new.identifier = ok.prev_identifier
@@ -451,17 +451,14 @@ def _previous_select(con, files: list[previous_mod.PreviousFile], view: str, kin
         if not files:
             return (
                 "SELECT NULL::INTEGER AS file_id, NULL::BIGINT AS prev_row, NULL::VARCHAR AS prev_identifier,"
-                " NULL::VARCHAR AS prev_source_id, NULL::VARCHAR AS hashsum_original, NULL::VARCHAR AS etag,"
-                " NULL::VARCHAR AS last_modified, NULL::TIMESTAMPTZ AS checked_at WHERE false"
+                " NULL::VARCHAR AS prev_source_id, NULL::TIMESTAMPTZ AS checked_at WHERE false"
             )
         con.read_parquet(
             [str(f.path) for f in files], filename=True, file_row_number=True, union_by_name=True
         ).create_view(view)
         return f"""
             SELECT p.file_id, s.file_row_number AS prev_row, s.identifier AS prev_identifier,
-                   s.source_id AS prev_source_id, s.hashsum_original,
-                   {_optional(files, "etag", "VARCHAR")} AS etag,
-                   {_optional(files, "last_modified", "VARCHAR")} AS last_modified,
+                   s.source_id AS prev_source_id,
                    coalesce({_optional(files, "checked_at", "TIMESTAMPTZ")}, p.mtime) AS checked_at
             FROM {view} s JOIN prev_files p ON s.filename = p.path"""
     con.read_parquet([str(f.path) for f in files], filename=True, file_row_number=True, union_by_name=True).create_view(
@@ -498,7 +495,7 @@ def _stage2(  # noqa: ANN001
         work,
         GONE_PART,
         "gone",
-        "file_id, prev_row, prev_identifier, prev_source_id, hashsum_original, etag, last_modified, checked_at",
+        "file_id, prev_row, prev_identifier, prev_source_id, checked_at",
     )
     path_of = "regexp_replace({}, '^[^:/?#]+://[^/?#]*', '')"  # the URL without scheme and authority
     if settings.match_by_source_id:
@@ -513,13 +510,11 @@ def _stage2(  # noqa: ANN001
             g AS (
               SELECT prev_source_id, {path_of.format("prev_identifier")} AS path,
                      count(DISTINCT prev_identifier) AS urls,
-                     arg_min(struct_pack(file_id, prev_row, prev_identifier, hashsum_original, etag,
-                                         last_modified, checked_at),
+                     arg_min(struct_pack(file_id, prev_row, prev_identifier, checked_at),
                              file_id::BIGINT * 4294967296 + prev_row) AS p
               FROM gone WHERE prev_source_id <> '' GROUP BY ALL HAVING count(DISTINCT prev_identifier) = 1
             )
-            SELECT n.batch, n.new_row, p.file_id, p.prev_row, p.prev_identifier, p.hashsum_original,
-                   p.etag, p.last_modified, p.checked_at
+            SELECT n.batch, n.new_row, p.file_id, p.prev_row, p.prev_identifier, p.checked_at
             FROM n JOIN g ON n.source_id = g.prev_source_id AND n.path = g.path
             WHERE n.path NOT IN ('', '/')
             """
@@ -528,13 +523,11 @@ def _stage2(  # noqa: ANN001
         con.execute(
             "CREATE TEMP TABLE by_source AS SELECT NULL::BIGINT AS batch,"
             " NULL::BIGINT AS new_row, NULL::INTEGER AS file_id, NULL::BIGINT AS prev_row,"
-            " NULL::VARCHAR AS prev_identifier, NULL::VARCHAR AS hashsum_original, NULL::VARCHAR AS etag,"
-            " NULL::VARCHAR AS last_modified, NULL::TIMESTAMPTZ AS checked_at WHERE false"
+            " NULL::VARCHAR AS prev_identifier, NULL::TIMESTAMPTZ AS checked_at WHERE false"
         )
     union = f"""
         SELECT batch // {per_bucket} AS part, batch, 'source_id' AS kind, new_row, file_id, prev_row,
-               hashsum_original, etag,
-               last_modified, checked_at, NULL::BIGINT AS error_code, NULL::VARCHAR AS error_msg,
+               checked_at, NULL::BIGINT AS error_code, NULL::VARCHAR AS error_msg,
                NULL::BIGINT AS retry_count
         FROM by_source"""
     if errors:
@@ -543,8 +536,8 @@ def _stage2(  # noqa: ANN001
         union += f"""
         UNION ALL
         SELECT batch // {per_bucket} AS part, batch, 'error' AS kind, new_row, {field("file_id")},
-               {field("prev_row")}, NULL, NULL, NULL,
-               {field("checked_at")}, {field("error_code")}, {field("error_msg")}, {field("retry_count")}
+               {field("prev_row")}, {field("checked_at")}, {field("error_code")}, {field("error_msg")},
+               {field("retry_count")}
         FROM (
           SELECT m.batch, m.new_row,
                  arg_min(struct_pack(e.file_id, e.prev_row, e.error_code, e.error_msg, e.retry_count, e.checked_at),
@@ -674,7 +667,7 @@ def finish_batch(
     permanence and age.
     """
     pieces = []
-    columns = ["new_row", "file_id", "prev_row", "hashsum_original", "etag", "last_modified", "checked_at"]
+    columns = ["new_row", "file_id", "prev_row", "checked_at"]
     if stage1 is not None and stage1.num_rows:
         pieces.append(_with_match(stage1.select(columns), BY_URL))
     errors = None
@@ -707,9 +700,6 @@ def _with_match(table: pa.Table, match: str) -> pa.Table:
                 ("new_row", pa.int64()),
                 ("file_id", pa.int32()),
                 ("prev_row", pa.int64()),
-                ("hashsum_original", pa.string()),
-                ("etag", pa.string()),
-                ("last_modified", pa.string()),
                 ("checked_at", _TIMESTAMP),
             ]
         ),
@@ -744,9 +734,6 @@ def _plan_successes(
             "match": table.column("match"),
             "file_id": table.column("file_id"),
             "prev_row": table.column("prev_row"),
-            "hashsum_original": table.column("hashsum_original"),
-            "etag": table.column("etag"),
-            "last_modified": table.column("last_modified"),
             "checked_at": pa.array((checked * 1000).astype(np.int64), _TIMESTAMP),
             "error_code": pa.nulls(n, pa.int64()),
             "error_msg": pa.nulls(n, pa.string()),
@@ -774,9 +761,6 @@ def _plan_errors(table: pa.Table, urls: pa.Table, mtimes: np.ndarray, settings: 
             "match": pa.array([BY_URL] * n, pa.string()),
             "file_id": file_id,
             "prev_row": pc.cast(table.column("prev_row"), pa.int64()),
-            "hashsum_original": pa.nulls(n, pa.string()),
-            "etag": pa.nulls(n, pa.string()),
-            "last_modified": pa.nulls(n, pa.string()),
             "checked_at": pa.array((checked * 1000).astype(np.int64), _TIMESTAMP),
             "error_code": codes,
             "error_msg": pc.cast(table.column("error_msg"), pa.string()),

@@ -8,9 +8,10 @@ Written after the last round (rule ``snapshot_report``) to ``<reports>/snapshot_
   (permanent previous errors, no request), ``gone`` (previous images whose URL left the input, by the
   server they were on);
 - the dataset now, per batch, for the rows that were requested again: the revalidation sample is
-  ``unchanged`` (the same original bytes: a 304, or a 200 with the same MD5), ``changed`` (a 200
-  with other bytes: the image is replaced) or ``revalidation_failed`` (an error row now, e.g. a
-  404: gone from the server); previous errors tried again are ``errors_recovered`` or still errors;
+  ``unchanged`` (the same original bytes as its staged previous copy: a 304, or a 200 with the same
+  MD5), ``changed`` (a 200 with other bytes: the image is replaced) or ``revalidation_failed`` (an
+  error row now, e.g. a 404: gone from the server); previous errors tried again are
+  ``errors_recovered`` or still errors;
 - the download rounds' batch statistics: ``requests`` sent and ``not_modified`` (304 answers).
   A round killed and resumed keeps only its last attempt's statistics: these two may undercount.
 
@@ -75,6 +76,26 @@ def _outcomes(folder: Path) -> tuple[dict[str, str], dict[str, int]]:
     return hashes, codes
 
 
+def _before(folder: Path, sample: list[dict], files: Mapping[int, str]) -> dict[str, str]:
+    """uuid -> hashsum_original of the revalidation sample's previous images: from the staged copies
+    (reuse.py), else (a row not staged: profiling's probe fetched it) from the previous file's row."""
+    out: dict[str, str] = {}
+    for path in sorted((folder / reuse.STAGED_DIR).glob("*.parquet")):
+        table = pq.ParquetFile(path).read(columns=["uuid", "hashsum_original"])
+        out.update(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    missing: dict[int, list[dict]] = {}
+    for planned in sample:
+        if planned["uuid"] not in out and planned["file_id"] in files:
+            missing.setdefault(planned["file_id"], []).append(planned)
+    for file_id, rows in missing.items():
+        try:
+            column = pq.ParquetFile(files[file_id]).read(columns=["hashsum_original"]).column(0)
+            out.update((r["uuid"], column[r["prev_row"]].as_py()) for r in rows if r["prev_row"] < len(column))
+        except (OSError, pa.ArrowException) as exc:  # the previous file is gone: those rows stay unclassified
+            log.warning("%s unreadable (%s): %d revalidated rows not classified", files[file_id], exc, len(rows))
+    return out
+
+
 def _round_stats(paths: Paths) -> dict[str, dict[str, int]]:
     """Per server: requests sent and 304 answers, over every round's batch statistics."""
     out: dict[str, dict[str, int]] = {}
@@ -107,18 +128,22 @@ def build(paths: Paths) -> dict:
     for name, stats in _round_stats(paths).items():
         row = servers.setdefault(name, _row(name))
         row["requests"], row["not_modified"] = stats["requests"], stats["not_modified"]
+    files = snapshot.previous_files(paths)
     for server, partition_id, plan_path in snapshot.iter_plans(paths):
-        plan = pq.ParquetFile(plan_path).read(columns=["uuid", "action", "hashsum_original"])
-        asked = plan.filter(pc.is_in(plan.column("action"), value_set=_ASKED))
-        if not asked.num_rows:
+        plan = pq.ParquetFile(plan_path).read(columns=["uuid", "action", "file_id", "prev_row"])
+        asked = plan.filter(pc.is_in(plan.column("action"), value_set=_ASKED)).to_pylist()
+        if not asked:
             continue
-        hashes, codes = _outcomes(paths.batch_images(server, partition_id))
+        folder = paths.batch_images(server, partition_id)
+        hashes, codes = _outcomes(folder)
+        before = _before(folder, [r for r in asked if r["action"] == snapshot.REVALIDATE], files)
         row = servers[server]
-        for uuid, action, before in zip(*(asked.column(i).to_pylist() for i in range(3)), strict=True):
-            if action == snapshot.RETRY_ERROR:
+        for planned in asked:
+            uuid = planned["uuid"]
+            if planned["action"] == snapshot.RETRY_ERROR:
                 row["errors_recovered"] += uuid in hashes
             elif uuid in hashes:
-                row["unchanged" if hashes[uuid] == before else "changed"] += 1
+                row["changed" if before.get(uuid, hashes[uuid]) != hashes[uuid] else "unchanged"] += 1
             elif uuid in codes:
                 row["revalidation_failed"] += 1
     totals = {key: sum(row[key] for row in servers.values()) for key in COLUMNS if key != "server_name"}
