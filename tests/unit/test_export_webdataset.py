@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -619,3 +620,24 @@ def test_json_members_are_strict_json_for_non_finite_floats(tmp_path: Path) -> N
     assert [m["score"] for m in metas] == [None, None, 0.5]
     assert [m["scores"] for m in metas] == [[None, 1.0], [None, 1.0], [0.5, 1.0]]
     assert len(samples) == 3
+
+
+def test_temps_of_a_killed_index_or_progress_write_are_removed(tmp_path: Path) -> None:
+    """A kill inside ``atomic_write_json`` (shards.json on rank 0, a rank's progress file) leaves its
+    mkstemp temp (``.shards.json.<random>.tmp``); the rerun that completes the export removes them."""
+    import tempfile
+
+    config = make_config(tmp_path, workers_per_node=2, export_shard_max_samples=4)
+    store = build_store(config)
+    folder = export_folder(config_mod.paths(config))
+    export_in_process(config)
+    for directory, name in [
+        (folder, INDEX_FILE),
+        (folder / "_progress", "rank-0.json"),
+        (folder / "_progress", "rank-1.json"),
+    ]:
+        fd, _ = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # as store._temp_beside names it
+        os.close(fd)
+    assert export_in_process(config)["samples"] == len(store)
+    assert not list(folder.rglob(".*.tmp"))
+    check_index(folder)

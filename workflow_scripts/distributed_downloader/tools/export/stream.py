@@ -148,6 +148,8 @@ def _resume(job: StreamJob, plan: StreamPlan, surveys: Sequence[Survey], unreada
     progress.excluded, progress.unreadable = excluded, unreadable
     progress.save(path)  # before removing the files it no longer lists
     remove_temps(job.folder, f"shard-{job.stream}-*")
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):  # a progress write killed before its rename
+        temp.unlink(missing_ok=True)
     for number, shard in stream_shards(job.folder, job.stream).items():
         if number >= len(progress.shards):
             shard.unlink(missing_ok=True)

@@ -188,6 +188,8 @@ class WebDatasetExportRunner(MPIRunnerTool):
             **{k: summary[k] for k in ("excluded", "unreadable", "skipped")},
             "shards": shards,  # last: the list a loader reads
         }
+        for temp in self.folder.glob(f".{INDEX_FILE}.*.tmp"):  # an index write killed before its rename
+            temp.unlink(missing_ok=True)
         atomic_write_json(self.folder / INDEX_FILE, index)
         return summary
 
