@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -625,8 +626,6 @@ def test_json_members_are_strict_json_for_non_finite_floats(tmp_path: Path) -> N
 def test_temps_of_a_killed_index_or_progress_write_are_removed(tmp_path: Path) -> None:
     """A kill inside ``atomic_write_json`` (shards.json on rank 0, a rank's progress file) leaves its
     mkstemp temp (``.shards.json.<random>.tmp``); the rerun that completes the export removes them."""
-    import tempfile
-
     config = make_config(tmp_path, workers_per_node=2, export_shard_max_samples=4)
     store = build_store(config)
     folder = export_folder(config_mod.paths(config))
@@ -639,5 +638,22 @@ def test_temps_of_a_killed_index_or_progress_write_are_removed(tmp_path: Path) -
         fd, _ = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # as store._temp_beside names it
         os.close(fd)
     assert export_in_process(config)["samples"] == len(store)
+    assert not list(folder.rglob(".*.tmp"))
+    check_index(folder)
+
+
+def test_a_partial_shard_of_a_stream_the_new_export_lacks_is_removed(tmp_path: Path) -> None:
+    """A kill mid-shard leaves a temp shard (up to a shard's size) that only its own stream removed when
+    resuming: after an export with fewer ranks that stream is gone, and its temp stayed for good."""
+    config = make_config(tmp_path, workers_per_node=3, export_shard_max_samples=4)
+    store = build_store(config)
+    folder = export_folder(config_mod.paths(config))
+    export_in_process(config)
+    partial = ShardWriter(folder / "shard-2-000003.tar")  # stream 2 killed while writing a shard
+    partial.add(ShardWriter.encode([("k.jpg", b"x" * 1000)]))
+    fd, _ = tempfile.mkstemp(prefix=".rank-2.json.", suffix=".tmp", dir=folder / "_progress")
+    os.close(fd)
+    summary = export_in_process(make_config(tmp_path, workers_per_node=2, export_shard_max_samples=4))
+    assert summary["streams"] == 2 and summary["samples"] == len(store)
     assert not list(folder.rglob(".*.tmp"))
     check_index(folder)

@@ -22,7 +22,7 @@ from distributed_downloader.tools.base import MPIRunnerTool, PythonFilterToolBas
 from distributed_downloader.tools.dataset import Partition
 from distributed_downloader.tools.export.plan import Unit
 from distributed_downloader.tools.export.settings import ExportSettings, export_folder
-from distributed_downloader.tools.export.shard import ShardInfo
+from distributed_downloader.tools.export.shard import ShardInfo, remove_temps
 from distributed_downloader.tools.export.state import (
     INDEX_FILE,
     PROGRESS_DIR,
@@ -194,7 +194,11 @@ class WebDatasetExportRunner(MPIRunnerTool):
         return summary
 
     def _remove_stale(self, shards: list[dict], streams: Sequence[int]) -> None:
-        """Shards and progress files of streams this export does not have (an earlier export with more ranks)."""
+        """Shards and progress files of streams this export does not have (an earlier export with more
+        ranks), and the temp files of killed attempts (a stream removes its own only when it resumes)."""
+        remove_temps(self.folder, "shard-*")  # every stream is complete: a temp is a killed attempt's
+        for temp in (self.folder / PROGRESS_DIR).glob(".rank-*.json.*.tmp"):
+            temp.unlink(missing_ok=True)
         listed = {s["file"] for s in shards}
         for path in self.folder.glob("shard-*.tar"):
             if SHARD_NAME.match(path.name) and path.name not in listed:
