@@ -80,6 +80,12 @@ SOURCE_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICEN
 SOURCE_DIRS = ("rules", "config", "profiles", "envs", "workflow_scripts")
 
 
+def clean_env() -> dict[str, str]:
+    """os.environ without PYTHONPATH: an in-process run earlier in this session (download_images) exports
+    the checkout's workflow_scripts/ there, whose egg-info would make pip take the package as installed."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def build_wheel(tmp_path: Path) -> Path:
     """A wheel of a clean copy of the checkout (pip builds in the source folder: not in the checkout)."""
     source = tmp_path / "source"
@@ -90,7 +96,7 @@ def build_wheel(tmp_path: Path) -> Path:
     for name in SOURCE_DIRS:
         shutil.copytree(REPO / name, source / name, ignore=ignored)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    run([*pip, "-w", str(tmp_path / "wheels"), str(source)], cwd=tmp_path, timeout=180)
+    run([*pip, "-w", str(tmp_path / "wheels"), str(source)], cwd=tmp_path, timeout=180, env=clean_env())
     (wheel,) = (tmp_path / "wheels").glob("*.whl")
     return wheel
 
@@ -107,18 +113,19 @@ def test_a_wheel_install_finds_its_workflow(tmp_path: Path) -> None:
     for name in ("profiles/local/config.yaml", "envs/environment.yaml", "workflow_scripts/run_stage.py"):
         assert bundled + name in names, name
 
+    env = clean_env()
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120, env=env)
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index"]
-    run([*pip, str(wheel)], timeout=180)
-    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
-    deps = Path(run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
+    run([*pip, str(wheel)], timeout=180, env=env)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(run([str(python), "-c", purelib], env=env).stdout.strip())
+    deps = Path(run([sys.executable, "-c", purelib], env=env).stdout.strip())
     (site / "dev_venv_dependencies.pth").write_text(f"{deps}\n")  # a path line: the editable .pth there is not read
 
     work = tmp_path / "work"  # outside the checkout, as a user runs it
     work.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     where = "import distributed_downloader.config as c; print(c.__file__); print(c.WORKFLOW_ROOT)"
     module, root = run([str(python), "-c", where], cwd=work, env=env).stdout.split()
     assert Path(module).is_relative_to(site) and Path(root) == site / "distributed_downloader" / "_workflow"
