@@ -68,6 +68,7 @@ from distributed_downloader.nginxfarm import NginxFarm, NginxHost  # noqa: E402
 
 IMAGE_SIZE = 720
 QUALITY = 90
+PROFILE_RATE = 25  # py-spy samples/s: reading ~280 threads' stacks at 100/s took a quarter of a core
 SYSTEMS = ("ours", "img2dataset", "naive", "minimal", "lane")  # lane: only ours' per-format lane runs
 
 
@@ -305,8 +306,7 @@ def profile_rank(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     CPU goes; what the cores did not get from the rank is its waiting (printed beside it).
     """
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    # 25 Hz: reading ~280 threads' stacks at 100 Hz took a quarter of a core from the ranks.
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "25"]
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(PROFILE_RATE)]
     cmd += ["--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -574,13 +574,17 @@ if args.get("profile"):  # py-spy on this process while the batch runs (--lane-p
                             "--threads", "--nonblocking", "--format", "raw", "--output", args["profile"]],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
+usage0 = resource.getrusage(resource.RUSAGE_SELF)
 before, started = cpu(), time.monotonic()
 stats = lane.run_batch(0, "bench", "full")
 if spy is not None:
     spy.send_signal(2)
     spy.wait()
+usage1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu": cpu() - before, "seconds": time.monotonic() - started,
-                  "successes": stats.new_successes, "errors": stats.errors}))
+                  "successes": stats.new_successes, "errors": stats.errors,
+                  "user": usage1.ru_utime - usage0.ru_utime, "system": usage1.ru_stime - usage0.ru_stime,
+                  "minor_faults": usage1.ru_minflt - usage0.ru_minflt}))
 lane.close()
 """
 
@@ -627,6 +631,12 @@ def run_ours_per_format(
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         if data["successes"]:
             out[group] = 1000 * data["cpu"] / data["successes"]
+            n = data["successes"]
+            print(
+                f"  lane, {group}: {1000 * data['user'] / n:.1f} ms user + {1000 * data['system'] / n:.1f} ms system"
+                f" per image, {data['minor_faults'] / n:,.0f} page faults per image",
+                flush=True,
+            )
         if stacks and Path(stacks).exists():
             counts, total, _ = summarize_profile(Path(stacks))
             counts.pop("blocked", None)
@@ -800,11 +810,16 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
             )
             for category, n in counts.most_common():
                 print(f"    {category:8s} {100 * n / busy:5.1f}% of its CPU samples")
+            ticks = PROFILE_RATE * args.profile_rank  # py-spy's duration counts samples taken
+            print(
+                f"    threads of the rank runnable at a sample, on average: {busy / ticks:.1f} "
+                f"(>= {os.cpu_count()} cores: the rank never lacked work for them)"
+            )
             if "profile_use" in extra:
                 mine, both = extra["profile_use"]
                 print(
-                    f"    meanwhile it used {100 * mine:.0f}% of the {os.cpu_count()} cores, both ranks "
-                    f"{100 * both:.0f}%: waiting (cores the ranks left unused) {100 * (1 - both):.0f}%"
+                    f"    meanwhile it got {100 * mine:.0f}% of the {os.cpu_count()} cores, both ranks "
+                    f"{100 * both:.0f}% (other jobs on the machine had the rest)"
                 )
             print("    top 'other' leaves: " + "; ".join(f"{leaf} {n}" for leaf, n in others.most_common(6)))
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
