@@ -222,9 +222,12 @@ def test_a_store_written_before_the_new_columns_is_matched(tmp_path: Path) -> No
     old_schema = pa.schema([f for f in SUCCESS_SCHEMA if f.name not in ("etag", "last_modified", "checked_at")])
     previous = tmp_path / "prev"
     folder = write_previous(previous, "a.org", [_success("http://a.org/1.jpg")], schema=old_schema)
+    write_previous(previous, "b.org", [_success("http://b.org/2.jpg", checked_at=time.time())])  # a newer one
     mtime = time.time() - 10 * DAY
     os.utime(folder / "successes.parquet", (mtime, mtime))
-    _, paths, manifest, summary = initialize(tmp_path, [("n1", "", "http://a.org/1.jpg")], previous)
+    rows = [("n1", "", "http://a.org/1.jpg"), ("n2", "", "http://b.org/2.jpg")]
+    _, paths, manifest, summary = initialize(tmp_path, rows, previous)
+    assert planned(paths)["n2"]["action"] == snapshot.REUSE  # both kinds of files in one match
     row = planned(paths)["n1"]
     assert row["action"] == snapshot.REUSE
     assert abs(row["checked_at"].timestamp() - mtime) < 1  # the file's time: the row's age keeps growing
