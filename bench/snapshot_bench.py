@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -200,14 +201,21 @@ def _assign(total: int, seed: int = 18) -> np.ndarray:
     return servers
 
 
-def _strings(
-    template: str, ids: np.ndarray, names: list[str] | None = None, servers: np.ndarray | None = None
-) -> pa.Array:
-    if names is None:
-        return pa.array([template.format(i) for i in ids.tolist()], pa.string())
-    return pa.array(
-        [template.format(names[s], i) for s, i in zip(servers.tolist(), ids.tolist(), strict=True)], pa.string()
-    )
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _padded(ids: np.ndarray, prefix: str = "") -> pa.Array:
+    """``prefix`` + the id, zero-padded to 12 digits, as Arrow strings (vectorised)."""
+    digits = pc.utf8_lpad(pc.cast(pa.array(ids), pa.string()), 12, "0")
+    return pc.binary_join_element_wise(prefix, digits, "") if prefix else digits
+
+
+def _hex32(rng: np.random.Generator, n: int) -> pa.Array:
+    """n random 32-character hex strings (an MD5's look)."""
+    raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+    text = np.empty((n, 32), np.uint8)
+    text[:, 0::2], text[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+    return pa.array(text.view("S32").ravel()).cast(pa.string())
 
 
 def synthesize(root: Path, rows: int) -> Path:
@@ -220,7 +228,6 @@ def synthesize(root: Path, rows: int) -> Path:
     names = _servers()
     total = rows + rows // 9  # ids 0..total-1; previous: the first `rows`, new: the last `rows`
     server_of = _assign(total)
-    url = "https://{}/media/{:012d}/original.jpg"
     now_ms = int(time.time() * 1000)
     for side, ids in (("previous", np.arange(0, rows)), ("new", np.arange(total - rows, total))):
         order = np.argsort(server_of[ids], kind="stable")
@@ -235,14 +242,16 @@ def synthesize(root: Path, rows: int) -> Path:
             for pid, start in enumerate(range(0, len(chunk), BATCH)):
                 batch_ids = ids[chunk[start : start + BATCH]]
                 n = len(batch_ids)
-                identifiers = _strings(url, batch_ids, names, np.full(n, server))
-                source_ids = _strings("{}", batch_ids)
+                identifiers = pc.binary_join_element_wise(
+                    f"https://{name}/media/", _padded(batch_ids), "/original.jpg", ""
+                )
+                source_ids = pc.cast(pa.array(batch_ids), pa.string())
                 if side == "new":
                     folder = root / "out" / "servers_batched" / f"server_name={name}" / f"partition_id={pid}"
                     folder.mkdir(parents=True)
                     table = pa.table(
                         {
-                            "uuid": _strings("new-{:012d}", batch_ids),
+                            "uuid": _padded(batch_ids, "new-"),
                             "source_id": source_ids,
                             "identifier": identifiers,
                             "license": pa.array(["cc-by"] * n),
@@ -258,11 +267,10 @@ def synthesize(root: Path, rows: int) -> Path:
                 failed = batch_ids % 20 == 0  # 5% error rows: 404s and a few 500s
                 ok = ~failed
                 k = int(ok.sum())
-                digests = np.random.default_rng(int(batch_ids[0])).integers(0, 2**63, size=(k, 2))
-                hashes = pa.array([f"{a:016x}{b:016x}" for a, b in digests.tolist()], pa.string())
+                hashes = _hex32(np.random.default_rng(int(batch_ids[0])), k)
                 successes = pa.table(
                     {
-                        "uuid": _strings("old-{:012d}", batch_ids[ok]),
+                        "uuid": _padded(batch_ids[ok], "old-"),
                         "source_id": source_ids.filter(pa.array(ok)),
                         "identifier": identifiers.filter(pa.array(ok)),
                         "is_license_full": pa.array([True] * k),
@@ -274,7 +282,7 @@ def synthesize(root: Path, rows: int) -> Path:
                         "original_size": pa.array([[480, 640]] * k, pa.list_(pa.int64())),
                         "resized_size": pa.array([[480, 640]] * k, pa.list_(pa.int64())),
                         "image": pa.array([b""] * k, pa.binary()),
-                        "etag": _strings('"{:x}"', batch_ids[ok]),
+                        "etag": pc.binary_join_element_wise('"', _padded(batch_ids[ok]), '"', ""),
                         "last_modified": pa.array(["Tue, 14 Nov 2023 22:13:20 GMT"] * k),
                         "checked_at": pa.array(np.full(k, now_ms - 30 * 86_400_000), pa.timestamp("ms", tz="UTC")),
                     },
@@ -284,7 +292,7 @@ def synthesize(root: Path, rows: int) -> Path:
                 m = n - k
                 errors = pa.table(
                     {
-                        "uuid": _strings("old-{:012d}", batch_ids[failed]),
+                        "uuid": _padded(batch_ids[failed], "old-"),
                         "identifier": identifiers.filter(pa.array(failed)),
                         "retry_count": pa.array([0] * m, pa.int64()),
                         "error_code": pa.array(np.where(batch_ids[failed] % 100 == 0, 500, 404), pa.int64()),
