@@ -100,11 +100,18 @@ def planned(paths: config_mod.Paths) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("bucket_urls", [snapshot.BUCKET_URLS, 8])  # 8: two batches of 4 per stage bucket
+@pytest.mark.parametrize(
+    ("bucket_urls", "join_rows"),
+    [
+        (snapshot.BUCKET_URLS, snapshot.JOIN_ROWS_PER_GB),  # one stage bucket, one join
+        (8, 2),  # two batches of 4 per stage bucket; the join in 20 hash slices of at most ~2 URLs a side
+    ],
+)
 def test_urls_that_succeeded_are_reused_and_a_salted_sample_is_revalidated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket_urls: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket_urls: int, join_rows: int
 ) -> None:
     monkeypatch.setattr(snapshot, "BUCKET_URLS", bucket_urls)
+    monkeypatch.setattr(snapshot, "JOIN_ROWS_PER_GB", join_rows * 1024 / 2048)  # memory_mb is 2048
     urls = [f"http://a.org/img/{i}.jpg" for i in range(40)]
     previous = tmp_path / "prev"
     write_previous(previous, "a.org", [_success(u) for u in urls[:30]])
@@ -115,6 +122,7 @@ def test_urls_that_succeeded_are_reused_and_a_salted_sample_is_revalidated(
     assert all(row["match"] == snapshot.BY_URL and row["prev_row"] == int(uuid[1:]) for uuid, row in plan.items())
     salt = snapshot.plan_salt(manifest)
     assert summary["salt"] == salt
+    assert summary["timings"]["join_slices"] == (1 if join_rows > 100 else 20)
     sample = {uuid for uuid, row in plan.items() if row["action"] == snapshot.REVALIDATE}
     assert sample == {f"n{i}" for i in range(30) if snapshot.in_sample(salt, urls[i], 0.3)}
     assert 0 < len(sample) < 30

@@ -72,6 +72,7 @@ UNMATCHED_PART, GONE_PART = -1, -2  # stage-1 partitions of new rows without a m
 # of partition writers open, and one partition per batch (20,000 at 200M rows) would scatter each
 # batch over many small files; a bucket is read back whole, which this bounds.
 BUCKET_URLS = 500_000
+JOIN_ROWS_PER_GB = 4_000_000  # URLs of each side one join slice may hold per GB of memory_mb
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
 PLAN_SCHEMA = pa.schema(
@@ -313,8 +314,8 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
         if files and batches:
             per_bucket = max(1, BUCKET_URLS // max(1, int(manifest["batch_size"])))
             mark = time.monotonic()
-            _match(work, batches, files, settings, salt, per_bucket)
-            gone = _gone_counts(work, files)
+            timings["join_slices"] = _match(work, batches, files, settings, salt, per_bucket)
+            gone = _gone_counts(work, files, settings.memory_mb)
             timings["match"] = round(time.monotonic() - mark, 3)
             mark = time.monotonic()
             per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, salt, plan_id, now)
@@ -329,7 +330,7 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = _summary(batches, per_batch, gone, datasets, problems, settings, salt, plan_id, now, started)
-    summary["timings"] = timings  # seconds: reading the previous footers, the DuckDB match, the plan files
+    summary["timings"] = timings  # seconds: the previous footers, the DuckDB match (in join_slices), the plan files
     _write_files_table(incoming / FILES_TABLE, files)
     atomic_write_json(incoming / PLAN_JSON, summary)
     final = plan_root(paths)
@@ -394,6 +395,18 @@ def _optional(columns: frozenset[str], column: str, sql_type: str) -> str:
     return f"s.{column}" if column in columns else f"NULL::{sql_type}"
 
 
+def _join_slices(new_rows: int, previous_rows: int, memory_mb: int) -> int:
+    """How many hash slices the join runs in: each slice's join must fit ``memory_mb``.
+
+    DuckDB spills a hash join, but not without bound: a full outer join of 60M x 57M URLs failed
+    with 1 GB ("failed to pin block"). Sliced by a hash of the URL, each slice joins at most
+    JOIN_ROWS_PER_GB rows of each side per GB (measured to pass with room to spare: 20M x 19M in
+    2 GB peaked at 2.3 GB RSS).
+    """
+    per_slice = max(1, int(JOIN_ROWS_PER_GB * memory_mb / 1024))
+    return max(1, -(-max(new_rows, previous_rows) // per_slice))
+
+
 def _match(
     work: Path,
     batches: list[_Batch],
@@ -401,8 +414,13 @@ def _match(
     settings: Settings,
     salt: str,
     per_bucket: int,
-) -> None:
-    """Stage 1 (the big join) and stage 2 (the unmatched rows), written under ``work`` by bucket of batches."""
+) -> int:
+    """Stage 1 (the big join) and stage 2 (the unmatched rows), written under ``work`` by bucket of batches;
+    the number of join slices.
+
+    With more URLs than one slice holds, both sides are first written hash-partitioned by URL
+    (a streaming copy), then joined one slice at a time (a Grace hash join done in the open).
+    """
     con = _connect(work, settings.memory_mb)
     try:
         table = _files_arrow(files)
@@ -416,32 +434,63 @@ def _match(
         con.read_parquet([str(b.path) for b in batches], filename=True, file_row_number=True).create_view("u")
         successes = [f for f in files if f.kind == "success"]
         errors = [f for f in files if f.kind == "error"]
+        new_select = """
+            SELECT f.batch, u.identifier, u.source_id, u.file_row_number AS new_row
+            FROM u JOIN url_files f ON u.filename = f.path"""
         ok_select = _previous_select(con, successes, "ok_src", "success")
-        stage1 = work / "stage1"
-        con.execute(
-            f"""
-            COPY (
-              WITH new AS (
-                SELECT f.batch, u.identifier, u.source_id, u.file_row_number AS new_row
-                FROM u JOIN url_files f ON u.filename = f.path
-              ),
-              ok AS ({ok_select})
-              SELECT
-                CASE WHEN new.batch IS NULL THEN {GONE_PART} WHEN ok.file_id IS NULL THEN {UNMATCHED_PART}
-                     ELSE new.batch // {per_bucket} END AS part,
-                new.batch, new.new_row,
-                CASE WHEN ok.file_id IS NULL THEN new.identifier END AS identifier,
-                CASE WHEN ok.file_id IS NULL THEN new.source_id END AS source_id,
-                ok.file_id, ok.prev_row, ok.checked_at,
-                CASE WHEN new.batch IS NULL THEN ok.prev_identifier END AS prev_identifier,
-                CASE WHEN new.batch IS NULL THEN ok.prev_source_id END AS prev_source_id
-              FROM new FULL OUTER JOIN ok ON new.identifier = ok.prev_identifier
-            ) TO '{stage1}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)
-            """
-        )
+        slices = _join_slices(sum(b.urls for b in batches), sum(f.rows for f in successes), settings.memory_mb)
+        if slices == 1:
+            _join(con, new_select, ok_select, work / "stage1" / "slice=0", per_bucket)
+        else:
+            for side, select in (("new", new_select), ("ok", ok_select)):
+                con.execute(
+                    f"COPY (SELECT *, hash({'identifier' if side == 'new' else 'prev_identifier'}) % {slices} AS slice"
+                    f" FROM ({select})) TO '{work / side}' (FORMAT parquet, PARTITION_BY (slice), COMPRESSION zstd)"
+                )
+            for number in range(slices):
+                sides = [work / side / f"slice={number}" for side in ("new", "ok")]
+                if not any(sides[0].glob("*.parquet")) and not any(sides[1].glob("*.parquet")):
+                    continue
+                selects = [
+                    f"SELECT * FROM read_parquet('{folder}/*.parquet')"
+                    if any(folder.glob("*.parquet"))
+                    else f"SELECT * FROM ({select}) WHERE false"
+                    for folder, select in zip(sides, (new_select, ok_select), strict=True)
+                ]
+                _join(con, selects[0], selects[1], work / "stage1" / f"slice={number}", per_bucket)
+            for side in ("new", "ok"):
+                shutil.rmtree(work / side, ignore_errors=True)
         _stage2(con, work, errors, settings, salt, per_bucket)
+        return slices
     finally:
         con.close()
+
+
+def _join(con, new_select: str, ok_select: str, target: Path, per_bucket: int) -> None:  # noqa: ANN001
+    """The full outer join of this run's URLs with the previous successes, by bucket of batches."""
+    target.parent.mkdir(parents=True, exist_ok=True)  # DuckDB makes the last folder only
+    con.execute(
+        f"""
+        COPY (
+          WITH new AS ({new_select}), ok AS ({ok_select})
+          SELECT
+            CASE WHEN new.batch IS NULL THEN {GONE_PART} WHEN ok.file_id IS NULL THEN {UNMATCHED_PART}
+                 ELSE new.batch // {per_bucket} END AS part,
+            new.batch, new.new_row,
+            CASE WHEN ok.file_id IS NULL THEN new.identifier END AS identifier,
+            CASE WHEN ok.file_id IS NULL THEN new.source_id END AS source_id,
+            ok.file_id, ok.prev_row, ok.checked_at,
+            CASE WHEN new.batch IS NULL THEN ok.prev_identifier END AS prev_identifier,
+            CASE WHEN new.batch IS NULL THEN ok.prev_source_id END AS prev_source_id
+          FROM new FULL OUTER JOIN ok ON new.identifier = ok.prev_identifier
+        ) TO '{target}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)
+        """
+    )
+
+
+def _stage1_files(work: Path, part: int) -> list[Path]:
+    """A stage-1 partition's files over every join slice."""
+    return sorted((work / "stage1").glob(f"slice=*/part={part}/*.parquet"))
 
 
 def _previous_select(con, files: list[previous_mod.PreviousFile], view: str, kind: str) -> str:  # noqa: ANN001
@@ -486,11 +535,12 @@ def _stage_table(con, work: Path, part: int, name: str, columns: str) -> None:  
 
     Every stage-1 partition has the same columns: any file of another one gives the empty table's types.
     """
-    folder = work / "stage1" / f"part={part}"
-    source, where = folder / "*.parquet", ""
-    if not any(folder.glob("*.parquet")):
-        source, where = next((work / "stage1").glob("*/*.parquet")), " WHERE false"
-    con.execute(f"CREATE TEMP TABLE {name} AS SELECT {columns} FROM read_parquet('{source}'){where}")
+    files = _stage1_files(work, part)
+    where = ""
+    if not files:
+        files, where = [next((work / "stage1").glob("slice=*/part=*/*.parquet"))], " WHERE false"
+    listed = ", ".join(f"'{f}'" for f in files)
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT {columns} FROM read_parquet([{listed}]){where}")
 
 
 def _stage2(  # noqa: ANN001
@@ -562,21 +612,22 @@ def _stage2(  # noqa: ANN001
     )
 
 
-def _gone_counts(work: Path, files: list[previous_mod.PreviousFile]) -> dict[str, int]:
+def _gone_counts(work: Path, files: list[previous_mod.PreviousFile], memory_mb: int) -> dict[str, int]:
     """Distinct previous URLs (successes) that left the input, by the server they were on."""
-    folder = work / "stage1" / f"part={GONE_PART}"
-    if not any(folder.glob("*.parquet")):
+    gone = _stage1_files(work, GONE_PART)
+    if not gone:
         return {}
-    con = _connect(work / "gone", 512)
+    con = _connect(work / "gone", memory_mb)
     try:
         servers = pa.table(
             {"file_id": pa.array(range(len(files)), pa.int32()), "server_name": [f.server_name for f in files]}
         )
         con.register("servers_arrow", servers)
+        listed = ", ".join(f"'{f}'" for f in gone)
         rows = con.execute(
             f"""
             SELECT s.server_name, count(DISTINCT g.prev_identifier)
-            FROM read_parquet('{folder}/*.parquet') g JOIN servers_arrow s USING (file_id)
+            FROM read_parquet([{listed}]) g JOIN servers_arrow s USING (file_id)
             WHERE g.prev_identifier NOT IN (SELECT prev_identifier FROM read_parquet('{work / "moved.parquet"}'))
             GROUP BY ALL ORDER BY 1
             """
@@ -586,8 +637,7 @@ def _gone_counts(work: Path, files: list[previous_mod.PreviousFile]) -> dict[str
     return {server: int(count) for server, count in rows}
 
 
-def _read_part(folder: Path) -> pa.Table | None:
-    paths = sorted(folder.glob("*.parquet"))
+def _read_part(paths: list[Path]) -> pa.Table | None:
     if not paths:
         return None
     return pa.concat_tables([pq.ParquetFile(p).read() for p in paths], promote_options="permissive")
@@ -620,8 +670,8 @@ def _finish_batches(
     counts: dict[int, dict[str, int]] = {}
     for first in range(0, len(batches), per_bucket):
         bucket = first // per_bucket
-        stage1 = _by_batch(_read_part(work / "stage1" / f"part={bucket}"))
-        stage2 = _by_batch(_read_part(work / "stage2" / f"part={bucket}"))
+        stage1 = _by_batch(_read_part(_stage1_files(work, bucket)))
+        stage2 = _by_batch(_read_part(sorted((work / "stage2" / f"part={bucket}").glob("*.parquet"))))
         for batch in batches[first : first + per_bucket]:
             rows1, rows2 = stage1.pop(batch.key, None), stage2.pop(batch.key, None)
             if rows1 is None and rows2 is None:
