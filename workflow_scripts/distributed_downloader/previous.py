@@ -13,7 +13,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from distributed_downloader.store import ERRORS_FILE
 
 log = logging.getLogger(__name__)
 DEFAULT_IMAGES_FOLDER = "downloaded_images"
-FOOTER_THREADS = 8  # footers are small reads: a few threads hide the file system's latency
 _BATCH_DIR = re.compile(r"^partition_id=(\d+)$")
 SUCCESS_NEEDS = ("identifier", "source_id", "hashsum_original")  # columns the match cannot do without
 ERROR_NEEDS = ("identifier", "error_code")
@@ -106,15 +104,16 @@ def _footer(dataset: int, kind: str, path: Path, server: str, partition_id: int)
     """The file's description, or why it cannot be used."""
     needs = SUCCESS_NEEDS if kind == "success" else ERROR_NEEDS
     try:
-        metadata = pq.read_metadata(path)
+        handle = pq.ParquetFile(path)
+        rows, columns = handle.metadata.num_rows, frozenset(handle.schema_arrow.names)
+        handle.close()
         mtime = path.stat().st_mtime
     except (OSError, pa.ArrowException) as exc:
         return f"{path}: unreadable ({exc}); its URLs are downloaded again"
-    columns = frozenset(metadata.schema.names)
     missing = [name for name in needs if name not in columns]
     if missing:
         return f"{path}: no column {', '.join(missing)}; its URLs are downloaded again"
-    return PreviousFile(dataset, kind, path, server, partition_id, metadata.num_rows, mtime, columns)
+    return PreviousFile(dataset, kind, path, server, partition_id, rows, mtime, columns)
 
 
 def load(index: int, given: str, default_images_name: str, own_images: Path) -> PreviousDataset:
@@ -136,9 +135,10 @@ def load(index: int, given: str, default_images_name: str, own_images: Path) -> 
             jobs.append(("success", path, server, partition_id))
         if (folder / ERRORS_FILE).is_file():
             jobs.append(("error", folder / ERRORS_FILE, server, partition_id))
-    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
-        results = list(pool.map(lambda job: _footer(index, *job), jobs))
-    for result in results:
+    # One file at a time: as fast here (~0.4 ms a footer), and 8 threads reading footers left glibc's
+    # per-thread arenas holding 3.3 GB after 12,600 footers (140 MB read one by one).
+    for job in jobs:
+        result = _footer(index, *job)
         if isinstance(result, str):
             dataset.problems.append(result)
         elif result.rows:
