@@ -684,7 +684,11 @@ def _finish_batches(
             target.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table.replace_schema_metadata(meta), target, compression="zstd")
             actions = dict(zip(*_value_counts(table.column("action")), strict=True))
-            by_source = int(pc.sum(pc.equal(table.column("match"), BY_SOURCE_ID)).as_py() or 0)
+            # Reused rows matched by source_id (a sampled one is counted with the revalidated).
+            reused_by_source = pc.and_(
+                pc.equal(table.column("match"), BY_SOURCE_ID), pc.equal(table.column("action"), REUSE)
+            )
+            by_source = int(pc.sum(reused_by_source).as_py() or 0)
             counts[batch.key] = {
                 **{key: int(actions.get(key, 0)) for key in (REUSE, REVALIDATE, KEEP_ERROR, RETRY_ERROR)},
                 "by_source_id": by_source,
