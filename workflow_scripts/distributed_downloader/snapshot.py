@@ -65,7 +65,7 @@ NOT_DOWNLOADED = (REUSE, KEEP_ERROR)  # planned rows the download sends no reque
 BY_URL, BY_SOURCE_ID = "url", "source_id"
 # Error codes that say something about that run, not the URL: tried again at once.
 RETRIED_NOW = frozenset({int(ErrorCode.SERVER_IGNORED), int(ErrorCode.RETRIES_EXHAUSTED)})
-_TRANSIENT = pa.array(sorted({int(c) for c in TRANSIENT_CODES} | set(TRANSIENT_HTTP) | RETRIED_NOW), pa.int64())
+_transient = functools.cache(lambda: pa.array(sorted({*map(int, TRANSIENT_CODES), *TRANSIENT_HTTP, *RETRIED_NOW})))
 DAY = 86_400.0
 UNMATCHED_PART, GONE_PART = -1, -2  # stage-1 partitions of new rows without a match / previous rows that left
 # Stage partitions hold the rows of several batches (about this many URLs): DuckDB keeps a bounded number
@@ -811,7 +811,7 @@ def _plan_errors(table: pa.Table, urls: pa.Table, mtimes: np.ndarray, settings: 
     file_id = pc.cast(table.column("file_id"), pa.int32())
     missing = np.isnan(checked)
     checked[missing] = mtimes[file_id.to_numpy()[missing]]
-    permanent = pc.invert(pc.is_in(codes, value_set=_TRANSIENT)).to_numpy(zero_copy_only=False)
+    permanent = pc.invert(pc.is_in(codes, value_set=_transient())).to_numpy(zero_copy_only=False)
     young = (now - checked) < settings.retry_permanent_errors_after * DAY
     keep = permanent & young
     n = table.num_rows

@@ -21,6 +21,7 @@ Then the staged copies of the revalidation sample (reuse.py) are removed: no rou
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -54,7 +55,7 @@ COLUMNS = (
     "gone",
     "requests",
 )
-_ASKED = pa.array([snapshot.REVALIDATE, snapshot.RETRY_ERROR], pa.string())  # plan rows requested again
+_asked = functools.cache(lambda: pa.array([snapshot.REVALIDATE, snapshot.RETRY_ERROR], pa.string()))  # rows asked again
 
 
 def _row(server: str) -> dict:
@@ -131,7 +132,7 @@ def build(paths: Paths) -> dict:
     files = snapshot.previous_files(paths)
     for server, partition_id, plan_path in snapshot.iter_plans(paths):
         plan = pq.ParquetFile(plan_path).read(columns=["uuid", "action", "file_id", "prev_row"])
-        asked = plan.filter(pc.is_in(plan.column("action"), value_set=_ASKED)).to_pylist()
+        asked = plan.filter(pc.is_in(plan.column("action"), value_set=_asked())).to_pylist()
         if not asked:
             continue
         folder = paths.batch_images(server, partition_id)

@@ -1,8 +1,9 @@
-"""The built-in tools: size_based, duplication_based, resize, image_verification (SPEC §4), and
+"""The built-in tools: size_based, duplication_based, resize, image_verification (README "Tools"), and
 export_webdataset (tools/export/: training-ready shards, issue #19)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import shutil
@@ -75,7 +76,10 @@ class SizeBasedFiltering(PythonFilterToolBase):
 # --------------------------------------------------------------------------- duplication_based
 
 
-_HEX2 = pa.array([f"{i:02x}" for i in range(256)])
+@functools.cache
+def _hex2() -> pa.Array:
+    """The 256 two-digit hex prefixes, built on first use (a module-level pa.array imports pandas)."""
+    return pa.array([f"{i:02x}" for i in range(256)])
 
 
 class _BucketSpill:
@@ -104,7 +108,7 @@ class _BucketSpill:
 
     def _bucket_of(self, table: pa.Table) -> np.ndarray:
         prefix = pc.utf8_slice_codeunits(pc.utf8_lower(table.column("hashsum_original")), 0, 2)
-        index = pc.fill_null(pc.index_in(prefix, value_set=_HEX2), 0).to_numpy(zero_copy_only=False)
+        index = pc.fill_null(pc.index_in(prefix, value_set=_hex2()), 0).to_numpy(zero_copy_only=False)
         return np.asarray(index, dtype=np.int64) % self.buckets
 
     def _flush(self) -> None:
