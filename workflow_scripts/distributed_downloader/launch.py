@@ -21,6 +21,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 # Launchers that belong to the Python's own MPI: a bare name is resolved beside the interpreter.
 OWN_LAUNCHERS = ("mpiexec", "mpirun", "mpiexec.hydra")
@@ -104,3 +105,18 @@ def parse_worker_args(program: str, done_name: str, argv: list[str] | None = Non
     if args.tasks is not None and args.tasks < 1:
         parser.error("--tasks must be at least 1")
     return args
+
+
+def join_world(program: str, done_name: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Any]:
+    """An MPI job's start: its arguments (`parse_worker_args`) and ``MPI.COMM_WORLD``, or None for the
+    communicator when the world is not the size the job was launched for (rank 0 has printed why)."""
+    args = parse_worker_args(program, done_name, argv)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if mismatch := world_size_problem(args.tasks, size, rank, program):
+        if rank == 0:
+            print(mismatch, file=sys.stderr, flush=True)
+        return args, None
+    return args, comm

@@ -30,7 +30,9 @@ from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
 from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.hosts import HostRegistry
+from distributed_downloader.jsonfiles import read_json
 from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.logs import log_to
 from distributed_downloader.ownership import Ownership
 from distributed_downloader.robots import RobotsCache
 from distributed_downloader.schedule import batch_mode
@@ -346,40 +348,24 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
 
 def read_memory(path: Path) -> dict[str, dict]:
     """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
-def _setup_logging(paths: config_mod.Paths, round_no: int, rank: int, level: str) -> None:
-    log_dir = paths.logs / "download" / f"round_{round_no}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / f"rank_{rank}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = launch.parse_worker_args("download_worker.py", "DONE_FILE", argv)
-    schedule_path, done_path = args.schedule, args.done
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if mismatch := launch.world_size_problem(args.tasks, size, rank, "download_worker.py"):
-        if rank == 0:
-            print(mismatch, file=sys.stderr, flush=True)
+    args, comm = launch.join_world("download_worker.py", "DONE_FILE", argv)
+    if comm is None:
         return 2
+    from mpi4py import MPI  # already loaded by join_world
+
+    schedule_path, done_path = args.schedule, args.done
+    rank, size = comm.Get_rank(), comm.Get_size()
     schedule = json.loads(schedule_path.read_text())
     config = schedule["config"]
     paths = config_mod.paths(config)
     params = config["downloader_parameters"]
     round_no = schedule["round"]
-    _setup_logging(paths, round_no, rank, params["logger_level"])
+    log_to(paths.logs / "download" / f"round_{round_no}" / f"rank_{rank}.log", params["logger_level"])
     identity = {
         "rank": rank,
         "size": size,

@@ -36,16 +36,11 @@ def _wait_all(comm) -> None:  # noqa: ANN001 - mpi4py communicator
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = launch.parse_worker_args("tool_worker.py", "DONE.json", argv)
-    schedule_path, done_path = args.schedule, args.done
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if mismatch := launch.world_size_problem(args.tasks, size, rank, "tool_worker.py"):
-        if rank == 0:
-            print(mismatch, file=sys.stderr, flush=True)
+    args, comm = launch.join_world("tool_worker.py", "DONE.json", argv)
+    if comm is None:
         return 2
+    schedule_path, done_path = args.schedule, args.done
+    rank, size = comm.Get_rank(), comm.Get_size()
     # Where each rank ran (tells nodes apart under Slurm, where every fake node shares a hostname).
     placement = comm.gather({"rank": rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "")})
     schedule = json.loads(schedule_path.read_text())
