@@ -13,6 +13,7 @@ import pytest
 
 from distributed_downloader import inputs, partition
 from distributed_downloader.partition import REJECTED_SCHEMA, URL_SCHEMA, ServerGrouper, fingerprint
+from distributed_downloader.store import atomic_write_json
 
 SERVERS = ["alpha.org", "beta.org", "gamma.org:8080"]
 
@@ -307,7 +308,7 @@ def test_fingerprint_is_stable_for_sliced_and_chunked_tables() -> None:
 def test_manifest_copy_is_written_atomically(tmp_path: Path) -> None:
     result, _, _ = run(tmp_path, make_csv(tmp_path / "in.csv", n=6))
     target = tmp_path / "state" / "manifest.json"
-    partition.write_manifest_copy(result.manifest, target)
+    atomic_write_json(target, result.manifest)  # a copy of the manifest: store's writer (no partition helper)
     assert json.loads(target.read_text()) == result.manifest
     assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]
 

@@ -33,7 +33,6 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from distributed_downloader import inputs
-from distributed_downloader.store import atomic_write_json
 
 URL_SCHEMA = pa.schema([(name, pa.string()) for name in inputs.URL_COLUMNS])
 REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in (*inputs.URL_COLUMNS, "reason")])
@@ -443,7 +442,3 @@ def _swap_in(work: Path, final: Path) -> None:
 
 def read_manifest(urls_folder: Path) -> dict:
     return json.loads((urls_folder / MANIFEST_NAME).read_text())
-
-
-def write_manifest_copy(manifest: dict, path: Path) -> None:
-    atomic_write_json(path, manifest)

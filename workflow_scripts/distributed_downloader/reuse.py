@@ -42,6 +42,7 @@ from distributed_downloader import snapshot
 from distributed_downloader.batch_parts import REUSE_SUCCESSES, BatchParts, utc_now
 from distributed_downloader.config import Paths
 from distributed_downloader.inputs import NOT_PROVIDED
+from distributed_downloader.jsonfiles import read_json as _read_json
 from distributed_downloader.store import (
     PARQUET_COMPRESSION,
     ROW_GROUP_ROWS,
@@ -158,13 +159,6 @@ def _drop_other_staged(folder: Path, keep: set[Path]) -> None:
         for path in folder.iterdir():
             if path not in keep:
                 path.unlink(missing_ok=True)
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _ids(path: Path) -> list[str]:
