@@ -72,6 +72,7 @@ from rss_util import snakemake_local_cmd
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import imaging
+from distributed_downloader.jsonfiles import read_json as _read_json
 from distributed_downloader.testserver import max_requests_in_window
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,13 +294,6 @@ def mono_of_mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime - (time.time() - time.monotonic())
     except OSError:
-        return None
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
         return None
 
 

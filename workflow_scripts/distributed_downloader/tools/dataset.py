@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.batch_parts import success_files
 from distributed_downloader.config import Paths
 from distributed_downloader.jsonfiles import read_json as read_json  # re-exported: tools import it from here
-from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE
+from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE, _fsync_and_rename
 
 WRITE_ID_KEY = b"distributed_downloader.write_id"
 FILTER_SCHEMA = pa.schema(
@@ -167,11 +167,6 @@ def with_write_id(schema: pa.Schema, write_id: str) -> pa.Schema:
     return schema.with_metadata(metadata)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 class ParquetRewrite:
     """A parquet file written row group by row group to a temp file beside ``path``; ``commit`` renames it.
 
@@ -199,8 +194,7 @@ class ParquetRewrite:
 
     def commit(self) -> None:
         self.close()
-        _fsync(self.temp)
-        os.replace(self.temp, self.path)
+        _fsync_and_rename(self.temp, self.path)
 
     def abort(self) -> None:
         try:
