@@ -4,7 +4,6 @@ export_webdataset (tools/export/: training-ready shards, issue #19)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import shutil
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import ImageError
-from distributed_downloader.imaging import ImageSettings, decode_stored_image, encode_image, resize_image
+from distributed_downloader.imaging import ImageSettings, _md5, decode_stored_image, encode_image, resize_image
 from distributed_downloader.tools.base import (
     BatchResult,
     DefaultScheduler,
@@ -31,10 +30,6 @@ from distributed_downloader.tools.dataset import ParquetRewrite
 from distributed_downloader.tools.registry import FilterRegister, RunnerRegister, SchedulerRegister
 
 BUILTIN_TOOLS = ("size_based", "duplication_based", "resize", "image_verification", "export_webdataset")
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def size_pairs(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
