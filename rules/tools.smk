@@ -3,6 +3,7 @@
 # on its own by asking for <tools_folder>/<tool>/_done.json. The image store is rewritten in place
 # (undeclared), so only the small summaries are declared outputs; per-partition markers under
 # <tools_folder>/<tool>/done/ make a killed run resume without applying the tool twice.
+from distributed_downloader.tools.registry import TOOL_NAME_PATTERN
 from distributed_downloader.tools.workflow import ToolRules
 
 TOOLS = ToolRules(config, PATHS, verification_report())
@@ -10,7 +11,7 @@ TOOLS.check_configured()
 
 
 wildcard_constraints:
-    tool=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    tool=TOOL_NAME_PATTERN,
 
 
 rule tool_filter:

@@ -35,7 +35,8 @@ from distributed_downloader.tools.base import (
 FAMILIES = ("filter", "scheduler", "runner")
 _BASES: dict[str, type] = {"filter": FilterToolBase, "scheduler": SchedulerToolBase, "runner": MPIRunnerTool}
 _DEFAULTS: dict[str, type] = {"filter": PythonFilterToolBase, "scheduler": DefaultScheduler, "runner": MPIRunnerTool}
-TOOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+TOOL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"  # also the {tool} wildcard of rules/tools.smk
+TOOL_NAME = re.compile(rf"^{TOOL_NAME_PATTERN}$")
 
 # tool name -> family -> class
 TOOLS_REGISTRY: dict[str, dict[str, type]] = {}
