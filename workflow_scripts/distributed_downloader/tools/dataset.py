@@ -177,7 +177,7 @@ class ParquetRewrite:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.schema = schema
-        self.temp = path.parent / f".{path.name}.{tag}.{uuid_mod.uuid4().hex[:12]}.tmp"
+        self.temp = path.parent / temp_name(path.name, tag)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.temp, schema, compression=PARQUET_COMPRESSION)
         self.rows = 0
 
@@ -201,6 +201,11 @@ class ParquetRewrite:
             self.close()
         finally:
             self.temp.unlink(missing_ok=True)
+
+
+def temp_name(final: str, tag: str) -> str:
+    """``.<final>.<tag>.<random>.tmp``: a temp file beside ``final`` that `remove_stale_temps` finds by its tag."""
+    return f".{final}.{tag}.{uuid_mod.uuid4().hex[:12]}.tmp"
 
 
 def remove_stale_temps(folder: Path, name: str, tag: str) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import uuid as uuid_mod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from distributed_downloader.tools.dataset import remove_stale_temps, temp_name
 
 BLOCK = tarfile.BLOCKSIZE  # 512: every header and every member's data is padded to it
 RECORD = tarfile.RECORDSIZE  # 10240: the archive is padded to it, as tar and Python's tarfile do
@@ -82,18 +83,9 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(block)
 
 
-def temp_name(final: str) -> str:
-    return f".{final}.{TEMP_TAG}.{uuid_mod.uuid4().hex[:12]}.tmp"
-
-
 def remove_temps(folder: Path, pattern: str) -> int:
     """Delete the temp shards (matching ``.{pattern}.export.*.tmp``) a killed export left."""
-    removed = 0
-    if folder.is_dir():
-        for temp in folder.glob(f".{pattern}.{TEMP_TAG}.*.tmp"):
-            temp.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return remove_stale_temps(folder, pattern, TEMP_TAG)
 
 
 class ShardWriter:
@@ -102,7 +94,7 @@ class ShardWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.temp = path.parent / temp_name(path.name)
+        self.temp = path.parent / temp_name(path.name, TEMP_TAG)
         self._file = open(self.temp, "wb")  # noqa: SIM115 - closed by commit/abort
         self._sha = hashlib.sha256()
         self.bytes = 0
