@@ -342,6 +342,19 @@ def run_partitions(
     return stats
 
 
+def summary_head(schedule: Mapping, missing: list[str]) -> dict:
+    """The fields every tool's run summary (``_done.json``) starts with: tool, application, done or not, sizes."""
+    return {
+        "tool": schedule["tool"],
+        "application": schedule["application"],
+        "ok": not missing,
+        "missing": missing[:100],
+        "partitions": len(schedule["partitions"]),
+        "dataset": schedule["totals"]["dataset"],
+        "filter_rows": schedule["totals"]["filter_rows"],
+    }
+
+
 def summarize(schedule: Mapping, runner: MPIRunnerTool) -> dict:
     """Totals over every scheduled partition's marker; ``missing`` lists partitions not done."""
     application = schedule["application"]
@@ -361,13 +374,7 @@ def summarize(schedule: Mapping, runner: MPIRunnerTool) -> dict:
             totals["rows_removed"] += marker.get("removed", 0)
             totals["rows_changed"] += marker.get("changed", 0)
     return {
-        "tool": schedule["tool"],
-        "application": application,
-        "ok": not missing,
-        "missing": missing[:100],
-        "partitions": len(schedule["partitions"]),
-        "dataset": schedule["totals"]["dataset"],
-        "filter_rows": schedule["totals"]["filter_rows"],
+        **summary_head(schedule, missing),
         **totals,
         "removed_reports": str(runner.tool_paths.removed),
     }

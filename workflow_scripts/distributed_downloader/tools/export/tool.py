@@ -34,6 +34,7 @@ from distributed_downloader.tools.export.state import (
 )
 from distributed_downloader.tools.export.stream import StreamJob, export_stream
 from distributed_downloader.tools.registry import FilterRegister, RunnerRegister
+from distributed_downloader.tools.runner import summary_head
 
 TOOL = "export_webdataset"
 log = logging.getLogger("distributed_downloader.tools.export")
@@ -157,13 +158,7 @@ class WebDatasetExportRunner(MPIRunnerTool):
                 excluded[reason] = excluded.get(reason, 0) + count
         shards = index_entries(done)
         summary = {
-            "tool": schedule["tool"],
-            "application": application,
-            "ok": not missing,
-            "missing": missing[:100],
-            "partitions": len(schedule["partitions"]),
-            "dataset": schedule["totals"]["dataset"],
-            "filter_rows": schedule["totals"]["filter_rows"],
+            **summary_head(schedule, missing),
             "streams": len(streams),
             "shards": len(shards),
             "samples": sum(s["samples"] for s in shards),
