@@ -513,9 +513,18 @@ class Server:
 
 
 def simulate(
-    server: Server, lanes: int = 1, latency: float = 0.05, seconds: float = 120.0, start: float = 3.0
+    server: Server,
+    lanes: int = 1,
+    latency: float = 0.05,
+    seconds: float = 120.0,
+    start: float = 3.0,
+    relay: bool = False,
 ) -> list[tuple[float, int | str]]:
-    """`lanes` controllers (one server's lanes, each with its share) sending as fast as allowed."""
+    """`lanes` controllers (one server's lanes, each with its share) sending as fast as allowed.
+
+    ``relay``: a lane's congestion reaches the others at once (what worker._relay_pauses does
+    through rank 0, some 50 ms later).
+    """
     rng = random.Random(7)
     clock = FakeClock()
     server.stamp = clock.t
@@ -533,6 +542,7 @@ def simulate(
     log: list[tuple[float, int | str]] = []
     order = 0
     in_flight = [0] * lanes
+    told = [0] * lanes
     t0 = clock.t
     while clock.t - t0 < seconds:
         waits = []
@@ -563,6 +573,11 @@ def simulate(
                 ctl.on_response(int(outcome), {}, latency, sent, concurrency)
             ctl.finished(ticket)
             in_flight[i] -= 1
+            if relay and ctl.congestion_count() > told[i] and ctl.level is not None:
+                told[i] = ctl.congestion_count()
+                for other in ctls:
+                    if other is not ctl:
+                        other.sibling_level(ctl.level / ctl.share)
         elif not any(w == 0.0 for w in waits):
             clock.t = nxt
     return log
@@ -770,3 +785,35 @@ def test_a_refusal_while_pressed_is_no_connection_cap_if_one_less_cannot_carry_t
     clock.advance(0.3)
     ctl.on_response(429, {}, 0.6, clock.t, concurrency=2)
     assert ctl.connection_cap is None
+
+
+# ---------------------------------------------------------------- lanes of one server on other ranks
+
+
+def test_a_sibling_lanes_congestion_sets_this_lanes_share_of_the_level_at_once() -> None:
+    ctl, clock = controller(start=30.0, ceiling=40.0, share=0.5)
+    assert ctl.slow_start
+    ctl.sibling_level(40.0)  # the other lane found 40 req/s for the whole server
+    assert not ctl.slow_start and ctl.level == pytest.approx(20.0)
+    assert ctl.rate == pytest.approx(20.0 * (1 - RateController.HEADROOM))
+    assert ctl.congestion_count() == 0  # not this lane's own: never relayed back
+    ctl.sibling_level(60.0)  # a higher level elsewhere never raises this lane's
+    assert ctl.level == pytest.approx(20.0)
+    clock.advance(1.0)
+    assert ctl.try_take() == 0.0
+    assert ctl.try_take() == pytest.approx(1.0 / ctl.rate)  # the next slot follows the new, slower pace
+
+
+def test_relayed_congestion_halves_what_two_lanes_in_slow_start_cost_a_server() -> None:
+    """Each lane finding the limit with its own refusals cost twice; with the relay one lane's is enough."""
+    costs = {}
+    for relay in (False, True):
+        refused = 0
+        for rate, burst in ((55.0, 27.0), (66.0, 16.0), (30.0, 8.0), (20.0, 10.0)):
+            log = simulate(Server(rate, burst, 503, faults=0.02), lanes=2, latency=0.05, seconds=60.0, relay=relay)
+            refused += sum(1 for _, o in log if o in (429, 503))
+            accepted_late = sum(1 for t, o in log if t >= 20.0 and o not in (429, 503)) / 40.0
+            assert accepted_late >= 0.85 * rate, (relay, rate, accepted_late)
+            assert worst_window([t for t, _ in log]) <= rate + burst + 1
+        costs[relay] = refused
+    assert costs[True] <= 0.7 * costs[False], costs

@@ -115,7 +115,12 @@ class CoordinatorThread(threading.Thread):
             return {}
         if kind == "pause":
             for other in self.coordinator.pause(message["server"], message["until"], rank):
-                push = {"kind": "pause", "server": message["server"], "until": message["until"]}
+                push = {
+                    "kind": "pause",
+                    "server": message["server"],
+                    "until": message["until"],
+                    "level": message.get("level"),
+                }
                 self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
             self._pushes = [request for request in self._pushes if not request.Test()]
             return {}
@@ -197,6 +202,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
     hosts = HostRegistry(params["default_rate_limit"], comm.Get_size(), params["rate_multiplier"])
     robots = RobotsCache(paths.robots, FetchSettings.from_config(params).robots_token)  # one per rank, shared
     relayed: dict[str, float] = {}  # server -> the pause (epoch) last relayed or received
+    told: dict[str, int] = {}  # server -> this rank's lane's congestion count last relayed
     exhausted = False
     next_status = time.monotonic() + STATUS_SECONDS
 
@@ -275,7 +281,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             rpc({"kind": "status", "lanes": []})
             rpc({"kind": "bye"})
             return
-        _relay_pauses(comm, lanes, relayed, rpc)
+        _relay_pauses(comm, lanes, relayed, told, rpc)
         if time.monotonic() >= next_status:
             rpc({"kind": "status", "lanes": [thread.lane.snapshot() for thread in lanes.values()]})
             next_status = time.monotonic() + STATUS_SECONDS
@@ -285,21 +291,35 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             comm.Abort(4)
 
 
-def _relay_pauses(comm, lanes: Mapping[str, LaneThread], relayed: dict[str, float], rpc) -> None:  # noqa: ANN001
-    """Share pauses between the lanes of a server on different ranks, both ways, through rank 0."""
+def _relay_pauses(  # noqa: ANN001
+    comm, lanes: Mapping[str, LaneThread], relayed: dict[str, float], told: dict[str, int], rpc
+) -> None:
+    """Share pauses and congestion between the lanes of a server on different ranks, through rank 0.
+
+    A lane that met congestion tells the others the level it found (for the whole server), so
+    they take their share of it at once rather than each finding the limit with its own refusals.
+    """
     while comm.Iprobe(source=0, tag=TAG_PUSH):
         push = comm.recv(source=0, tag=TAG_PUSH)
         relayed[push["server"]] = max(relayed.get(push["server"], 0.0), push["until"])
         thread = lanes.get(push["server"])
         if thread is not None:
             thread.lane.controller.pause_until(push["until"])
+            if push.get("level"):
+                thread.lane.controller.sibling_level(push["level"])
     for server, thread in lanes.items():
         if thread.lane.spec.lanes < 2:
             continue  # nobody else to tell
-        until = thread.lane.controller.paused_until_epoch()
-        if until > relayed.get(server, 0.0) + 0.5:
-            relayed[server] = until
-            rpc({"kind": "pause", "server": server, "until": until})
+        controller = thread.lane.controller
+        until = controller.paused_until_epoch()
+        congestion = controller.congestion_count()
+        level = None
+        if congestion > told.get(server, 0) and controller.level is not None:
+            level = controller.level / controller.share  # the whole server's
+        told[server] = congestion
+        if until > relayed.get(server, 0.0) + 0.5 or level is not None:
+            relayed[server] = max(relayed.get(server, 0.0), until)
+            rpc({"kind": "pause", "server": server, "until": until, "level": level})
 
 
 def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
