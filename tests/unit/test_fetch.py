@@ -320,7 +320,7 @@ def _to(url: str) -> str:
 HOSTILE_CASES = [
     ("reset", lambda farm, s: f"/reset/r.jpg?{SMALL}", ErrorCode.NETWORK, "reset mid-body", QUICK),
     ("stall", lambda farm, s: f"/stall/s.jpg?{SMALL}", ErrorCode.TIMEOUT, "read timeout mid-body", 1.0 + SLACK),
-    ("trickle", lambda farm, s: f"/trickle/t.jpg?{SMALL}", ErrorCode.TIMEOUT, "total time limit", 1.5 + SLACK),
+    ("trickle", lambda farm, s: f"/trickle/t.jpg?{SMALL}", ErrorCode.TIMEOUT, "trickles it", 1.0 + SLACK),
     ("slowheaders", lambda farm, s: "/slowheaders/h.jpg", ErrorCode.TIMEOUT, "response headers", 1.5 + SLACK),
     ("too many redirects", lambda farm, s: "/redirect/6/a.jpg", ErrorCode.REDIRECT, "more than 5 redirects", QUICK),
     ("loop", lambda farm, s: "/loop/2", ErrorCode.REDIRECT, "redirect loop", QUICK),
@@ -361,6 +361,28 @@ def test_hostile_server_becomes_a_coded_error_in_bounded_time(
     assert not isinstance(info.value, HttpStatusError)
     assert (info.value.code, fragment in info.value.message) == (code, True), info.value.message
     assert elapsed < bound, f"took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/slowheaders/h.jpg", "response headers not complete within the connect + read timeouts (1.5s)"),
+        (f"/trickle/t.jpg?{SMALL}", "body slower than 1024 bytes/s"),
+    ],
+)
+def test_a_trickling_server_is_cut_long_before_the_total_timeout(farm: ImageFarm, path: str, fragment: str) -> None:
+    """A byte every 0.5 s keeps every read alive: without these cuts each such URL held a fetch for the
+    whole total timeout (60 s by default), every round (measured on nginx's limit_rate 1)."""
+    fetcher = ServerFetcher(settings(**{**HOSTILE, "total_timeout": 30.0}))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as info:
+            fetcher.get(farm.url(0, path))
+        elapsed = time.monotonic() - started
+    finally:
+        fetcher.close()
+    assert info.value.code == ErrorCode.TIMEOUT and fragment in info.value.message, info.value.message
+    assert elapsed < 2.0 + SLACK, f"took {elapsed:.2f}s"
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ _CRAWLER_NAME = re.compile(r"^[A-Za-z0-9._*-]+$")
 # up to this. 1 MiB, not 64 KiB: a 7 MB original is a handful of reads (each a GIL hand-off in a
 # busy rank) instead of ~100; the byte cap may be overshot by one chunk before it is noticed.
 CHUNK_BYTES = 1024 * 1024
+MIN_BODY_SPEED = 1024  # bytes/s a body must average over each read timeout (else it is cut: -3)
 # Content-Encodings the body is decoded from (urllib3's decoders); any other value is read as is.
 _DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 ROBOTS_TXT_PATH = "/robots.txt"  # a fetch of robots.txt (and its redirects) never counts as opted out
@@ -215,12 +216,14 @@ def check_host(host: str, port: int, allow_private: bool) -> None:
 class _Watch:
     """One fetch's deadline and the socket it is using right now."""
 
-    __slots__ = ("deadline", "done", "fired", "progress", "sock")
+    __slots__ = ("deadline", "done", "fired", "limit_phase", "limited", "progress", "sock")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.sock: socket.socket | None = None
         self.fired = False  # the deadline passed while the fetch was running
+        self.limited = False  # it was a shorter limit (the response headers') that passed
+        self.limit_phase = 0  # a shorter limit holds only while this has not moved on
         self.done = False
         self.progress = time.monotonic()  # when the fetch last received anything (headers, body bytes)
 
@@ -245,13 +248,24 @@ class _Watchdog:
     def watch(self, deadline: float) -> _Watch:
         watch = _Watch(deadline)
         with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._order), watch))
+            heapq.heappush(self._heap, (deadline, next(self._order), watch, None))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
                 self._thread.start()
             if self._heap[0][2] is watch:
                 self._cond.notify()
         return watch
+
+    def limit(self, watch: _Watch, deadline: float) -> None:
+        """A shorter deadline for the fetch's current step, until ``release``."""
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._order), watch, watch.limit_phase))
+            if self._heap[0][2] is watch:
+                self._cond.notify()
+
+    def release(self, watch: _Watch) -> None:
+        with self._cond:
+            watch.limit_phase += 1
 
     def attach(self, watch: _Watch, sock: socket.socket) -> None:
         with self._cond:
@@ -291,8 +305,11 @@ class _Watchdog:
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
-                watch = heapq.heappop(self._heap)[2]
+                _, _, watch, phase = heapq.heappop(self._heap)
+                if phase is not None and phase != watch.limit_phase:
+                    continue  # a step's limit that was released
                 watch.fired = True
+                watch.limited = phase is not None
                 if watch.sock is not None:
                     _shutdown(watch.sock)
 
@@ -532,10 +549,37 @@ class ServerFetcher:
         return DownloadError(ErrorCode.TIMEOUT, f"total time limit of {self.settings.total_timeout:g}s reached {where}")
 
     def _send(self, url: str, watch: _Watch, headers: Mapping[str, str] | None = None) -> requests.Response:
-        remaining = watch.deadline - time.monotonic()
+        """One hop's request, up to its response headers.
+
+        The headers must all be in within connect + read timeout of sending: a server that
+        trickles them (a byte a second, a tarpit) never lets a per-read timeout fire and would
+        hold the URL for the whole total timeout, every round.
+        """
+        now = time.monotonic()
+        remaining = watch.deadline - now
         if remaining <= 0 or watch.fired:
             raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
+        headers_by = now + self.settings.connect_timeout + self.settings.read_timeout
+        if headers_by < watch.deadline:
+            _WATCHDOG.limit(watch, headers_by)
+        try:
+            return self._send_within(url, watch, timeout, headers)
+        finally:
+            _WATCHDOG.release(watch)
+
+    def _late(self, watch: _Watch) -> DownloadError:
+        if not watch.limited:
+            return self._out_of_time("waiting for the response headers")
+        return DownloadError(
+            ErrorCode.TIMEOUT,
+            "response headers not complete within the connect + read timeouts"
+            f" ({self.settings.connect_timeout + self.settings.read_timeout:g}s): the server trickles them",
+        )
+
+    def _send_within(
+        self, url: str, watch: _Watch, timeout: tuple[float, float], headers: Mapping[str, str] | None
+    ) -> requests.Response:
         try:
             response = self.session.get(
                 url,
@@ -547,17 +591,17 @@ class ServerFetcher:
             )
         except requests.exceptions.RequestException as exc:
             if watch.fired:
-                raise self._out_of_time("waiting for the response headers") from exc
+                raise self._late(watch) from exc
             raise _request_error(exc, url, timeout) from exc
         except (urllib3.exceptions.HTTPError, http.client.HTTPException) as exc:  # not wrapped by requests
             if watch.fired:
-                raise self._out_of_time("waiting for the response headers") from exc
+                raise self._late(watch) from exc
             raise DownloadError(ErrorCode.PROTOCOL, f"malformed response: {_short(exc)}") from exc
         except ValueError as exc:
             raise DownloadError(ErrorCode.NETWORK, f"invalid URL: {_short(exc)}") from exc
         if watch.fired:  # cut off mid-headers: what arrived is not a response to trust
             response.close()
-            raise self._out_of_time("waiting for the response headers")
+            raise self._late(watch)
         watch.progress = time.monotonic()
         return response
 
@@ -604,6 +648,9 @@ class ServerFetcher:
         """
         chunks: list[bytes] = []
         size = 0
+        # Low-speed cut (curl's --speed-limit / --speed-time): a body slower than MIN_BODY_SPEED
+        # over a read timeout's worth of time is cut; bytes trickling in keep every read alive.
+        mark_time, mark_size = time.monotonic(), 0
         raw = response.raw
         digest = hashlib.md5(usedforsecurity=False)  # a content fingerprint, not a security feature
         encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
@@ -617,8 +664,16 @@ class ServerFetcher:
                 chunk = raw.read1(CHUNK_BYTES, decode_content=decode)
                 if not chunk:
                     break
-                watch.progress = time.monotonic()
+                watch.progress = now = time.monotonic()
                 size += len(chunk)
+                if now - mark_time >= self.settings.read_timeout:
+                    if size - mark_size < MIN_BODY_SPEED * (now - mark_time):
+                        raise DownloadError(
+                            ErrorCode.TIMEOUT,
+                            f"body slower than {MIN_BODY_SPEED} bytes/s for {now - mark_time:.0f}s"
+                            f" (after {size} bytes): the server trickles it",
+                        )
+                    mark_time, mark_size = now, size
                 if size > self.settings.max_bytes:
                     raise DownloadError(ErrorCode.TOO_LARGE, f"body over the {self.settings.max_bytes}-byte cap")
                 digest.update(chunk)  # releases the GIL for chunks over 2 KB
