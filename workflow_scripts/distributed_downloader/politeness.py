@@ -20,8 +20,9 @@ never lets an error shorten or collapse the delay; StormCrawler backs a host off
 stay fast on servers with a background of broken files.
 
 **Converge and hold.** (A level left alone for ``LEVEL_HOLD`` seconds is stale: brisk growth again.)
-Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second, in steps
-of a quarter second or a few sends,
+Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second (x1.2 above
+16 req/s, so a hidden burst drains over more than one second), in steps of a quarter second or a
+few sends,
 until the first congestion. A congestion event sets the rate to ``1 - HEADROOM`` of the rate the
 server *accepted* lately (answers that were not refusals, per second: with a hidden token bucket
 this is its refill rate), never above the current rate; only refusals of requests sent after the
@@ -212,7 +213,9 @@ class ControllerState:
 class RateController:
     """Adaptive pacing and congestion control for one lane (see the module docstring for the rules)."""
 
-    SLOW_START_GROWTH = 1.5  # per saturated second, until the first congestion
+    SLOW_START_GROWTH = 1.5  # per saturated second, until the first congestion...
+    SLOW_START_BRISK_BELOW = 16.0  # ...while the server gets fewer requests/s than this; then
+    SLOW_START_LATE_GROWTH = 1.2  # this (see _slow_start_growth)
     HEADROOM = 0.05  # after congestion: this far below the accepted rate
     NEAR = 0.97  # from this fraction of the level on, growth turns into gentle probing
     GROWTH_FAR = 0.05  # per saturated second, below the level
@@ -766,6 +769,19 @@ class RateController:
         )
         return True
 
+    def _slow_start_growth(self) -> float:
+        """x1.5 per second while the server gets under ``SLOW_START_BRISK_BELOW`` req/s, x1.2 above.
+
+        An exponential ramp drains a hidden burst almost all in the last second before the first
+        refusal: that second then holds rate + burst accepted *plus* the refused requests, over
+        what the server allows (simulated: 6 of 72 first contacts; measured on a 57/s host: 72
+        requests in a second against 57 + 14). Growing slower above a few requests per second
+        spreads the drain over more than a second (0 of 72), for ~1 s more to reach 66/s.
+        """
+        if self.rate < self.SLOW_START_BRISK_BELOW * self.share:
+            return self.SLOW_START_GROWTH
+        return self.SLOW_START_LATE_GROWTH
+
     def _roll_epoch(self, now: float) -> None:
         # Epochs of a few sends (0.25-1 s) so growth is smooth: a burst-hiding token bucket then
         # sees at most a small overshoot before its first refusal.
@@ -781,7 +797,7 @@ class RateController:
 
     def _grow(self, now: float, elapsed: float) -> None:
         if self.slow_start:
-            self.rate = min(self.ceiling, self.rate * self.SLOW_START_GROWTH**elapsed)
+            self.rate = min(self.ceiling, self.rate * self._slow_start_growth() ** elapsed)
             return
         if self.level is not None and self.rate > self.level * self.FORGET_LEVEL:
             self.level = None  # well past the old failing level: the server allows more now
