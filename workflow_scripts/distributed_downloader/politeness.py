@@ -241,8 +241,8 @@ class RateController:
     JITTER_STEP = 0.03  # ...and lowers the level by this much only
     MAX_CUT = 0.25  # the most one refusal event lowers the level by
     SLOW_START_EXIT = 0.8  # the first refusal: the level is this share of the rate we were sending at
-    GUESS_PROBE_SECONDS = 4.0  # a guessed level is probed this often...
-    GUESS_GROWTH = 0.03  # ...by this much (the "within ~10% below the limit" needs it found)
+    GUESS_PROBE_SECONDS = 1.0  # a guessed level is probed this often...
+    GUESS_GROWTH = 0.05  # ...by this much (the "within ~10% below the limit" needs it found)
     BETWEEN_ANSWERS = 8  # accepted answers between two refusals that measure the server's rate
     LATENCY_SAMPLES = 32
     LATENCY_RISE = 5.0  # median latency this many times its baseline...
