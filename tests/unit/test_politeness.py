@@ -577,7 +577,7 @@ def simulate(
                 told[i] = ctl.congestion_count()
                 for other in ctls:
                     if other is not ctl:
-                        other.sibling_level(ctl.level / ctl.share)
+                        other.sibling_level(ctl.level / ctl.share, ctl.level_guessed)
         elif not any(w == 0.0 for w in waits):
             clock.t = nxt
     return log
@@ -830,3 +830,24 @@ def test_first_contact_never_sends_a_second_over_rate_plus_burst(rate: float, bu
     log = simulate_jittered(rate, 0.0, seconds=30.0, burst=burst, latency=0.03)
     assert any(status == 429 for _, status in log)  # the limit was found...
     assert worst_window([t for t, _ in log]) <= rate + burst  # ...without a second over it
+
+
+def test_a_refusal_in_slow_start_while_connections_hold_the_lane_back_is_a_connection_cap() -> None:
+    """Slow start at 12 req/s, the lane's 4 connections all busy and only 6/s going out: a 503 there
+    says "fewer at once". Read as the rate, it set a 4.8/s level that two lanes of a 37.5/s host
+    held for 100 s (the politeness bench's makespan)."""
+    ctl, clock = controller(start=12.0, connections=4)
+    for _ in range(20):
+        ctl.latencies.append(0.04)
+    for _ in range(12):  # 6 sends a second: held back by connections, not by the rate
+        clock.advance(1 / 6)
+        ctl.try_take()
+        ctl.next_start = 0.0
+        ctl.on_response(200, {}, 0.04, clock.t, concurrency=3)
+    assert ctl.slow_start
+    rate = ctl.rate
+    ctl.last_pressed = clock.t
+    clock.advance(0.05)
+    ctl.on_response(503, {}, 0.04, clock.t - 0.04, concurrency=4)
+    assert ctl.connection_cap == 3
+    assert ctl.slow_start and ctl.rate == rate and ctl.level is None

@@ -474,7 +474,7 @@ class RateController:
             now = self.clock()
             self._pause(now, epoch - self.wall_clock())
 
-    def sibling_level(self, server_level: float) -> None:
+    def sibling_level(self, server_level: float, guessed: bool = False) -> None:
         """Another lane of this server (on another rank) met congestion at ``server_level`` req/s for
         the whole server: this lane takes its share of it as its level at once, instead of finding
         the same limit again with refusals of its own (two lanes in slow start each refused 3-4
@@ -485,7 +485,9 @@ class RateController:
                 return
             now = self.clock()
             self.slow_start = False
-            self.level_guessed = False
+            # A guess there (its slow start's step back) is a guess here: grown from briskly until
+            # a refusal measures the limit.
+            self.level_guessed = guessed and (self.level is None or level <= self.level)
             self.level = min(self.level, level) if self.level is not None else level
             self.level_measured = True
             self.level_since = self.last_decrease = self.last_increase = now
@@ -588,11 +590,14 @@ class RateController:
         # one refuses a jittered pair while the lane "presses" its two connections, and taking it
         # for a connection limit would hold the lane at 1/latency (measured: 1.3 of 2 req/s).
         sustains = concurrency - 1 >= self.rate * max(self.latency, 0.05) * 1.5
-        if concurrency >= 2 and pressed and sustains and self.level is not None:
+        # What we would send if connections did not hold us back: the level, or in slow start our rate
+        # (a first refusal there used to be read as the rate: 2 lanes on a 4-connection host fell to 1/4).
+        reference = self.level if self.level is not None else self.rate if self.slow_start else None
+        if concurrency >= 2 and pressed and sustains and reference is not None:
             span = max(2.0, 8.0 / self.rate)
             since = max(now - span, self.created)
             sent = sum(1 for t in self.sends if t >= since) / max(now - since, 1e-9)
-            if now - since >= 1.0 and sent < 0.9 * self.level:
+            if now - since >= 1.0 and sent < 0.9 * reference:
                 self._lower_cap(now, concurrency - 1)
                 return True
         refused = [c for c, r in self.concurrency if r]

@@ -120,6 +120,7 @@ class CoordinatorThread(threading.Thread):
                     "server": message["server"],
                     "until": message["until"],
                     "level": message.get("level"),
+                    "guessed": message.get("guessed", False),
                 }
                 self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
             self._pushes = [request for request in self._pushes if not request.Test()]
@@ -306,7 +307,7 @@ def _relay_pauses(  # noqa: ANN001
         if thread is not None:
             thread.lane.controller.pause_until(push["until"])
             if push.get("level"):
-                thread.lane.controller.sibling_level(push["level"])
+                thread.lane.controller.sibling_level(push["level"], bool(push.get("guessed")))
     for server, thread in lanes.items():
         if thread.lane.spec.lanes < 2:
             continue  # nobody else to tell
@@ -319,7 +320,15 @@ def _relay_pauses(  # noqa: ANN001
         told[server] = congestion
         if until > relayed.get(server, 0.0) + 0.5 or level is not None:
             relayed[server] = max(relayed.get(server, 0.0), until)
-            rpc({"kind": "pause", "server": server, "until": until, "level": level})
+            rpc(
+                {
+                    "kind": "pause",
+                    "server": server,
+                    "until": until,
+                    "level": level,
+                    "guessed": controller.level_guessed,
+                }
+            )
 
 
 def remaining_work(schedule: Mapping, paths: config_mod.Paths) -> dict:
