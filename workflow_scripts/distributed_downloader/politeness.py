@@ -22,11 +22,14 @@ stay fast on servers with a background of broken files.
 **Converge and hold.** (A level left alone for ``LEVEL_HOLD`` seconds is stale: brisk growth again.)
 Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second (x1.2 above
 16 req/s, so a hidden burst drains over more than one second), in steps of a quarter second or a
-few sends,
-until the first congestion. A congestion event sets the rate to ``1 - HEADROOM`` of the rate the
-server *accepted* lately (answers that were not refusals, per second: with a hidden token bucket
-this is its refill rate), never above the current rate; only refusals of requests sent after the
-last reaction count as a new event, so one overshoot costs one reaction. Below that level the
+few sends, until the first refusal, which sets a *guessed* level: ``SLOW_START_EXIT`` (0.8) of the
+rate we were sending at (the overshoot is the time the burst took to drain); a guess grows 5% a
+second until a refusal measures the limit. A later congestion event sets the rate to
+``1 - HEADROOM`` of the rate the server *accepted*: between two refusals when there were some
+(the bucket was empty at both ends: exactly its refill rate), else lately (answers that were not
+refusals, per second), never above the current rate; only refusals of requests sent after the
+last reaction count as a new event, so one overshoot costs one reaction. A level found by one lane
+is relayed to the server's lanes on other ranks (``sibling_level``). Below that level the
 rate grows briskly (``GROWTH_FAR`` per saturated second); near it, it probes gently (``GROWTH_NEAR``
 per ``PROBE_REQUESTS`` requests *and* ``PROBE_SECONDS``), so steady state sits within a few percent
 below the server's real limit, and a slow server sees as few refusals per request as a fast one.
