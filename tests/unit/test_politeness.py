@@ -851,3 +851,14 @@ def test_a_refusal_in_slow_start_while_connections_hold_the_lane_back_is_a_conne
     ctl.on_response(503, {}, 0.04, clock.t - 0.04, concurrency=4)
     assert ctl.connection_cap == 3
     assert ctl.slow_start and ctl.rate == rate and ctl.level is None
+
+
+def test_a_lane_far_below_a_siblings_level_climbs_to_it_at_slow_start_pace() -> None:
+    """A lane that opened later (1 req/s) hears that the server takes 40/s (20 its share): it must
+    not crawl there at 5% a second (it took 40 s to reach 8/s), nor overshoot the level."""
+    ctl, clock = controller(start=1.0, ceiling=40.0, share=0.5)
+    send_saturated(ctl, clock, 1.0)
+    ctl.sibling_level(40.0)
+    send_saturated(ctl, clock, 12.0)
+    assert 0.9 * 20.0 <= ctl.rate <= 20.0
+    assert not ctl.slow_start

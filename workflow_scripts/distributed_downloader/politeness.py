@@ -487,7 +487,9 @@ class RateController:
             if level <= 0:
                 return
             now = self.clock()
-            self.slow_start = False
+            # Still far below it (this lane opened later): slow start's pace up to the level, not
+            # 5% a second (a lane at 1 of a 20/s share took 40 s to reach 8).
+            self.slow_start = self.slow_start and self.rate < min(self.level or level, level) * self.NEAR * 0.5
             # A guess there (its slow start's step back) is a guess here: grown from briskly until
             # a refusal measures the limit.
             self.level_guessed = guessed and (self.level is None or level <= self.level)
@@ -805,7 +807,10 @@ class RateController:
 
     def _grow(self, now: float, elapsed: float) -> None:
         if self.slow_start:
-            self.rate = min(self.ceiling, self.rate * self._slow_start_growth() ** elapsed)
+            top = self.ceiling if self.level is None else min(self.ceiling, self.NEAR * self.level)
+            self.rate = min(top, self.rate * self._slow_start_growth() ** elapsed)
+            if self.rate >= top and self.level is not None:  # a sibling's level reached: hold or probe it
+                self.slow_start = False
             return
         if self.level is not None and self.rate > self.level * self.FORGET_LEVEL:
             self.level = None  # well past the old failing level: the server allows more now
