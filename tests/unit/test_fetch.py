@@ -577,3 +577,37 @@ def test_backslash_authority_is_refused_and_the_real_host_is_what_gets_guarded(f
         guarded.close()
     assert "ambiguous host" in info.value.message and "ambiguous host" in hop.value.message
     assert farm.stats(0).requests == before
+
+
+def test_the_headers_limit_runs_from_the_wire_not_from_our_own_wait_for_it() -> None:
+    """Our wait at the wire (space_send: spacing, a short Retry-After) is not the server's time: a
+    2-s wait there and a 1.5-s answer, under 1 + 2 s timeouts, was cut as "the server trickles them"."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    class Waits(HopGate):
+        def on_wire(self) -> None:
+            time.sleep(2.0)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    fetcher = ServerFetcher(settings(connect_timeout=1.0, read_timeout=2.0, total_timeout=12.0))
+    try:
+        assert fetcher.get(f"http://127.0.0.1:{server.server_address[1]}/a.jpg", gate=Waits()).body == b"abc"
+    finally:
+        fetcher.close()
+        server.shutdown()
+        server.server_close()

@@ -321,7 +321,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 _WATCHDOG = _Watchdog()
-_current = threading.local()  # .watch / .gate: the _Watch and HopGate of the fetch running in this thread
+_current = threading.local()  # .watch / .gate / .headers_within: the fetch running in this thread
 
 
 def _attach_current(sock: socket.socket | None) -> None:
@@ -361,6 +361,11 @@ class _ConnectionHooks:
         gate = getattr(_current, "gate", None)
         if gate is not None:
             gate.on_wire()  # the pacing that counts is the one the server sees: at the wire
+        # The headers' limit runs from here: our own wait for the wire (spacing, a short pause) is
+        # not the server's (a 2-s wait cut a 1.5-s answer as "trickled" under 1 + 2 s timeouts).
+        watch, within = getattr(_current, "watch", None), getattr(_current, "headers_within", None)
+        if watch is not None and within is not None and time.monotonic() + within < watch.deadline:
+            _WATCHDOG.limit(watch, time.monotonic() + within)
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -560,12 +565,11 @@ class ServerFetcher:
         if remaining <= 0 or watch.fired:
             raise self._out_of_time("before the request")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
-        headers_by = now + self.settings.connect_timeout + self.settings.read_timeout
-        if headers_by < watch.deadline:
-            _WATCHDOG.limit(watch, headers_by)
+        _current.headers_within = self.settings.connect_timeout + self.settings.read_timeout  # armed at the wire
         try:
             return self._send_within(url, watch, timeout, headers)
         finally:
+            _current.headers_within = None
             _WATCHDOG.release(watch)
 
     def _late(self, watch: _Watch) -> DownloadError:
