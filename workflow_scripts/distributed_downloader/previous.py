@@ -21,10 +21,13 @@ import pyarrow.parquet as pq
 import yaml
 
 from distributed_downloader.batch_parts import success_files
+from distributed_downloader.jsonfiles import read_json
 from distributed_downloader.store import ERRORS_FILE
 
 log = logging.getLogger(__name__)
 DEFAULT_IMAGES_FOLDER = "downloaded_images"
+MEMORY_FILE = Path("state") / "server_memory.json"  # what an earlier run learned of each server
+LEARNED = ("rate", "level", "connection_cap")  # what carries over to a new run (pauses do not)
 _BATCH_DIR = re.compile(r"^partition_id=(\d+)$")
 SUCCESS_NEEDS = ("identifier", "source_id", "hashsum_original")  # columns the match cannot do without
 ERROR_NEEDS = ("identifier", "error_code")
@@ -154,3 +157,33 @@ def load_all(given: Sequence[str], default_images_name: str, own_images: Path) -
         for problem in dataset.problems:
             log.warning("%s", problem)
     return datasets
+
+
+def learned_limits(given: Sequence[str]) -> dict[str, dict]:
+    """What the earlier runs (``previous_dataset``: outputs or their images folders) learned of each
+    server's limits: rate, level and connection cap, the first listed run's first.
+
+    A monthly snapshot talks to the same servers as last month: starting each from its learned
+    level, not from ``default_rate_limit``, saves finding every hidden limit again with refusals.
+    Pauses (Retry-After, bans) are not carried: they were about last month.
+    """
+    out: dict[str, dict] = {}
+    for path in given:
+        folder = Path(path)
+        for candidate in (folder / MEMORY_FILE, folder.parent / MEMORY_FILE):
+            memory = read_json(candidate)
+            if isinstance(memory, dict):
+                break
+        else:
+            continue
+        for server, entry in memory.items():
+            if server in out or not isinstance(entry, dict):
+                continue
+            learned = {
+                key: entry[key]
+                for key in LEARNED
+                if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool) and entry[key] > 0
+            }
+            if learned:
+                out[server] = learned
+    return out

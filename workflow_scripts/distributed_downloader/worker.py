@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import launch, ownership, snapshot
+from distributed_downloader import previous as previous_run
 from distributed_downloader.batch_parts import PARTS_DIR, BatchParts
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
@@ -375,10 +376,15 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     return missing
 
 
-def read_memory(path: Path) -> dict[str, dict]:
-    """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable)."""
+def read_memory(path: Path, previous: list[str] | None = None) -> dict[str, dict]:
+    """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable),
+    completed with what earlier runs (a monthly snapshot's ``previous_dataset``) learned of servers
+    this run has not met yet."""
     data = read_json(path)
-    return data if isinstance(data, dict) else {}
+    memory = data if isinstance(data, dict) else {}
+    for server, learned in previous_run.learned_limits(previous or []).items():
+        memory.setdefault(server, learned)
+    return memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         memory_path = paths.state / MEMORY_FILE
         coordinator = Coordinator(
-            remaining_work(schedule, paths), decrease=params["rate_multiplier"], memory=read_memory(memory_path)
+            remaining_work(schedule, paths),
+            decrease=params["rate_multiplier"],
+            memory=read_memory(memory_path, config.get("previous_dataset")),
         )
         coordinator_thread = CoordinatorThread(
             comm, coordinator, paths.state / f"round_{round_no}_progress.json", memory_path
