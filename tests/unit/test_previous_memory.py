@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from distributed_downloader import previous
-from distributed_downloader.worker import read_memory
+from distributed_downloader.server_memory import read_memory
 
 
 def _run(folder: Path, memory: dict | str) -> Path:

@@ -5,6 +5,7 @@ Manifests come from partition.write_partitions, markers from store.write_marker,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,32 @@ def test_an_empty_round_ends_without_mpi_and_without_importing_the_worker(tmp_pa
     assert json.loads((tmp_path / "empty.done").read_text())["round"] == 2
     assert "nothing to do" in done.stdout
     assert "worker imported: False" in done.stdout  # its imports cost seconds between rounds
+
+
+@pytest.mark.parametrize(
+    ("known_rate", "expected"),
+    [
+        (None, 2),  # nothing known: lanes for the ceiling (ceil(100 / 60))
+        (4.0, 1),  # a 4 req/s server needs one lane: two would collide on its small burst
+        (40.0, 1),  # 40 x 1.25 = 50 fits one lane
+        (60.0, 2),  # 75 does not
+        (500.0, 2),  # never beyond the ceiling's lanes
+    ],
+)
+def test_lanes_for_a_server_whose_rate_is_known(known_rate: float | None, expected: int) -> None:
+    assert schedule.lanes_for(10, 100.0, {}, 1, 8, known_rate=known_rate) == expected
+
+
+def test_build_gives_lanes_by_the_remembered_level(tmp_path: Path) -> None:
+    """Round 2 (or a resume, or the next monthly snapshot) knows each server's level: a slow server
+    with many batches gets one lane, a fast one still two."""
+    cfg, paths, manifest = make_run(tmp_path, {"slow.org": 12, "fast.org": 12})
+    profiles = {n: profile(n, manifest, max_rate=100.0) for n in manifest["servers"]}
+    first = {s["server_name"]: s["lanes"] for s in schedule.build(manifest, profiles, paths, cfg, 1)["servers"]}
+    assert first == {"slow.org": 2, "fast.org": 2}
+    paths.state.mkdir(parents=True, exist_ok=True)
+    (paths.state / "server_memory.json").write_text(
+        json.dumps({"slow.org": {"rate": 3.8, "level": 4.0}, "fast.org": {"rate": 90.0, "level": 95.0}})
+    )
+    second = {s["server_name"]: s["lanes"] for s in schedule.build(manifest, profiles, paths, cfg, 1)["servers"]}
+    assert second == {"slow.org": 1, "fast.org": 2}

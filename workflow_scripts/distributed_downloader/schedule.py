@@ -18,9 +18,11 @@ from distributed_downloader import snapshot
 from distributed_downloader.config import Paths
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.profiling import ServerProfile
+from distributed_downloader.server_memory import MEMORY_FILE, known_rate, read_memory
 from distributed_downloader.store import valid_marker
 
 LANE_RATE_PER_CPU = 60.0  # requests/s one lane may carry per CPU of its rank (the default ceiling, 50, fits one)
+KNOWN_RATE_ROOM = 1.25  # a server's remembered level may have risen: lanes for this much more
 
 
 @dataclass
@@ -49,11 +51,20 @@ class ServerWork:
 
 
 def lanes_for(
-    batches_left: int, max_rate: float, rules: Mapping, cpu_per_worker: int, ranks: int, max_connections: int = 1 << 30
+    batches_left: int,
+    max_rate: float,
+    rules: Mapping,
+    cpu_per_worker: int,
+    ranks: int,
+    max_connections: int = 1 << 30,
+    known_rate: float | None = None,
 ) -> int:
-    """How many ranks may share a server: by the original's schedule_rules, else by its rate ceiling.
+    """How many ranks may share a server: by the original's schedule_rules, else by the rate it may
+    get: its ceiling, or a little over the rate it was seen to accept (server memory).
 
-    Never more lanes than the server has connections: each lane needs one of its own.
+    Never more lanes than the server has connections: each lane needs one of its own. No more lanes
+    than its rate needs: lanes on other ranks send without coordinating, and on a server with a
+    small burst allowance their requests collide although together they send below its rate.
     """
     if batches_left <= 0:
         return 0
@@ -61,7 +72,8 @@ def lanes_for(
         eligible = [int(v) for k, v in rules.items() if batches_left >= int(k)]
         lanes = max(eligible) if eligible else 1
     else:
-        lanes = math.ceil(max_rate / (LANE_RATE_PER_CPU * cpu_per_worker))
+        rate = max_rate if known_rate is None else min(max_rate, known_rate * KNOWN_RATE_ROOM)
+        lanes = math.ceil(rate / (LANE_RATE_PER_CPU * cpu_per_worker))
     return max(1, min(lanes, batches_left, max(1, ranks), max(1, max_connections)))
 
 
@@ -91,6 +103,7 @@ def build(
 ) -> dict:
     params = config["downloader_parameters"]
     ranks = params["max_nodes"] * params["workers_per_node"]
+    memory = read_memory(paths.state / MEMORY_FILE, config.get("previous_dataset"))
     servers: list[ServerWork] = []
     for name, info in manifest["servers"].items():
         profile = profiles[name]
@@ -129,6 +142,7 @@ def build(
                 params["cpu_per_worker"],
                 ranks,
                 work.max_connections,
+                known_rate(memory.get(name)),
             )
         servers.append(work)
     servers.sort(key=lambda s: (-s.estimated_seconds, s.server_name))

@@ -25,21 +25,18 @@ import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import launch, ownership, snapshot
-from distributed_downloader import previous as previous_run
 from distributed_downloader.batch_parts import PARTS_DIR, BatchParts
 from distributed_downloader.coordinator import Coordinator
 from distributed_downloader.errors import internal_error_message
 from distributed_downloader.fetch import FetchSettings
 from distributed_downloader.hosts import HostRegistry
-from distributed_downloader.jsonfiles import read_json
 from distributed_downloader.lane import Lane, LaneSpec
 from distributed_downloader.logs import log_to
 from distributed_downloader.ownership import Ownership
 from distributed_downloader.robots import RobotsCache
 from distributed_downloader.schedule import batch_mode
+from distributed_downloader.server_memory import MEMORY_FILE, read_memory
 from distributed_downloader.store import atomic_write_json, read_marker, valid_marker
-
-MEMORY_FILE = "server_memory.json"
 
 TAG_REQUEST = 11
 TAG_REPLY = 12
@@ -374,17 +371,6 @@ def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
             if marker is None or (batch["mode"] != "full" and marker.round < schedule["round"]):
                 missing.append(f"{server['server_name']}/{batch['partition_id']}")
     return missing
-
-
-def read_memory(path: Path, previous: list[str] | None = None) -> dict[str, dict]:
-    """The servers' memory of earlier rounds and attempts ({} when there is none or it is unreadable),
-    completed with what earlier runs (a monthly snapshot's ``previous_dataset``) learned of servers
-    this run has not met yet."""
-    data = read_json(path)
-    memory = data if isinstance(data, dict) else {}
-    for server, learned in previous_run.learned_limits(previous or []).items():
-        memory.setdefault(server, learned)
-    return memory
 
 
 def main(argv: list[str] | None = None) -> int:
