@@ -862,3 +862,13 @@ def test_a_lane_far_below_a_siblings_level_climbs_to_it_at_slow_start_pace() -> 
     send_saturated(ctl, clock, 12.0)
     assert 0.9 * 20.0 <= ctl.rate <= 20.0
     assert not ctl.slow_start
+
+
+@pytest.mark.parametrize("rate", [12.0, 26.0, 38.0])
+def test_two_refusals_measure_an_nginx_like_limit_without_a_third(rate: float) -> None:
+    """nginx's limit_req with burst = rate/2: slow start's refusal, the guess regrown to the limit
+    and refused once more; the answers accepted between the two measure the limit (3 refusals per
+    host before: the second one only stepped down 10%)."""
+    log = simulate_jittered(rate, 0.0, seconds=60.0, burst=rate / 2, latency=0.03)
+    assert sum(1 for _, status in log if status == 429) <= 2
+    assert sum(1 for t, status in log if t >= 30.0 and status == 200) / 30.0 >= 0.9 * rate

@@ -246,6 +246,7 @@ class RateController:
     SLOW_START_EXIT = 0.8  # the first refusal: the level is this share of the rate we were sending at
     GUESS_PROBE_SECONDS = 1.0  # a guessed level is probed this often...
     GUESS_GROWTH = 0.05  # ...by this much (the "within ~10% below the limit" needs it found)
+    BETWEEN_TRUSTED = 0.85  # two refusals alone measure the limit if it reads this close to our rate
     BETWEEN_ANSWERS = 8  # accepted answers between two refusals that measure the server's rate
     LATENCY_SAMPLES = 32
     LATENCY_RISE = 5.0  # median latency this many times its baseline...
@@ -728,9 +729,12 @@ class RateController:
                 count += 1
                 index -= 1
             # A refusal in between too: we pressed. Two lone ones (jitter on a burst of one while we
-            # sent below the limit) would read our own rate, not the server's.
-            if inside and count >= self.BETWEEN_ANSWERS and now > earlier:
-                return count / (now - earlier)
+            # sent below the limit) would read our own rate, not the server's: a lower bound of the
+            # limit that is believed only when close to the rate we send at (else it read our waste).
+            if count >= self.BETWEEN_ANSWERS and now > earlier:
+                measured = count / (now - earlier)
+                if inside or measured >= self.BETWEEN_TRUSTED * self.rate:
+                    return measured
         return None
 
     def _leave_slow_start(self, now: float, sending: float) -> None:
