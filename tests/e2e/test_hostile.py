@@ -45,8 +45,8 @@ def _via(farm: ImageFarm, target: str) -> str:
 CASES = [
     Case("connection reset mid-body", lambda f, x: f.url(0, f"/reset/r.jpg?{IMAGE}"), -1, "reset mid-body"),
     Case("stall after half the body", lambda f, x: f.url(0, f"/stall/s.jpg?{IMAGE}"), -3, "read timeout mid-body"),
-    Case("trickle (1 byte / 0.5 s)", lambda f, x: f.url(0, f"/trickle/t.jpg?{IMAGE}"), -3, "total time limit"),
-    Case("trickled headers", lambda f, x: f.url(0, "/slowheaders/h.jpg"), -3, "waiting for the response headers"),
+    Case("trickle (1 byte / 0.5 s)", lambda f, x: f.url(0, f"/trickle/t.jpg?{IMAGE}"), -3, "trickles it"),
+    Case("trickled headers", lambda f, x: f.url(0, "/slowheaders/h.jpg"), -3, "response headers"),
     Case("8 redirects (max 5)", lambda f, x: f.url(0, f"/redirect/8/c.jpg?{IMAGE}"), -9, "more than 5 redirects"),
     Case("redirect loop", lambda f, x: f.url(0, "/loop/2"), -9, "redirect loop"),
     # A redirect target's robots.txt is read first (RFC 9309): unreachable = nothing fetched there for now.

@@ -639,6 +639,21 @@ class ServerFetcher:
                 + (f"; tdm-policy: {policy[:200]}" if policy else ""),
             )
 
+    @staticmethod
+    def _check_speed(got: int, seconds: float, size: int, expected: int | None, left: float) -> None:
+        """Raise -3 for a body too slow to be worth waiting for (see _read_body)."""
+        speed = got / seconds
+        if expected is not None:
+            if size >= expected or (expected - size) <= speed * left:
+                return
+            need = "ever" if speed <= 0 else f"{(expected - size) / speed:.0f}s more"
+            reason = f"at {speed:.0f} bytes/s its last {expected - size} bytes would need {need}, {left:.0f}s are left"
+        elif speed < MIN_BODY_SPEED:
+            reason = f"slower than {MIN_BODY_SPEED} bytes/s for {seconds:.0f}s"
+        else:
+            return
+        raise DownloadError(ErrorCode.TIMEOUT, f"body {reason} (after {size} bytes): the server trickles it")
+
     def _read_body(self, response: requests.Response, watch: _Watch) -> tuple[bytes, str]:
         """The (decoded) body and its MD5 hex, in one pass; the byte cap counts decoded bytes, so a
         gzip bomb stops at the cap.
@@ -652,13 +667,17 @@ class ServerFetcher:
         """
         chunks: list[bytes] = []
         size = 0
-        # Low-speed cut (curl's --speed-limit / --speed-time): a body slower than MIN_BODY_SPEED
-        # over a read timeout's worth of time is cut; bytes trickling in keep every read alive.
+        # Low-speed cut: bytes trickling in keep every read alive. Each read timeout's worth of time,
+        # a body whose length is declared is cut when at its speed it cannot end before the
+        # deadline (a slow link that will finish is left alone); one without, when slower than
+        # MIN_BODY_SPEED (curl's --speed-limit / --speed-time).
         mark_time, mark_size = time.monotonic(), 0
         raw = response.raw
         digest = hashlib.md5(usedforsecurity=False)  # a content fingerprint, not a security feature
         encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
         decode = any(part.strip() in _DECODED_ENCODINGS for part in encoding.split(","))
+        declared = response.headers.get("Content-Length")  # of the encoded body: not ours when decoding
+        expected = int(declared) if declared and declared.isdigit() and not decode else None
         try:
             while True:
                 if time.monotonic() > watch.deadline:
@@ -671,12 +690,7 @@ class ServerFetcher:
                 watch.progress = now = time.monotonic()
                 size += len(chunk)
                 if now - mark_time >= self.settings.read_timeout:
-                    if size - mark_size < MIN_BODY_SPEED * (now - mark_time):
-                        raise DownloadError(
-                            ErrorCode.TIMEOUT,
-                            f"body slower than {MIN_BODY_SPEED} bytes/s for {now - mark_time:.0f}s"
-                            f" (after {size} bytes): the server trickles it",
-                        )
+                    self._check_speed(size - mark_size, now - mark_time, size, expected, watch.deadline - now)
                     mark_time, mark_size = now, size
                 if size > self.settings.max_bytes:
                     raise DownloadError(ErrorCode.TOO_LARGE, f"body over the {self.settings.max_bytes}-byte cap")
