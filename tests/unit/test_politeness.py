@@ -872,3 +872,36 @@ def test_two_refusals_measure_an_nginx_like_limit_without_a_third(rate: float) -
     log = simulate_jittered(rate, 0.0, seconds=60.0, burst=rate / 2, latency=0.03)
     assert sum(1 for _, status in log if status == 429) <= 2
     assert sum(1 for t, status in log if t >= 30.0 and status == 200) / 30.0 >= 0.9 * rate
+
+
+def test_a_refusal_while_sending_far_below_our_rate_cuts_a_quarter_of_the_rate_at_most() -> None:
+    """A lane allowed 10 req/s sends 3/s (its share of a connection cap the other lane fills, say) and
+    is refused: what the server accepted from it measures the lane, not the server's rate."""
+    ctl, clock = controller(start=10.0, level=11.0)
+    ctl.slow_start = False
+    ctl.rate = 10.3
+    for i in range(44):  # 3 sends a second; after 10 s, every sixth is refused (a jitter trim, two events)
+        clock.advance(1 / 3)
+        ctl.try_take()
+        ctl.next_start = 0.0
+        status = 503 if i >= 30 and i % 6 == 0 else 200
+        ctl.on_response(status, {}, 0.04, clock.t - 0.04, concurrency=1)
+    assert ctl.events["congestion"] == 2
+    # Each event a quarter of the rate at most (before: of the 3/s sent: 10.1 -> 2.4 at once).
+    assert ctl.level >= (1 - RateController.MAX_CUT) ** 2 * (1 - RateController.HEADROOM) * 10.1
+
+
+def test_slow_starts_first_refusal_while_little_went_out_guesses_from_most_of_the_rate() -> None:
+    """Slow start at 12 req/s but 3/s going out (stalls, the CPU) and a jittered refusal: a guess of
+    0.8 x 3/s held a 5/s burst-of-one host near 1.2/s; the guess is 0.8 x 0.75 of the rate at least."""
+    ctl, clock = controller(start=12.0, connections=8)
+    for _ in range(12):
+        clock.advance(1 / 3)
+        ctl.try_take()
+        ctl.next_start = 0.0
+        ctl.on_response(200, {}, 0.04, clock.t - 0.04, concurrency=1)
+    rate = ctl.rate
+    clock.advance(0.05)
+    ctl.on_response(429, {}, 0.04, clock.t - 0.04, concurrency=1)
+    assert not ctl.slow_start and ctl.level_guessed
+    assert ctl.level == pytest.approx(RateController.SLOW_START_EXIT * RateController.SLOW_START_SENT_FLOOR * rate)
