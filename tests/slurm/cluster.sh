@@ -402,11 +402,19 @@ cmd_status() {
     check "$CI_DIR/run/slurmdbd.pid" slurmdbd slurmdbd
     check "$CI_DIR/run/slurmctld.pid" slurmctld slurmctld
     shopt -s nullglob
+    local nodes=0
     for pf in "$CI_DIR"/run/slurmd-*.pid; do
         name=$(basename "$pf" .pid)
         check "$pf" slurmd "$name"
+        nodes=$((nodes + 1))
     done
     shopt -u nullglob
+    # A controller without a live slurmd is no cluster (slurmd removes its pid file when stopped):
+    # the tests' fixture then restarts it instead of reusing nodes that are down.
+    if ((nodes == 0)); then
+        echo "no slurmd running"
+        rc=1
+    fi
     return "$rc"
 }
 
