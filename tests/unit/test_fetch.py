@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from distributed_downloader import config as config_mod
+from distributed_downloader import fetch as fetch_mod
 from distributed_downloader import testserver
 from distributed_downloader.errors import DownloadError, ErrorCode
 from distributed_downloader.fetch import (
@@ -384,6 +385,54 @@ def test_a_trickling_server_is_cut_long_before_the_total_timeout(farm: ImageFarm
         fetcher.close()
     assert info.value.code == ErrorCode.TIMEOUT and fragment in info.value.message, info.value.message
     assert elapsed < 2.0 + SLACK, f"took {elapsed:.2f}s"
+
+
+def test_trickled_headers_are_cut_soon_after_their_first_byte_under_long_timeouts(farm: ImageFarm) -> None:
+    """The default timeouts (10 + 20 s) gave a server trickling its headers 30 s per URL and round
+    (nginx's limit_rate from the status line on); the rest of the headers get HEADERS_AFTER_FIRST_BYTE."""
+    fetcher = ServerFetcher(settings(connect_timeout=10.0, read_timeout=20.0, total_timeout=60.0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as info:
+            fetcher.get(farm.url(0, "/slowheaders/h5.jpg"))
+        elapsed = time.monotonic() - started
+    finally:
+        fetcher.close()
+    assert info.value.code == ErrorCode.TIMEOUT, info.value.message
+    assert "5s after their first byte: the server trickles them" in info.value.message, info.value.message
+    assert elapsed < fetch_mod.HEADERS_AFTER_FIRST_BYTE + SLACK, f"took {elapsed:.2f}s"
+
+
+def test_the_short_headers_limit_starts_at_the_first_byte_not_at_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that thinks 1.5 s before answering (well within the read timeout) and then sends its
+    headers at once is not trickling, even when the after-first-byte limit is shorter than its think time."""
+    import http.server
+    import threading
+
+    monkeypatch.setattr(fetch_mod, "HEADERS_AFTER_FIRST_BYTE", 0.5)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    fetcher = ServerFetcher(settings(connect_timeout=1.0, read_timeout=4.0, total_timeout=12.0))
+    try:
+        assert fetcher.get(f"http://127.0.0.1:{server.server_address[1]}/a.jpg").body == b"abc"
+    finally:
+        fetcher.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_slow_body_that_will_end_in_time_is_not_cut(farm: ImageFarm, monkeypatch: pytest.MonkeyPatch) -> None:

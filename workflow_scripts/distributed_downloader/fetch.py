@@ -12,6 +12,7 @@ import heapq
 import http.client
 import ipaddress
 import itertools
+import math
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.wait import wait_for_read
 
 from distributed_downloader.errors import DownloadError, ErrorCode
 
@@ -40,6 +42,10 @@ _CRAWLER_NAME = re.compile(r"^[A-Za-z0-9._*-]+$")
 # busy rank) instead of ~100; the byte cap may be overshot by one chunk before it is noticed.
 CHUNK_BYTES = 1024 * 1024
 MIN_BODY_SPEED = 1024  # bytes/s a body must average over each read timeout (else it is cut: -3)
+# Seconds the rest of the response headers may take once their first byte is in. A server sends
+# its headers in one go when it has them; one that trickles them (nginx's limit_rate from the
+# status line on, a tarpit) otherwise held the URL for the whole connect + read timeout, every round.
+HEADERS_AFTER_FIRST_BYTE = 5.0
 # Content-Encodings the body is decoded from (urllib3's decoders); any other value is read as is.
 _DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 ROBOTS_TXT_PATH = "/robots.txt"  # a fetch of robots.txt (and its redirects) never counts as opted out
@@ -364,9 +370,41 @@ class _ConnectionHooks:
         # The headers' limit runs from here: our own wait for the wire (spacing, a short pause) is
         # not the server's (a 2-s wait cut a 1.5-s answer as "trickled" under 1 + 2 s timeouts).
         watch, within = getattr(_current, "watch", None), getattr(_current, "headers_within", None)
-        if watch is not None and within is not None and time.monotonic() + within < watch.deadline:
-            _WATCHDOG.limit(watch, time.monotonic() + within)
+        if watch is not None and within is not None:
+            _current.headers_deadline = min(watch.deadline, time.monotonic() + within)
+            if _current.headers_deadline < watch.deadline:
+                _WATCHDOG.limit(watch, _current.headers_deadline)
         super().request(*args, **kwargs)  # type: ignore[misc]
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        watch = getattr(_current, "watch", None)
+        if watch is not None and getattr(_current, "headers_within", None) is not None:
+            _limit_after_first_byte(watch, self.sock, self.timeout)  # type: ignore[attr-defined]
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+def _limit_after_first_byte(watch: _Watch, sock: socket.socket | None, read_timeout: float | None) -> None:
+    """Wait (as the read would) for the answer's first byte; from then the headers get a short limit.
+
+    No byte within the read timeout raises the timeout the read itself would have raised.
+    """
+    if sock is None:
+        return
+    pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted and buffered
+    if not (pending is not None and pending()):
+        wait = watch.deadline - time.monotonic()
+        if isinstance(read_timeout, (int, float)):
+            wait = min(wait, read_timeout)
+        try:
+            readable = wait_for_read(sock, timeout=max(0.0, wait))  # poll(): no FD_SETSIZE limit
+        except (OSError, ValueError):  # closed or shut down meanwhile: the read reports it
+            return
+        if not readable:
+            raise TimeoutError("timed out")  # urllib3 turns it into its read timeout, as for a blocked read
+    limit = time.monotonic() + HEADERS_AFTER_FIRST_BYTE
+    if limit < getattr(_current, "headers_deadline", watch.deadline):
+        _current.headers_trickle = True
+        _WATCHDOG.limit(watch, limit)
 
 
 class _PoolHooks:
@@ -556,9 +594,10 @@ class ServerFetcher:
     def _send(self, url: str, watch: _Watch, headers: Mapping[str, str] | None = None) -> requests.Response:
         """One hop's request, up to its response headers.
 
-        The headers must all be in within connect + read timeout of sending: a server that
-        trickles them (a byte a second, a tarpit) never lets a per-read timeout fire and would
-        hold the URL for the whole total timeout, every round.
+        The headers must all be in within connect + read timeout of sending, and within
+        ``HEADERS_AFTER_FIRST_BYTE`` of their first byte: a server that trickles them (a byte a
+        second, a tarpit) never lets a per-read timeout fire and would hold the URL for the whole
+        total timeout, every round.
         """
         now = time.monotonic()
         remaining = watch.deadline - now
@@ -570,11 +609,19 @@ class ServerFetcher:
             return self._send_within(url, watch, timeout, headers)
         finally:
             _current.headers_within = None
+            _current.headers_trickle = False
+            _current.headers_deadline = math.inf
             _WATCHDOG.release(watch)
 
     def _late(self, watch: _Watch) -> DownloadError:
         if not watch.limited:
             return self._out_of_time("waiting for the response headers")
+        if getattr(_current, "headers_trickle", False):
+            return DownloadError(
+                ErrorCode.TIMEOUT,
+                f"response headers not complete {HEADERS_AFTER_FIRST_BYTE:g}s after their first byte:"
+                " the server trickles them",
+            )
         return DownloadError(
             ErrorCode.TIMEOUT,
             "response headers not complete within the connect + read timeouts"
