@@ -832,6 +832,16 @@ def test_first_contact_never_sends_a_second_over_rate_plus_burst(rate: float, bu
     assert worst_window([t for t, _ in log]) <= rate + burst  # ...without a second over it
 
 
+@pytest.mark.parametrize(("rate", "burst"), [(8.0, 3.0), (10.0, 2.0), (10.0, 3.0), (12.0, 3.0), (12.0, 4.0)])
+def test_two_lanes_in_slow_start_never_send_a_second_over_rate_plus_burst(rate: float, burst: float) -> None:
+    """Each lane ramps blind to the other's refusal until the relay reaches it, so two lanes overshoot
+    twice over: two lanes of a 10/s + 3 nginx host, both at 7.9/s when the first refusal came, sent 14
+    requests in a second (x1.5 per second up to 16/s server-wide: 5 of these 5 cases over)."""
+    log = simulate(Server(rate, burst, 503, faults=0.02), lanes=2, latency=0.05, seconds=40.0, relay=False)
+    assert any(o == 503 for _, o in log)  # the limit was found...
+    assert worst_window([t for t, _ in log]) <= rate + burst  # ...without a second over it
+
+
 def test_a_refusal_in_slow_start_while_connections_hold_the_lane_back_is_a_connection_cap() -> None:
     """Slow start at 12 req/s, the lane's 4 connections all busy and only 6/s going out: a 503 there
     says "fewer at once". Read as the rate, it set a 4.8/s level that two lanes of a 37.5/s host

@@ -21,7 +21,8 @@ stay fast on servers with a background of broken files.
 
 **Converge and hold.** (A level left alone for ``LEVEL_HOLD`` seconds is stale: brisk growth again.)
 Slow start multiplies the rate by ``SLOW_START_GROWTH`` (x1.5) per saturated second (x1.2 above
-16 req/s, so a hidden burst drains over more than one second), in steps of a quarter second or a
+16 req/s, or 16/k for a server's k lanes, so a hidden burst drains over more than one second), in
+steps of a quarter second or a
 few sends, until the first refusal, which sets a *guessed* level: ``SLOW_START_EXIT`` (0.8) of the
 rate we were sending at (the overshoot is the time the burst took to drain); a guess grows 5% a
 second until a refusal measures the limit. A later congestion event sets the rate to
@@ -801,8 +802,14 @@ class RateController:
         what the server allows (simulated: 6 of 72 first contacts; measured on a 57/s host: 72
         requests in a second against 57 + 14). Growing slower above a few requests per second
         spreads the drain over more than a second (0 of 72), for ~1 s more to reach 66/s.
+
+        A server's k lanes each ramp blind to the others' refusals until the relay through rank 0
+        reaches them (0.2-0.5 s), so together they overshoot k times over: the brisk ramp ends at
+        ``SLOW_START_BRISK_BELOW / k`` req/s server-wide (two lanes of a 10/s + 3 nginx host both
+        at 7.9/s sent 14 requests in a second; simulated without the relay: 5 of 87 first
+        contacts over rate + burst, 0 now).
         """
-        if self.rate < self.SLOW_START_BRISK_BELOW * self.share:
+        if self.rate < self.SLOW_START_BRISK_BELOW * self.share * self.share:
             return self.SLOW_START_GROWTH
         return self.SLOW_START_LATE_GROWTH
 
