@@ -264,3 +264,55 @@ def test_a_dead_lane_sets_its_server_aside_with_the_batches_it_held(tmp_path: Pa
     assert "long.org" in coord.progress()["servers_failed"]
     # Other servers go on.
     assert {a.lane["server_name"] for a in coord.request_lanes(1, free=3, held=set())} == {"mid.org", "short.org"}
+
+
+def many_servers(tmp_path: Path, count: int) -> dict:
+    return build_schedule(tmp_path, {f"s{i:02d}.org": (2, 5.0) for i in range(count)}, rules={"1": 1})
+
+
+def test_a_rank_gets_its_fair_share_until_every_rank_has_asked(tmp_path: Path) -> None:
+    # 25 servers of one lane and 32 slots per rank: the first rank to ask took all 25 and the other
+    # idled the whole round (issue #16). Now it gets 13; its next ask is empty (final); rank 0 the rest.
+    coord = Coordinator(many_servers(tmp_path, 25), decrease=0.5, ranks=2)
+    first = coord.request_lanes(1, free=32, held=set())
+    assert len(first) == 13
+    assert coord.request_lanes(1, free=32 - 13, held={a.lane["server_name"] for a in first}) == []
+    second = coord.request_lanes(0, free=32, held=set())
+    assert len(second) == 12
+    names = [a.lane["server_name"] for a in first + second]
+    assert sorted(names) == sorted(coord.servers) and len(set(names)) == 25  # every server has its lane
+    assert coord.request_lanes(0, free=20, held=set(names[13:])) == []
+
+
+def test_fair_share_never_leaves_a_server_without_a_lane(tmp_path: Path) -> None:
+    # Any ask order, slots and rank count: once every rank has asked until its answer was empty (or
+    # its slots were full) and freed slots asked again, every server has had a lane.
+    rng = random.Random(5)
+    for trial in range(60):
+        servers = rng.randint(1, 30)
+        ranks = rng.randint(1, 5)
+        slots = rng.randint(1, 12)
+        (tmp_path / str(trial)).mkdir()
+        coord = Coordinator(many_servers(tmp_path / str(trial), servers), decrease=0.5, ranks=ranks)
+        held: dict[int, set[str]] = {r: set() for r in range(ranks)}
+        exhausted: set[int] = set()
+        opened: set[str] = set()
+        while True:
+            asking = [r for r in range(ranks) if r not in exhausted and len(held[r]) < slots]
+            if not asking:
+                if not any(held.values()):
+                    break
+                rank = rng.choice([r for r in range(ranks) if held[r]])  # a lane ends: its slot frees
+                held[rank].discard(rng.choice(sorted(held[rank])))
+                continue
+            rank = rng.choice(asking)
+            got = coord.request_lanes(rank, slots - len(held[rank]), set(held[rank]))
+            if not got:
+                exhausted.add(rank)
+            for a in got:
+                name = a.lane["server_name"]
+                assert name not in opened
+                opened.add(name)
+                held[rank].add(name)
+                coord.servers[name].pending.clear()  # one batch per lane here: the server is drained
+        assert opened == set(coord.servers), (servers, ranks, slots)

@@ -3,11 +3,13 @@
 It owns every server's lanes and pending batches. A rank asking for work gets lanes of servers
 it does not hold yet, longest server first; a lane asking for its next batch gets one of its
 server's remaining batches. A server never has more lanes open than the schedule allows, which
-is what keeps its total rate within its budget.
+is what keeps its total rate within its budget. Until every rank has asked once, a rank gets at
+most its fair share of the lanes (``Coordinator.request_lanes``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -33,7 +35,9 @@ class Assignment:
 
 
 class Coordinator:
-    def __init__(self, schedule: Mapping, decrease: float, memory: Mapping[str, dict] | None = None) -> None:
+    def __init__(
+        self, schedule: Mapping, decrease: float, memory: Mapping[str, dict] | None = None, ranks: int = 1
+    ) -> None:
         self.servers: dict[str, _ServerState] = {}
         self.order: list[str] = []
         for info in schedule["servers"]:
@@ -51,6 +55,14 @@ class Coordinator:
         # What each server taught us (rate, level, connection cap, pause), whole-server figures;
         # persisted by the worker so rounds and resumes start where the last one left off.
         self.memory: dict[str, dict] = {name: dict(value) for name, value in (memory or {}).items()}
+        # Fair share (issue #16): with fewer lanes than the first rank to ask has slots, it took them
+        # all and the other ranks idled (one process, one GIL, for the whole round). Until every rank
+        # has asked, a rank is given at most its share of the lanes the round can open.
+        self.ranks = max(1, ranks)
+        self.asked: set[int] = set()
+        self.given_lanes: dict[int, int] = {}  # rank -> lanes given to it this round
+        openable = sum(min(self._lane_limit(s), len(s.pending)) for s in self.servers.values())
+        self.fair_share = max(1, math.ceil(openable / self.ranks))
 
     def _lane_limit(self, state: _ServerState) -> int:
         return max(1, state.info["lanes"]) if not state.info["ignored_code"] else 1
@@ -80,7 +92,22 @@ class Coordinator:
         An empty answer is final for that rank: batches are only ever taken, and a lane closes only
         once its server has none left, so no lane can open up later. Ranks therefore ask once per
         freed slot and never poll (rank 0's cost does not grow with ranks x time).
+
+        Fair share: while some rank has not asked yet, a rank is given at most ``fair_share``
+        lanes (the round's openable lanes over the ranks, rounded up); the answer that hits the cap
+        is empty, and final, for it. No server is left without a lane by this: every rank asks at
+        its start, the last one to ask is not capped, and when a rank was capped (it had more free
+        slots than its share; all ranks have the same slots) the lanes left for the last one are at
+        most a share, within its slots.
         """
+        self.asked.add(rank)
+        if len(self.asked) < self.ranks:
+            free = min(free, self.fair_share - self.given_lanes.get(rank, 0))
+        out = self._hand_out(rank, free, held)
+        self.given_lanes[rank] = self.given_lanes.get(rank, 0) + len(out)
+        return out
+
+    def _hand_out(self, rank: int, free: int, held: set[str]) -> list[Assignment]:
         out: list[Assignment] = []
         held = set(held)
         for first_lanes_only in (True, False):

@@ -273,8 +273,9 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
                     lane_spec.start_rate / lane_spec.lanes,
                 )
             # An empty answer is final for this rank: a server's lanes close only once it has no
-            # batches left, so no lane can open up for it later (Coordinator.request_lanes). Asking
-            # again would only cost rank 0 a scan per ask, for nothing.
+            # batches left, so no lane can open up for it later, and a rank past its fair share
+            # leaves the rest to the ranks yet to ask (Coordinator.request_lanes). Asking again
+            # would only cost rank 0 a scan per ask, for nothing.
             exhausted = not reply["assignments"]
         if exhausted and not lanes:
             rpc({"kind": "status", "lanes": []})
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             remaining_work(schedule, paths),
             decrease=params["rate_multiplier"],
             memory=read_memory(memory_path, config.get("previous_dataset")),
+            ranks=size,
         )
         coordinator_thread = CoordinatorThread(
             comm, coordinator, paths.state / f"round_{round_no}_progress.json", memory_path
