@@ -915,3 +915,36 @@ def test_slow_starts_first_refusal_while_little_went_out_guesses_from_most_of_th
     ctl.on_response(429, {}, 0.04, clock.t - 0.04, concurrency=1)
     assert not ctl.slow_start and ctl.level_guessed
     assert ctl.level == pytest.approx(RateController.SLOW_START_EXIT * RateController.SLOW_START_SENT_FLOOR * rate)
+
+
+# ---------------------------------------------------------------- ceilings and odd header values
+
+
+def test_an_announced_rate_never_lifts_robots_crawl_delay() -> None:
+    """robots.txt asks one request per 5 s; the server then announces 10 req/s in its headers: the
+    stricter stays (the announced rate had replaced the Crawl-delay: 100 requests in 10 s)."""
+    ctl, clock = controller(start=4.0, ceiling=50.0)
+    ctl.cap_rate(0.2)
+    ctl.on_response(200, {"RateLimit-Policy": "10;w=1"}, 0.01)
+    starts = send_saturated(ctl, clock, 60.0)
+    assert ctl.ceiling == pytest.approx(0.2)
+    assert sum(1 for t in starts if t >= clock.t - 10.0) <= 2
+    ctl.cap_rate(None)  # robots.txt without a Crawl-delay now: the announced rate still holds
+    assert ctl.ceiling == pytest.approx(10.0)
+
+
+def test_an_announced_rate_below_the_floor_is_kept() -> None:
+    """100 requests an hour announced: the lane's floor (1 per 30 s) must not lift it to 120."""
+    ctl, clock = controller(start=4.0, ceiling=50.0)
+    ctl.on_response(200, {"RateLimit-Policy": "100;w=3600"}, 0.01)
+    assert len(send_saturated(ctl, clock, 3600.0)) <= 101
+
+
+@pytest.mark.parametrize("value", ["\xb2", "1\xb9", "9" * 400])
+def test_a_retry_after_of_odd_digits_is_no_delay_and_the_refusal_still_counts(value: str) -> None:
+    """Latin-1 superscripts pass isdigit() but not float() (the refusal was lost and its URL written
+    as an internal error); hundreds of digits read as an infinite pause."""
+    assert parse_retry_after(value) is None
+    ctl, _ = controller()
+    ctl.on_response(429, {"Retry-After": value}, 0.01)
+    assert len(ctl.refused) == 1 and ctl.paused_for() == 0.0

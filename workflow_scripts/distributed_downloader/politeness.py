@@ -105,7 +105,10 @@ def parse_retry_after(value: str | None, now_epoch: float | None = None) -> floa
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        # isdigit() also takes latin-1's superscripts ("\xb2"), which float() refuses: no delay then.
+        # A delay of hundreds of digits is no delay either (float() reads it as inf: paused for good).
+        seconds = float(value) if value.isascii() else math.nan
+        return seconds if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):  # e.g. an hour of 20 digits
@@ -271,6 +274,10 @@ class RateController:
         self.share = share  # this lane's fraction of the server (1/lanes)
         self.ceiling = limits.ceiling
         self.floor = min(limits.floor, limits.ceiling)
+        # Ceilings beyond our own, each kept apart so one never lifts the other: robots.txt's rate
+        # (cap_rate) and the rate the server announces (headers).
+        self.robots_ceiling: float | None = None
+        self.announced_ceiling: float | None = None
         self.rate = max(self.floor, min(limits.start_rate, limits.ceiling))
         self.level = limits.level
         self.level_measured = True  # the level came from sending at our rate (else: our own limits)
@@ -392,9 +399,8 @@ class RateController:
     def cap_rate(self, rate: float | None) -> None:
         """An extra ceiling for this lane (its share of robots.txt's Crawl-delay / Request-rate)."""
         with self._lock:
-            self.ceiling = self.limits.ceiling if rate is None else max(1e-6, min(self.limits.ceiling, rate))
-            self.floor = min(self.limits.floor, self.ceiling)
-            self.rate = min(self.rate, self.ceiling)
+            self.robots_ceiling = None if rate is None else max(1e-6, rate)
+            self._set_ceiling()
             if self.sends:  # the next slot is one new interval after the last one (robots.txt's own fetch)
                 self.next_start = max(self.next_start, self.sends[-1] + 1.0 / self.rate)
 
@@ -656,14 +662,22 @@ class RateController:
             return
         announced = advertised_rate(headers)
         if announced is not None and announced > 0:
-            self.ceiling = max(self.floor, min(self.limits.ceiling, announced * self.share))
-            self.rate = min(self.rate, self.ceiling)
+            self.announced_ceiling = max(1e-6, announced * self.share)
+            self._set_ceiling()
         pause = parse_retry_after(header(headers, "Retry-After"), self.wall_clock())
         if pause is not None:
             self._pause(now, pause)
         quota = exhausted_pause(headers, self.wall_clock())
         if quota:
             self._pause(now, quota)
+
+    def _set_ceiling(self) -> None:
+        # The strictest of our own ceiling, robots.txt's and the server's: an announced 10 req/s had
+        # replaced a Crawl-delay of 5 s, and the floor (1/30 req/s) had lifted an announced 100/hour.
+        caps = [cap for cap in (self.robots_ceiling, self.announced_ceiling) if cap is not None]
+        self.ceiling = min([self.limits.ceiling, *caps])
+        self.floor = min(self.limits.floor, self.ceiling)
+        self.rate = min(self.rate, self.ceiling)
 
     def _congestion(self, now: float, sent_at: float, factor: float | None, force: bool = False) -> None:
         self.epoch_congested = True
