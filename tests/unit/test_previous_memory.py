@@ -52,3 +52,33 @@ def test_this_runs_own_memory_comes_first(tmp_path: Path) -> None:
     memory = read_memory(own, [str(march)])
     assert memory["a.org"]["level"] == 3.2 and memory["b.org"] == {"rate": 7.0, "level": 7.5}
     assert read_memory(tmp_path / "none.json", None) == {}
+
+
+def test_damaged_memory_values_are_left_out_not_fatal(tmp_path: Path) -> None:
+    """An edited or damaged memory file: a non-dict entry failed the coordinator, a NaN/infinite cap
+    or a string failed the lane's controller (the rank, the MPI job); an infinite rate or level
+    started a lane at its ceiling. Only finite positive figures (a pause >= 0) are kept."""
+    from distributed_downloader.coordinator import Coordinator
+    from distributed_downloader.lane import LaneSpec, lane_controller
+
+    own = tmp_path / "april" / "state" / "server_memory.json"
+    own.parent.mkdir(parents=True)
+    own.write_text(
+        '{"a.org": 1, "b.org": {"rate": "fast", "connection_cap": NaN, "paused_until": "soon"},'
+        ' "c.org": {"connection_cap": Infinity, "level": -5, "paused_until": Infinity, "rate": 6},'
+        ' "d.org": {"rate": 3.5, "level": 4, "connection_cap": 2, "paused_until": 0}}'
+    )
+    march = _run(tmp_path / "march", '{"e.org": {"rate": Infinity, "level": Infinity, "connection_cap": 2}}')
+    assert previous.learned_limits([str(march)]) == {"e.org": {"connection_cap": 2}}
+    memory = read_memory(own, [str(march)])
+    assert memory == {
+        "a.org": {},
+        "b.org": {},
+        "c.org": {"rate": 6.0},
+        "d.org": {"rate": 3.5, "level": 4.0, "connection_cap": 2, "paused_until": 0.0},
+        "e.org": {"connection_cap": 2},
+    }
+    coordinator = Coordinator({"servers": []}, 0.3, memory)
+    for name, entry in coordinator.memory.items():
+        ctl = lane_controller(LaneSpec(name, 0, 1, 2.0, 50.0, 8, 0.3, memory=entry))
+        assert ctl.rate <= 6.0 and ctl.paused_for() == 0.0 and (ctl.level is None or ctl.level == 4.0)

@@ -10,6 +10,7 @@ downloaded again. Nothing here reads rows; the match (snapshot.py) reads only th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -182,7 +183,10 @@ def learned_limits(given: Sequence[str]) -> dict[str, dict]:
             learned = {
                 key: entry[key]
                 for key in LEARNED
-                if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool) and entry[key] > 0
+                if isinstance(entry.get(key), (int, float))
+                and not isinstance(entry.get(key), bool)
+                and math.isfinite(entry[key])  # JSON's Infinity would start a lane at its ceiling
+                and entry[key] > 0
             }
             if learned:
                 out[server] = learned

@@ -7,6 +7,7 @@ Levels are the whole server's requests per second (a lane's level divided by its
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from distributed_downloader import previous
@@ -20,10 +21,29 @@ def read_memory(path: Path, previous_outputs: list[str] | None = None) -> dict[s
     completed with what earlier runs (a monthly snapshot's ``previous_dataset``) learned of servers
     this run has not met yet."""
     data = read_json(path)
-    memory = data if isinstance(data, dict) else {}
+    memory = {str(server): _usable(entry) for server, entry in (data if isinstance(data, dict) else {}).items()}
     for server, learned in previous.learned_limits(previous_outputs or []).items():
-        memory.setdefault(server, learned)
+        memory.setdefault(server, _usable(learned))
     return memory
+
+
+def _usable(entry: object) -> dict:
+    """The entry's figures that can be used: finite numbers, above 0 (a pause at 0 or later).
+
+    An edited or damaged file must not end the job: a non-dict entry failed the coordinator, a
+    NaN or infinite connection cap or a string failed the lane's controller (and with it the rank),
+    and an infinite rate or level started the lane at its ceiling, above what the server showed.
+    """
+    if not isinstance(entry, dict):
+        return {}
+    return {
+        key: float(value) if key != "connection_cap" else int(value)
+        for key in ("rate", "level", "connection_cap", "paused_until")
+        if isinstance(value := entry.get(key), (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if key != "paused_until" else value >= 0)
+    }
 
 
 def known_rate(entry: object) -> float | None:
