@@ -948,3 +948,33 @@ def test_a_retry_after_of_odd_digits_is_no_delay_and_the_refusal_still_counts(va
     ctl, _ = controller()
     ctl.on_response(429, {"Retry-After": value}, 0.01)
     assert len(ctl.refused) == 1 and ctl.paused_for() == 0.0
+
+
+@dataclass
+class DroppingServer(Server):
+    """A token bucket whose limit falls mid-run (a server under load tightening its limit)."""
+
+    drop_at: float = 60.0
+    new_rate: float = 3.0
+    new_burst: float = 1.0
+    started: float = 1000.0  # simulate()'s fake clock starts here
+
+    def answer(self, now: float, concurrency: int, rng: random.Random) -> int | str:
+        if now - self.started >= self.drop_at and self.rate != self.new_rate:
+            self.rate, self.burst = self.new_rate, self.new_burst
+            self.tokens = min(self.tokens, self.burst)
+        return super().answer(now, concurrency, rng)
+
+
+@pytest.mark.parametrize(("rate", "burst", "new_rate", "new_burst"), [(30.0, 8.0, 3.0, 1.0), (20.0, 5.0, 8.0, 1.0)])
+def test_a_limit_that_falls_mid_run_is_held_without_a_refusal_every_few_seconds(
+    rate: float, burst: float, new_rate: float, new_burst: float
+) -> None:
+    """The peak the server accepted before the drop stayed: every level found after it was dropped as
+    'far below the peak' and regrown at slow-start pace past the limit, every ~9 s (30 -> 3 req/s:
+    26 refusals after the drop, 2.07/s held; 20 -> 8: 26 refusals, 5.9/s held)."""
+    log = simulate(DroppingServer(rate, burst, 429, faults=0.02, new_rate=new_rate, new_burst=new_burst), seconds=300.0)
+    refused = sum(1 for t, o in log if t >= 70.0 and o in (429, 503))
+    held = sum(1 for t, o in log if t >= 150.0 and o not in (429, 503, "reset")) / 150.0
+    assert refused <= 6, refused
+    assert held >= 0.85 * new_rate, held
