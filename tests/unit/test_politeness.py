@@ -978,3 +978,14 @@ def test_a_limit_that_falls_mid_run_is_held_without_a_refusal_every_few_seconds(
     held = sum(1 for t, o in log if t >= 150.0 and o not in (429, 503, "reset")) / 150.0
     assert refused <= 6, refused
     assert held >= 0.85 * new_rate, held
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"RateLimit": '"d";r=0;t=inf'}, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1e400"}],
+)
+def test_an_infinite_quota_reset_is_no_pause_for_good(headers: dict) -> None:
+    ctl, _ = controller()
+    ctl.on_response(429, headers, 0.01)
+    ctl.pause_until(float("inf"))  # relayed from another lane
+    assert ctl.paused_for() == 0.0 and ctl.state().paused_until_epoch == 0.0

@@ -653,7 +653,9 @@ class RateController:
         self._congestion(now, sent_at, factor=1.0 - self.limits.decrease, force=True)
 
     def _pause(self, now: float, seconds: float) -> None:
-        if seconds > 0 and now + seconds > self.paused_until:
+        # An infinite pause (a quota reset of "inf" or 1e400) is no time a server means: it stopped
+        # the server for good, every round, and wrote Infinity (not JSON) into the server memory.
+        if seconds > 0 and math.isfinite(seconds) and now + seconds > self.paused_until:
             self.paused_until = now + seconds
             self.events["pauses"] += 1
             self.epoch_congested = True
