@@ -6,11 +6,15 @@ lane's controller), or to any other host, in the input or not. Those get a small
 own for the whole run: the polite default rate split over every rank of the job, so that all
 ranks together never send such a host more than ``default_rate_limit``, and one connection per
 rank. The budget adapts down like any lane (429/503, Retry-After) but never above that default.
+A budget that learned nothing (default rate, no pause, no connection cap) and has been idle for
+a while is dropped: a new one for the host is the same, and a run redirected to a new host per
+URL held 7 kB per host for good.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from urllib.parse import urlsplit
 
 from distributed_downloader.inputs import server_name_of
@@ -33,7 +37,11 @@ class HostRegistry:
         self.decrease = decrease
         self._lanes: dict[str, RateController] = {}
         self._others: dict[str, RateController] = {}
+        self._prune_at = self.PRUNE_EVERY
         self._lock = threading.Lock()
+
+    PRUNE_EVERY = 1000  # budgets between two looks for idle ones
+    IDLE_SECONDS = 60.0  # a budget unused this long (and two of its intervals) is dropped if it learned nothing
 
     def register_lane(self, server: str, controller: RateController) -> None:
         with self._lock:
@@ -69,4 +77,16 @@ class HostRegistry:
                     level=self.share_rate,  # no slow start: this budget is already the ceiling
                 )
                 other = self._others[server] = RateController(limits)
+                if len(self._others) >= self._prune_at:
+                    self._prune(other)
             return other
+
+    def _prune(self, keep: RateController) -> None:
+        now = time.monotonic()
+        for server, other in list(self._others.items()):
+            last = other.sends[-1] if other.sends else other.created
+            idle = now - last > max(self.IDLE_SECONDS, 2.0 / other.rate)  # a new budget keeps the spacing
+            plain = other.rate >= self.share_rate and other.connection_cap is None and other.paused_for() == 0
+            if other is not keep and idle and plain and other.in_flight == 0:
+                del self._others[server]
+        self._prune_at = len(self._others) + self.PRUNE_EVERY
