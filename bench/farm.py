@@ -12,7 +12,8 @@ Three scenarios (issue #13: a bench farm must look like the world, not like our 
     ~40% faulty URLs: the background faults at a high dose plus decompression bombs
     (/bomb.png), truncated images and HTML served as image/jpeg; the hidden rates are set so
     that the politeness bound (max over hosts of retrievable URLs / rate) is ~20 s.
-``nginx`` (real nginx through ``distributed_downloader.nginxfarm``; default 6,000 URLs on 20 hosts)
+``nginx`` (real nginx through ``distributed_downloader.nginxfarm``; default 20,000 URLs on 20 hosts:
+    the background farm's scale)
     nginx's own ``limit_req`` (burst, nodelay) and ``limit_conn``, bare 429 or 503 refusals, and
     1-3% permanent faults per host (404, 500, connection closed without a response, 1 byte/s).
 
@@ -334,7 +335,7 @@ def plan_heavy(
 
 def plan_nginx(
     servers: int = 20,
-    total_urls: int = 6000,
+    total_urls: int = 20000,
     seed: int = 3,
     zipf: float = 0.9,
     min_rate: float = 2.0,
@@ -378,7 +379,7 @@ def plan(
     if name == "heavy":
         return plan_heavy(servers or 8, urls or (400 if quick else 1030), seed, image_size=image_size)
     if name == "nginx":
-        return plan_nginx(servers or 20, urls or (1500 if quick else 6000), seed, image_size=image_size)
+        return plan_nginx(servers or 20, urls or (1500 if quick else 20000), seed, image_size=image_size)
     raise ValueError(f"unknown scenario {name!r}; one of {SCENARIOS}")
 
 

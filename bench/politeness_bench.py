@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small smoke version (about a minute)")
     parser.add_argument("--servers", type=int, help="hosts (default: background 50, heavy 8, nginx 20)")
     parser.add_argument(
-        "--urls", type=int, help="URLs in total (default: 20000 / 1030 / 6000; --quick: 2000 / 400 / 1500)"
+        "--urls", type=int, help="URLs in total (default: 20000 / 1030 / 20000; --quick: 2000 / 400 / 1500)"
     )
     parser.add_argument("--seed", type=int, default=3, help="farm seed (default 3)")
     parser.add_argument("--image", type=parse_size, default=(64, 48), help="served image size WxH (default 64x48)")
