@@ -1006,3 +1006,24 @@ def test_the_rate_between_two_refusals_leaves_out_half_of_a_pause_in_between() -
     measured = ctl._between_refusals(clock.t)
     assert measured == pytest.approx(41 / 4.5)
     assert ctl._paused_between(t0 + 2.0, t0 + 5.0) == 0.0  # a pause outside the gap does not count
+
+
+def test_space_send_honours_a_short_pause_that_came_while_it_waited() -> None:
+    """Two requests queued at the wire; while the second waits its interval, the first is answered
+    429 + Retry-After: 2. The second must wait out the pause too (it was written 0.25 s later, in it)."""
+    ctl, clock = controller(start=4.0, ceiling=4.0)
+    ctl.slow_start = False
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+        if len(slept) == 1:
+            clock.advance(-seconds + 0.1)  # 0.1 s into the wait, the first request's answer
+            ctl.on_response(429, {"Retry-After": "2"}, 0.05, clock.t - 0.05)
+            clock.advance(seconds - 0.1)
+
+    ctl.space_send(sleep)  # the first goes at once
+    start = clock.t
+    ctl.space_send(sleep)
+    assert clock.t >= ctl.paused_until and clock.t - start == pytest.approx(2.1)

@@ -363,7 +363,8 @@ class RateController:
         Slots are taken by the lane thread; a fetch thread may reach the socket late (a busy CPU)
         and the next one on time, and a server with a burst of one refuses the pair. A token bucket
         at our rate with ``WIRE_BURST_SECONDS`` of capacity (at least one request) spaces them
-        again; waiting callers queue (the tokens go negative). A short pause is honoured here too.
+        again; waiting callers queue (the tokens go negative). A short pause is honoured here too,
+        also one that comes while they wait (another answer's Retry-After).
         """
         with self._lock:
             now = self.clock()
@@ -375,8 +376,16 @@ class RateController:
                 wait = max(wait, paused)
             self.wire_tokens = tokens - 1.0
             self.wire_at = now
+        woke = now + min(wait, 5.0)
         if wait > 0:
             sleep(min(wait, 5.0))
+        for _ in range(3):  # a short pause that came while we waited (another answer's Retry-After) holds us too
+            with self._lock:
+                later = self.paused_until - max(woke, self.clock())
+                woke = self.paused_until
+            if not 0 < later <= 5.0:
+                return
+            sleep(later)
 
     def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep, connection: bool = False) -> bool:
         """Block until a slot is taken (True), or return False at once if it is further than max_wait.
@@ -615,7 +624,10 @@ class RateController:
             span = max(2.0, 8.0 / self.rate)
             since = max(now - span, self.created)
             sent = sum(1 for t in self.sends if t >= since) / max(now - since, 1e-9)
-            if now - since >= 1.0 and sent < 0.9 * reference:
+            # Well below our slow-start rate only: the server never confirmed that rate, so a lane one
+            # stalled URL held to 9.4 of its 12.5/s was refused by an 8/s bucket, read it as a cap of 1
+            # and held one connection for the run (each later stall stopped the lane for 2 s).
+            if now - since >= 1.0 and sent < (0.9 if self.level is not None else self.NOT_PRESSING) * reference:
                 self._lower_cap(now, concurrency - 1)
                 return True
         refused = [c for c, r in self.concurrency if r]
