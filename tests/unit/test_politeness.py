@@ -863,6 +863,27 @@ def test_a_refusal_in_slow_start_while_connections_hold_the_lane_back_is_a_conne
     assert ctl.slow_start and ctl.rate == rate and ctl.level is None
 
 
+def test_a_refusal_in_slow_start_while_sending_most_of_the_rate_is_the_rate_not_a_cap() -> None:
+    """Slow start at 12.5 req/s, 2 connections busy (one held by a stalled URL), 9.4/s going out, and
+    an 8/s bucket refuses: that is the rate. Read as "fewer at once", it capped the heavy bench's host
+    at one connection for the whole run, and each later stall stopped the lane for 2 s."""
+    ctl, clock = controller(start=12.5, connections=3)
+    for _ in range(20):
+        ctl.latencies.append(0.02)
+    for _ in range(19):  # 9.4 sends a second
+        clock.advance(1 / 9.4)
+        ctl.try_take()
+        ctl.next_start = 0.0
+        ctl.on_response(200, {}, 0.02, clock.t, concurrency=1)
+    assert ctl.slow_start
+    rate = ctl.rate
+    ctl.last_pressed = clock.t
+    clock.advance(0.02)
+    ctl.on_response(503, {}, 0.02, clock.t - 0.02, concurrency=2)
+    assert ctl.connection_cap is None
+    assert not ctl.slow_start and ctl.rate < rate and ctl.level is not None
+
+
 def test_a_lane_far_below_a_siblings_level_climbs_to_it_at_slow_start_pace() -> None:
     """A lane that opened later (1 req/s) hears that the server takes 40/s (20 its share): it must
     not crawl there at 5% a second (it took 40 s to reach 8/s), nor overshoot the level."""
