@@ -280,3 +280,12 @@ def test_build_gives_lanes_by_the_remembered_level(tmp_path: Path) -> None:
     )
     second = {s["server_name"]: s["lanes"] for s in schedule.build(manifest, profiles, paths, cfg, 1)["servers"]}
     assert second == {"slow.org": 1, "fast.org": 2}
+
+
+def test_schedule_rules_give_no_more_lanes_than_a_remembered_rate_needs() -> None:
+    """Lanes on other ranks collide on a small burst (simulated, a 4 req/s burst-1 server: 1 lane 0.5%
+    refused and 88% of its rate held, 2 lanes 25% refused and 11% held); schedule_rules bypassed the
+    rate's need that lanes by rate observe."""
+    assert schedule.lanes_for(10, 100.0, {"1": 3}, 1, 8, known_rate=4.0) == 1
+    assert schedule.lanes_for(10, 200.0, {"1": 3}, 1, 8, known_rate=100.0) == 3  # ceil(125 / 60)
+    assert schedule.lanes_for(10, 100.0, {"1": 3}, 1, 8) == 3  # nothing remembered: the rules
