@@ -1048,3 +1048,19 @@ def test_space_send_honours_a_short_pause_that_came_while_it_waited() -> None:
     start = clock.t
     ctl.space_send(sleep)
     assert clock.t >= ctl.paused_until and clock.t - start == pytest.approx(2.1)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"RateLimit-Policy": '"a";q=-5;w=1'}, None),
+        ({"X-RateLimit-Limit": "-1", "X-RateLimit-Window": "1"}, None),
+        ({"RateLimit-Policy": '"a";q=0;w=1, "b";q=10;w=1'}, 10.0),
+        ({"RateLimit-Policy": '"a";q=nan;w=1, "b";q=10;w=1'}, 10.0),
+        ({"RateLimit-Policy": "0;w=1, 10;w=1"}, 10.0),
+        ({"RateLimit-Policy": '"a";q=1e400;w=1'}, None),
+    ],
+)
+def test_an_announced_rate_is_finite_and_above_zero(headers: dict, expected: float | None) -> None:
+    """profiling takes the announced rate as the server's ceiling: -5 req/s made every slot due at once."""
+    assert advertised_rate(headers) == expected

@@ -143,16 +143,15 @@ def advertised_rate(headers: Mapping[str, str] | None) -> float | None:
     if policy:
         for item in policy.split(","):
             old = _OLD_POLICY.match(item)
-            if old and float(old.group(2)) > 0:
-                rates.append(float(old.group(1)) / float(old.group(2)))
+            if old:
+                rates += _rate(float(old.group(1)), float(old.group(2)))
                 continue
             params = _params(item)
             try:
                 quota, window = float(params["q"]), float(params.get("w", "0"))
             except (KeyError, ValueError):
                 continue
-            if window > 0:
-                rates.append(quota / window)
+            rates += _rate(quota, window)
     if rates:
         return min(rates)
     limit = header(headers, "X-RateLimit-Limit")
@@ -167,8 +166,16 @@ def advertised_rate(headers: Mapping[str, str] | None) -> float | None:
             window = float(window_text)
         except ValueError:
             return None
-        return quota / window if window > 0 else None
+        return next(iter(_rate(quota, window)), None)
     return None
+
+
+def _rate(quota: float, window: float) -> list[float]:
+    """[quota / window] when both are finite and above 0, else []. A negative quota (``q=-5``) was
+    read as -5 req/s: profiling took it as the server's ceiling and its lane's slots came at once
+    (1/rate < 0); a zero or NaN one hid the other policies of the header from min()."""
+    rate = quota / window if window > 0 and quota > 0 else math.nan
+    return [rate] if math.isfinite(rate) and rate > 0 else []
 
 
 def exhausted_pause(headers: Mapping[str, str] | None, now_epoch: float | None = None) -> float | None:
