@@ -289,3 +289,13 @@ def test_schedule_rules_give_no_more_lanes_than_a_remembered_rate_needs() -> Non
     assert schedule.lanes_for(10, 100.0, {"1": 3}, 1, 8, known_rate=4.0) == 1
     assert schedule.lanes_for(10, 200.0, {"1": 3}, 1, 8, known_rate=100.0) == 3  # ceil(125 / 60)
     assert schedule.lanes_for(10, 100.0, {"1": 3}, 1, 8) == 3  # nothing remembered: the rules
+
+
+def test_build_gives_no_more_lanes_than_a_remembered_connection_cap(tmp_path: Path) -> None:
+    """Each lane holds at least one connection: 4 lanes of a server remembered to take 2 at once held 4."""
+    cfg, paths, manifest = make_run(tmp_path, {"capped.org": 12}, schedule_rules={"1": 4})
+    profiles = {n: profile(n, manifest, max_rate=100.0) for n in manifest["servers"]}
+    paths.state.mkdir(parents=True, exist_ok=True)
+    (paths.state / "server_memory.json").write_text(json.dumps({"capped.org": {"connection_cap": 2}}))
+    plan = schedule.build(manifest, profiles, paths, cfg, 1)
+    assert [s["lanes"] for s in plan["servers"]] == [2]

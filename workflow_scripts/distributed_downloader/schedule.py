@@ -137,13 +137,16 @@ def build(
             for b in work.batches
         )
         if not work.ignored_code:
+            # A remembered connection cap bounds the lanes too: each lane holds at least one
+            # connection (4 lanes of a server that takes 2 at once held 4).
+            cap = (memory.get(name) or {}).get("connection_cap") or work.max_connections
             work.lanes = lanes_for(
                 len(work.batches),
                 work.max_rate,
                 config["schedule_rules"],
                 params["cpu_per_worker"],
                 ranks,
-                work.max_connections,
+                min(work.max_connections, int(cap)),
                 known_rate(memory.get(name)),
             )
         servers.append(work)
