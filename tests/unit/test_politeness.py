@@ -863,25 +863,33 @@ def test_a_refusal_in_slow_start_while_connections_hold_the_lane_back_is_a_conne
     assert ctl.slow_start and ctl.rate == rate and ctl.level is None
 
 
-def test_a_refusal_in_slow_start_while_sending_most_of_the_rate_is_the_rate_not_a_cap() -> None:
+def test_a_connection_cap_guessed_from_one_refusal_is_lifted_when_a_refusal_reads_as_the_rate() -> None:
     """Slow start at 12.5 req/s, 2 connections busy (one held by a stalled URL), 9.4/s going out, and
-    an 8/s bucket refuses: that is the rate. Read as "fewer at once", it capped the heavy bench's host
-    at one connection for the whole run, and each later stall stopped the lane for 2 s."""
+    an 8/s bucket refuses: read as "fewer at once", it capped the heavy bench's host at one connection
+    for the whole run, and each later stall stopped the lane for 2 s. The next refusal, sent with
+    nothing else in flight, is the rate: the guessed cap goes with it."""
     ctl, clock = controller(start=12.5, connections=3)
     for _ in range(20):
         ctl.latencies.append(0.02)
-    for _ in range(19):  # 9.4 sends a second
-        clock.advance(1 / 9.4)
-        ctl.try_take()
-        ctl.next_start = 0.0
-        ctl.on_response(200, {}, 0.02, clock.t, concurrency=1)
+
+    def send(seconds: float) -> None:
+        for _ in range(round(9.4 * seconds)):
+            clock.advance(1 / 9.4)
+            ctl.try_take()
+            ctl.next_start = 0.0
+            ctl.on_response(200, {}, 0.02, clock.t, concurrency=1)
+
+    send(2.0)
     assert ctl.slow_start
-    rate = ctl.rate
     ctl.last_pressed = clock.t
     clock.advance(0.02)
     ctl.on_response(503, {}, 0.02, clock.t - 0.02, concurrency=2)
-    assert ctl.connection_cap is None
-    assert not ctl.slow_start and ctl.rate < rate and ctl.level is not None
+    assert ctl.connection_cap == 1 and ctl.cap_guessed  # the guess (it could have been a cap)
+    send(1.0)
+    ctl.on_response(503, {}, 0.02, clock.t - 0.02, concurrency=1)  # alone in flight: the rate
+    assert ctl.connection_cap is None and not ctl.cap_guessed
+    assert ctl.level is not None and not ctl.slow_start
+    assert ctl.concurrency_limit() >= 2
 
 
 def test_a_lane_far_below_a_siblings_level_climbs_to_it_at_slow_start_pace() -> None:

@@ -311,6 +311,7 @@ class RateController:
         self._flying: dict[int, float] = {}  # ticket -> send time
         self._tickets = itertools.count()
         self.connection_cap: int | None = None
+        self.cap_guessed = False  # the cap came from one refusal while pressed, not from CAP_EVIDENCE
         self.cap_changed = now
         self.last_pressed = -math.inf  # when the lane last sent with all its connections busy
         self.accepted: deque[float] = deque()  # completion times of answers that were not refusals
@@ -631,11 +632,9 @@ class RateController:
             span = max(2.0, 8.0 / self.rate)
             since = max(now - span, self.created)
             sent = sum(1 for t in self.sends if t >= since) / max(now - since, 1e-9)
-            # Well below our slow-start rate only: the server never confirmed that rate, so a lane one
-            # stalled URL held to 9.4 of its 12.5/s was refused by an 8/s bucket, read it as a cap of 1
-            # and held one connection for the run (each later stall stopped the lane for 2 s).
-            if now - since >= 1.0 and sent < (0.9 if self.level is not None else self.NOT_PRESSING) * reference:
+            if now - since >= 1.0 and sent < 0.9 * reference:
                 self._lower_cap(now, concurrency - 1)
+                self.cap_guessed = True  # until a refusal reads as the rate (_congestion)
                 return True
         refused = [c for c, r in self.concurrency if r]
         if len(refused) < self.CAP_EVIDENCE:
@@ -648,6 +647,7 @@ class RateController:
         if sum(at_or_above) * 2 < len(at_or_above) or below < 4 * self.CAP_EVIDENCE:
             return False
         self._lower_cap(now, k - 1)
+        self.cap_guessed = False
         self.concurrency.clear()
         self.level = None  # the refusals that lowered the rate were about connections: grow again
         return True
@@ -714,6 +714,13 @@ class RateController:
             return
         self.events["congestion"] += 1
         self.level_guessed = False
+        if factor is None and self.cap_guessed:
+            # A refusal that is the rate: the one that set the cap may have been the rate too. A lane
+            # that one stalled URL held to 9.4 of its 12.5/s was refused by an 8/s bucket, read it as
+            # a cap of one connection and kept it for the run (each later stall stopped the host 2 s).
+            self.cap_guessed = False
+            self.connection_cap = None
+            log.info("%s: refused at the rate: the connection cap it guessed is lifted", self.name)
         accepted, sent, full = self._measured(now)
         if factor is None and accepted > 0:
             if self.slow_start:
