@@ -7,8 +7,8 @@ own for the whole run: the polite default rate split over every rank of the job,
 ranks together never send such a host more than ``default_rate_limit``, and one connection per
 rank. The budget adapts down like any lane (429/503, Retry-After) but never above that default.
 A budget that learned nothing (default rate, no pause, no connection cap) and has been idle for
-a while is dropped: a new one for the host is the same, and a run redirected to a new host per
-URL held 7 kB per host for good.
+ten minutes is dropped: a new one for the host is the same, and a run redirected to a new host
+per URL held 7 kB per host for good.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class HostRegistry:
         self._lock = threading.Lock()
 
     PRUNE_EVERY = 1000  # budgets between two looks for idle ones
-    IDLE_SECONDS = 60.0  # a budget unused this long (and two of its intervals) is dropped if it learned nothing
+    # A budget unused this long (and two of its intervals) is dropped if it learned nothing. Longer
+    # than any fetch: robots.txt's rules (its Crawl-delay cap) come a whole fetch after the slot.
+    IDLE_SECONDS = 600.0
 
     def register_lane(self, server: str, controller: RateController) -> None:
         with self._lock:
