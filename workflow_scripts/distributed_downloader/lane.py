@@ -1016,7 +1016,12 @@ class _LaneGate(HopGate):
         self.controller, self.sent_at, self.concurrency = controller, time.monotonic(), concurrency
 
     def on_wire(self) -> None:
-        self.controller.space_send()
+        self.controller.space_send()  # waits out our spacing and any pause of up to 5 s
+        if self.controller.paused_for() > 0:
+            # A longer pause came after this request took its slot (another answer's Retry-After):
+            # nothing is written; as a cancelled copy it goes back to the queue, which waits it out.
+            self.cancelled = True
+            raise DownloadError(ErrorCode.SERVER_PAUSED, "the server asked for a pause before this request was sent")
 
     def _sleep(self, seconds: float) -> None:
         if self.cancelled:  # a copy no longer wanted leaves the queue without spending a slot
