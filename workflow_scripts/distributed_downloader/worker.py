@@ -211,7 +211,9 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
 
     while True:
         try:
-            spec, kind, payload = events.get(timeout=0.05 if (lanes and not exhausted) or not lanes else 0.5)
+            # Every 50 ms while lanes run: relayed pauses and levels reach them within one poll (0.5 s
+            # once the rank had all its lanes: a relayed 1-s Retry-After came ~1 s late).
+            spec, kind, payload = events.get(timeout=0.05)
         except queue.Empty:
             spec = None
         while spec is not None:
