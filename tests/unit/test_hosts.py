@@ -29,3 +29,13 @@ def test_idle_budgets_that_learned_nothing_are_dropped_the_others_kept(monkeypat
     assert len(registry._others) < 40
     for name, controller in (("refused.org", refused), ("paused.org", paused), ("busy.org", busy)):
         assert registry.controller_for(name) is controller
+
+
+def test_a_host_whose_lanes_run_on_another_rank_gets_a_token_budget_only() -> None:
+    """Its lanes already send what it allows: a full budget on every other rank on top sent a
+    Crawl-delay-10 host 0.175 req/s against 0.1 (4 ranks, default rate 2)."""
+    registry = HostRegistry(default_rate=2.0, ranks=4, decrease=0.3, laned=["big.org"])
+    elsewhere = registry.controller_for("big.org")
+    assert elsewhere.rate == pytest.approx(HostRegistry.LANED_ELSEWHERE_RATE / 4)
+    assert elsewhere.ceiling == pytest.approx(HostRegistry.LANED_ELSEWHERE_RATE / 4)
+    assert registry.controller_for("other.org").rate == pytest.approx(0.5)  # not laned: the default share

@@ -198,7 +198,8 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
     round_no = schedule["round"]
     events: queue.Queue = queue.Queue()
     lanes: dict[str, LaneThread] = {}
-    hosts = HostRegistry(params["default_rate_limit"], comm.Get_size(), params["rate_multiplier"])
+    laned = [info["server_name"] for info in schedule["servers"]]
+    hosts = HostRegistry(params["default_rate_limit"], comm.Get_size(), params["rate_multiplier"], laned)
     robots = RobotsCache(paths.robots, FetchSettings.from_config(params).robots_token)  # one per rank, shared
     relayed: dict[str, float] = {}  # server -> the pause (epoch) last relayed or received
     told: dict[str, int] = {}  # server -> this rank's lane's congestion count last relayed
