@@ -1072,3 +1072,20 @@ def test_space_send_honours_a_short_pause_that_came_while_it_waited() -> None:
 def test_an_announced_rate_is_finite_and_above_zero(headers: dict, expected: float | None) -> None:
     """profiling takes the announced rate as the server's ceiling: -5 req/s made every slot due at once."""
     assert advertised_rate(headers) == expected
+
+
+def test_a_siblings_higher_level_leaves_this_lanes_own_guess_a_guess() -> None:
+    """Lane 0's first refusal guessed 3.4 req/s (its sends held to 0.75 of its rate by a busy CPU);
+    lane 1's relayed level, 4.2 for this share, is higher, so lane 0 keeps its own level, and that
+    level is still a guess: it must grow until a refusal measures the limit. Taken as measured, a
+    37.5/s host's lane held 3.4 req/s for 120 s (the background bench's makespan, twice)."""
+    ctl, clock = controller(start=0.75, ceiling=40.0, share=0.5)
+    send_saturated(ctl, clock, 10.0)
+    ctl._leave_slow_start(clock.t, 4.28)
+    assert ctl.level_guessed and ctl.level == pytest.approx(0.8 * 4.28)
+    ctl.sibling_level(8.32, guessed=True)
+    assert ctl.level == pytest.approx(0.8 * 4.28) and ctl.level_guessed
+    ctl.sibling_level(8.32, guessed=False)  # a measured sibling level above ours says nothing of ours either
+    assert ctl.level_guessed
+    send_saturated(ctl, clock, 20.0)
+    assert ctl.rate >= 2 * 3.42

@@ -521,8 +521,11 @@ class RateController:
             # 5% a second (a lane at 1 of a 20/s share took 40 s to reach 8).
             self.slow_start = self.slow_start and self.rate < min(self.level or level, level) * self.NEAR * 0.5
             # A guess there (its slow start's step back) is a guess here: grown from briskly until
-            # a refusal measures the limit.
-            self.level_guessed = guessed and (self.level is None or level <= self.level)
+            # a refusal measures the limit. A lane that keeps its own, lower level keeps what that
+            # was: a sibling's higher level turned this lane's own guess into a measurement, which
+            # only gentle probes then left (a 37.5/s host's lane held 3.4 req/s for 120 s, twice).
+            if self.level is None or level <= self.level:
+                self.level_guessed = guessed
             self.level = min(self.level, level) if self.level is not None else level
             self.level_measured = True
             self.level_since = self.last_decrease = self.last_increase = now
