@@ -316,3 +316,18 @@ def test_fair_share_never_leaves_a_server_without_a_lane(tmp_path: Path) -> None
                 held[rank].add(name)
                 coord.servers[name].pending.clear()  # one batch per lane here: the server is drained
         assert opened == set(coord.servers), (servers, ranks, slots)
+
+
+def test_server_memory_learns_only_what_a_server_was_seen_to_accept(tmp_path: Path) -> None:
+    """A lane that had no answer leaves the memory alone; a rate above the lane's accepted peak is
+    remembered as that peak (a lane regrew to 7.9 req/s on a 4/s host after a connection-cap finding
+    dropped its level, and the next monthly run started there: 28 refusals instead of 0)."""
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    server = coord.order[0]
+    base = {"server": server, "share": 1.0, "connection_cap": None, "paused_until": 0.0}
+    coord.learn([{**base, "rate": 3.8, "level": 4.0, "answers": 500, "peak": 4.5}])
+    assert coord.memory[server]["rate"] == 3.8 and coord.memory[server]["level"] == 4.0
+    coord.learn([{**base, "rate": 7.9, "level": None, "answers": 0, "peak": 0.0}])  # learned nothing
+    assert coord.memory[server]["rate"] == 3.8 and coord.memory[server]["level"] == 4.0
+    coord.learn([{**base, "rate": 7.9, "level": None, "answers": 120, "peak": 4.5}])
+    assert coord.memory[server]["rate"] == 4.5

@@ -188,11 +188,17 @@ class Coordinator:
         """Fold lane snapshots into the servers' memory (each lane's figures scaled to the whole server)."""
         by_server: dict[str, list[dict]] = {}
         for lane in lanes:
-            if lane.get("share"):
+            # A lane that had no answer (its batches were all done already) learned nothing: its
+            # figures are only where it started.
+            if lane.get("share") and lane.get("answers", 1):
                 by_server.setdefault(lane["server"], []).append(lane)
         for server, group in by_server.items():
             entry = self.memory.setdefault(server, {})
-            entry["rate"] = round(sum(lane["rate"] / lane["share"] for lane in group) / len(group), 4)
+            # Never a rate the server was not seen to accept: a lane whose connection-cap finding
+            # dropped its level regrew to 7.9 req/s on a 4/s host without sending at it (its CPU
+            # starved), and the next monthly run started there (28 refusals instead of 0).
+            rates = [min(lane["rate"], lane.get("peak") or lane["rate"]) / lane["share"] for lane in group]
+            entry["rate"] = round(sum(rates) / len(rates), 4)
             levels = [lane["level"] / lane["share"] for lane in group if lane.get("level")]
             entry["level"] = round(min(levels), 4) if levels else None
             caps = [lane["connection_cap"] / lane["share"] for lane in group if lane.get("connection_cap")]

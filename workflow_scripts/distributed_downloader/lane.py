@@ -353,6 +353,8 @@ class Lane:
             "share": self.controller.share,
             "paused_for": round(self.controller.paused_for(), 1),
             "congestion": self.controller.events["congestion"],
+            "answers": self.controller.answers,
+            "peak": round(self.controller.peak, 3),  # the most it saw the server accept per second
             "done": 0 if batch is None else batch.processed,
             "successes": 0 if batch is None else batch.new_successes,
             "bytes": 0 if batch is None else batch.bytes,

@@ -323,6 +323,7 @@ class RateController:
         self.latency_high_since: float | None = None
         self.forbidden_streak = 0
         self.bans = 0
+        self.answers = 0  # HTTP answers this controller saw (server memory learns only from lanes that had some)
         self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0, "jitter": 0}
         self._lock = threading.Lock()
 
@@ -463,6 +464,7 @@ class RateController:
         """Any HTTP answer (a redirect hop, a 200, a 404, a 429...): classify it and react."""
         with self._lock:
             now = self.clock()
+            self.answers += 1
             self._apply_headers(now, headers)
             sent_at = now if sent_at is None else sent_at
             if status in REFUSAL_STATUSES:
