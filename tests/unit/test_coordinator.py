@@ -331,3 +331,18 @@ def test_server_memory_learns_only_what_a_server_was_seen_to_accept(tmp_path: Pa
     assert coord.memory[server]["rate"] == 3.8 and coord.memory[server]["level"] == 4.0
     coord.learn([{**base, "rate": 7.9, "level": None, "answers": 120, "peak": 4.5}])
     assert coord.memory[server]["rate"] == 4.5
+
+
+def test_server_memory_keeps_measured_levels_not_guesses(tmp_path: Path) -> None:
+    """Slow start's step back (0.8 of what it sent when first refused: 5.6 for a 4/s host) is a guess:
+    remembered as a level, the next monthly run started above the limit."""
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    server = coord.order[0]
+    base = {"server": server, "share": 1.0, "connection_cap": None, "paused_until": 0.0, "answers": 50, "peak": 5.0}
+    coord.learn([{**base, "rate": 5.3, "level": 5.6, "level_guessed": True}])
+    assert coord.memory[server]["level"] is None
+    coord.learn([{**base, "rate": 3.8, "level": 4.0, "level_guessed": False}])
+    assert coord.memory[server]["level"] == 4.0
+    coord.learn([{**base, "rate": 3.9, "level": 5.6, "level_guessed": True}])  # a later guess: the measurement stays
+    coord.learn([{**base, "rate": 3.9, "level": None}])
+    assert coord.memory[server]["level"] == 4.0

@@ -199,8 +199,16 @@ class Coordinator:
             # starved), and the next monthly run started there (28 refusals instead of 0).
             rates = [min(lane["rate"], lane.get("peak") or lane["rate"]) / lane["share"] for lane in group]
             entry["rate"] = round(sum(rates) / len(rates), 4)
-            levels = [lane["level"] / lane["share"] for lane in group if lane.get("level")]
-            entry["level"] = round(min(levels), 4) if levels else None
+            # Measured levels only (slow start's step back is a guess: 5.6 req/s for a 4/s host, from
+            # which the next monthly run started above the limit). Without a new one, the last
+            # measured level stays.
+            levels = [
+                lane["level"] / lane["share"] for lane in group if lane.get("level") and not lane.get("level_guessed")
+            ]
+            if levels:
+                entry["level"] = round(min(levels), 4)
+            else:
+                entry.setdefault("level", None)
             caps = [lane["connection_cap"] / lane["share"] for lane in group if lane.get("connection_cap")]
             entry["connection_cap"] = int(min(caps)) if caps else None
             entry["paused_until"] = max([entry.get("paused_until") or 0.0] + [lane["paused_until"] for lane in group])

@@ -348,6 +348,7 @@ class Lane:
             "lane": self.spec.lane_index,
             "rate": round(self.controller.rate, 3),
             "level": None if self.controller.level is None else round(self.controller.level, 3),
+            "level_guessed": self.controller.level_guessed,
             "connection_cap": self.controller.connection_cap,
             "paused_until": round(self.controller.paused_until_epoch(), 3),
             "share": self.controller.share,
