@@ -82,3 +82,15 @@ def test_damaged_memory_values_are_left_out_not_fatal(tmp_path: Path) -> None:
     for name, entry in coordinator.memory.items():
         ctl = lane_controller(LaneSpec(name, 0, 1, 2.0, 50.0, 8, 0.3, memory=entry))
         assert ctl.rate <= 6.0 and ctl.paused_for() == 0.0 and (ctl.level is None or ctl.level == 4.0)
+
+
+def test_a_lane_starts_just_below_its_remembered_level_not_at_a_remembered_probe() -> None:
+    """Memory of a 4/s host: level 3.69, rate 3.84 (its lane was probing above the level when the run
+    ended). Started at 3.84, one probe passed 1.05 x the level, the level was forgotten and the lane
+    regrew to 5.2 req/s: a refusal on each of five hosts of the snapshot bench's second run."""
+    from distributed_downloader.lane import LaneSpec, lane_controller
+    from distributed_downloader.politeness import RateController
+
+    ctl = lane_controller(LaneSpec("h", 0, 1, 3.0, 50.0, 8, 0.3, memory={"rate": 3.84, "level": 3.69}))
+    assert ctl.level == 3.69 and not ctl.slow_start
+    assert abs(ctl.rate - 3.69 * (1 - RateController.HEADROOM)) < 1e-9

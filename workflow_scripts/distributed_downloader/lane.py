@@ -952,6 +952,8 @@ def lane_controller(spec: LaneSpec) -> RateController:
     ceiling = spec.max_rate * share
     start = memory.get("rate") or spec.start_rate
     level = memory.get("level")
+    if level:  # just below the level it measured: a remembered rate above it (a probe) forgot it at once
+        start = min(start, level * (1.0 - RateController.HEADROOM))
     controller = RateController(
         LaneLimits(
             start_rate=min(start * share, ceiling),

@@ -261,7 +261,6 @@ class RateController:
     GUESS_GROWTH = 0.05  # ...by this much (the issue's "within ~10% below the limit" needs it found)
     BETWEEN_TRUSTED = 0.85  # two refusals alone measure the limit if it reads this close to our rate
     BETWEEN_ANSWERS = 8  # accepted answers between two refusals that measure the server's rate
-    PAUSED_WEIGHT = 0.5  # share of the time we were paused in between that _between_refusals leaves out
     LATENCY_SAMPLES = 32
     LATENCY_RISE = 5.0  # median latency this many times its baseline...
     LATENCY_MIN_RISE = 1.0  # ...and at least this many seconds above it...
@@ -299,7 +298,6 @@ class RateController:
         self.level_guessed = False  # the level is slow start's step back, not a measurement: probe it sooner
         now = clock()
         self.paused_until = 0.0
-        self.pauses: deque[tuple[float, float]] = deque()  # (from, until) of recent pauses: no sends then
         self.next_start = 0.0
         self.last_decrease = -math.inf
         self.epoch_start = now
@@ -682,9 +680,6 @@ class RateController:
         # An infinite pause (a quota reset of "inf" or 1e400) is no time a server means: it stopped
         # the server for good, every round, and wrote Infinity (not JSON) into the server memory.
         if seconds > 0 and math.isfinite(seconds) and now + seconds > self.paused_until:
-            self.pauses.append((max(now, self.paused_until), now + seconds))
-            while self.pauses and self.pauses[0][1] < now - self.ACCEPTED_WINDOW:
-                self.pauses.popleft()
             self.paused_until = now + seconds
             self.events["pauses"] += 1
             self.epoch_congested = True
@@ -790,6 +785,12 @@ class RateController:
         short window right after slow start reads the burst it drained as rate: 55/s on a 38/s
         host.) The latest earlier refusal with ``BETWEEN_ANSWERS`` accepted answers and another
         refusal after it is used: recent, so we pressed all along; long enough to count.
+
+        A pause in between (Retry-After) is counted in the gap: the bucket refilled min(burst,
+        r x pause) while we waited, so the reading is a lower bound of r, exact when the burst
+        covers the pause. Leaving the pause out reads up to burst / gap above it (half of it out:
+        4.72/s on 4/s hosts whose burst is 1 s of rate), and a level above the limit costs refusals
+        and, remembered, the next run's; the probes above a level find what a lower bound missed.
         """
         accepted = self.accepted
         count = 0
@@ -801,25 +802,11 @@ class RateController:
             # A refusal in between too: we pressed. Two lone ones (jitter on a burst of one while we
             # sent below the limit) would read our own rate, not the server's: a lower bound of the
             # limit that is believed only when close to the rate we send at (else it read our waste).
-            span = now - earlier - self.PAUSED_WEIGHT * self._paused_between(earlier, now)
-            if count >= self.BETWEEN_ANSWERS and span > 0:
-                measured = count / span
+            if count >= self.BETWEEN_ANSWERS and now > earlier:
+                measured = count / (now - earlier)
                 if inside or measured >= self.BETWEEN_TRUSTED * self.rate:
                     return measured
         return None
-
-    def _paused_between(self, start: float, end: float) -> float:
-        """Seconds of [start, end] this lane was paused (Retry-After, a quota, a relayed pause).
-
-        We sent nothing then, so the server's bucket refilled: up to its burst, which comes back as
-        accepted answers, but a token bucket of r wastes r x pause - burst tokens on a long pause. The
-        whole gap read 9.4/s on an 11/s host with a burst of 3 that asked for 1 s after each 429 (held
-        there at 0.82 of its limit for the rest of the run); the whole gap minus the pause would read
-        up to burst / gap too high. ``PAUSED_WEIGHT`` of the pause is left out (simulated, buckets of
-        2-66 req/s sending Retry-After: bursts r/4-r/2, hold p10 0.82 -> 0.87 and 2.9 refusals per
-        host either way; bursts r-2r, 4.0 -> 4.8 refusals, 7.3 with all of the pause left out).
-        """
-        return sum(max(0.0, min(end, until) - max(start, since)) for since, until in self.pauses)
 
     def _leave_slow_start(self, now: float, sending: float) -> None:
         """The first refusal: the limit lies below the rate we were sending at, by up to its burst.
