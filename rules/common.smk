@@ -10,7 +10,7 @@ if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
 from distributed_downloader import config as dd_config
-from distributed_downloader import launch as dd_launch
+from distributed_downloader.engine import launch as dd_launch
 
 try:
     config.update(dd_config.validate(config))

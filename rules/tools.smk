@@ -4,7 +4,7 @@
 # (undeclared), so only the small summaries are declared outputs; per-partition markers under
 # <tools_folder>/<tool>/done/ make a killed run resume without applying the tool twice.
 from distributed_downloader.tools.registry import TOOL_NAME_PATTERN
-from distributed_downloader.tools.workflow import ToolRules
+from distributed_downloader.front.tool_rules import ToolRules
 
 TOOLS = ToolRules(config, PATHS, verification_report())
 TOOLS.check_configured()

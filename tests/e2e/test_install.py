@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_downloader import demo
-from distributed_downloader.testserver import ImageFarm
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import ImageFarm
 from tests.conftest import REPO, run
 from tests.e2e.helpers import check_dataset, ranks_of
 

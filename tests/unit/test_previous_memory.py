@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distributed_downloader import previous
-from distributed_downloader.server_memory import read_memory
+from distributed_downloader.plan import previous
+from distributed_downloader.plan.server_memory import read_memory
 
 
 def _run(folder: Path, memory: dict | str) -> Path:

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.imaging import IMAGE_FORMATS, decode_stored_image, target_size
-from distributed_downloader.store import SUCCESSES_FILE
+from distributed_downloader.imaging.process import IMAGE_FORMATS, decode_stored_image, target_size
+from distributed_downloader.store.files import SUCCESSES_FILE
 from distributed_downloader.tools import (
     BatchResult,
     FilterRegister,

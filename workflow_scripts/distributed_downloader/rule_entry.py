@@ -24,7 +24,7 @@ def run(smk: Any) -> None:
             stages.make_schedule(config, int(smk.wildcards.round), Path(smk.output[0]))
         elif stage == "report_plots":
             from distributed_downloader import config as config_mod
-            from distributed_downloader import plots
+            from distributed_downloader.report import plots
 
             paths = config_mod.paths(config)
             plots.make_all(Path(smk.input.verification), paths.state, paths.images, dict(smk.output.items()))

@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, profiling, schedule, snapshot, stale_images, verify
-from distributed_downloader.fetch import FetchSettings
-from distributed_downloader.probe_rows import ProbeKeeper
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader import inputs
+from distributed_downloader.engine.probe_rows import ProbeKeeper
+from distributed_downloader.net.fetch import FetchSettings
+from distributed_downloader.plan import partition, profiling, schedule, snapshot, stale_images
+from distributed_downloader.report import verify
+from distributed_downloader.store.files import atomic_write_json
 
 log = logging.getLogger("distributed_downloader")
 
@@ -107,7 +109,7 @@ def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
 
 
 def snapshot_report(config: Mapping, json_out: Path, csv_out: Path) -> dict:
-    from distributed_downloader import snapshot_report as report_mod
+    from distributed_downloader.report import snapshot_report as report_mod
 
     paths = config_mod.paths(config)
     report = report_mod.write(paths, partition.read_manifest(paths.urls), Path(json_out), Path(csv_out))

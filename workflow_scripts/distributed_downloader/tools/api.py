@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from distributed_downloader import api
 from distributed_downloader import config as config_mod
-from distributed_downloader.store import atomic_write_text
+from distributed_downloader.front import api
+from distributed_downloader.store.files import atomic_write_text
 from distributed_downloader.tools import registry
 from distributed_downloader.tools.dataset import ToolPaths
 

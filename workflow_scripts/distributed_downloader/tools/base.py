@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.store import SUCCESSES_FILE, atomic_write_json
+from distributed_downloader.store.files import SUCCESSES_FILE, atomic_write_json
 from distributed_downloader.tools.dataset import (
     FILTER_SCHEMA,
     ParquetRewrite,

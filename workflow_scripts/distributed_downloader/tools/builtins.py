@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import ImageError
-from distributed_downloader.imaging import ImageSettings, _md5, decode_stored_image, encode_image, resize_image
+from distributed_downloader.imaging.process import ImageSettings, _md5, decode_stored_image, encode_image, resize_image
 from distributed_downloader.tools.base import (
     BatchResult,
     DefaultScheduler,

@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader.batch_parts import success_files
 from distributed_downloader.config import Paths
-from distributed_downloader.jsonfiles import read_json as read_json  # re-exported: tools import it from here
-from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE, _fsync_and_rename
+from distributed_downloader.store.batch_parts import success_files
+from distributed_downloader.store.files import PARQUET_COMPRESSION, SUCCESSES_FILE, _fsync_and_rename
+from distributed_downloader.store.jsonfiles import read_json as read_json  # re-exported: tools import it from here
 
 WRITE_ID_KEY = b"distributed_downloader.write_id"
 FILTER_SCHEMA = pa.schema(

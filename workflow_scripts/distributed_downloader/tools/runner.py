@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.store import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
+from distributed_downloader.store.files import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
 from distributed_downloader.tools.base import BatchResult, MPIRunnerTool, PartitionContext
 from distributed_downloader.tools.dataset import (
     REPORT_FIELDS,
