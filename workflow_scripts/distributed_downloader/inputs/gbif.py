@@ -12,17 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distributed_downloader.inputs import (
+from distributed_downloader.inputs.columns import (
     GBIF_UUID_NAMESPACE,
     INVALID_COLUMN,
-    _assemble,
-    _column_map,
-    _string_column,
-    check_input,
+    assemble,
+    column_map,
     deterministic_uuids,
-    raw_batches,
+    string_column,
     with_invalid_reason,
 )
+from distributed_downloader.inputs.files import check_input, raw_batches
 
 GBIF_REQUIRED = ("gbifid", "identifier")
 OCCURRENCE_REQUIRED = ("gbifid", "basisofrecord")
@@ -35,9 +34,9 @@ def material_citation_ids(occurrences: str | Path) -> np.ndarray:
     check_input(occurrences, OCCURRENCE_REQUIRED)
     found: list[np.ndarray] = []
     for batch in raw_batches(occurrences):
-        mapping = _column_map(batch.schema.names)
-        basis = _string_column(batch, mapping, "basisofrecord")
-        ids = _string_column(batch, mapping, "gbifid").filter(pc.equal(pc.utf8_upper(basis), MATERIAL_CITATION))
+        mapping = column_map(batch.schema.names)
+        basis = string_column(batch, mapping, "basisofrecord")
+        ids = string_column(batch, mapping, "gbifid").filter(pc.equal(pc.utf8_upper(basis), MATERIAL_CITATION))
         numeric = _numeric_ids(ids)
         numeric = numeric[numeric >= 0]
         if len(numeric):
@@ -81,19 +80,19 @@ def gbif_rows(path: str | Path, occurrences: str | Path = "") -> Iterator[pa.Rec
 def _gbif_rows(path: str | Path, occurrences: str | Path) -> Iterator[pa.RecordBatch]:
     excluded = material_citation_ids(occurrences) if occurrences else np.empty(0, dtype=np.int64)
     for batch in raw_batches(path):
-        mapping = _column_map(batch.schema.names)
-        gbif_id = _string_column(batch, mapping, "gbifid")
-        keep = _is_still_image(_string_column(batch, mapping, "type"), _string_column(batch, mapping, "format"))
+        mapping = column_map(batch.schema.names)
+        gbif_id = string_column(batch, mapping, "gbifid")
+        keep = _is_still_image(string_column(batch, mapping, "type"), string_column(batch, mapping, "format"))
         keep = pc.and_(keep, pc.invert(_excluded(gbif_id, excluded)))
         keep = pc.or_(keep, pc.not_equal(batch.column(INVALID_COLUMN), ""))  # unparseable lines are reported
         batch = batch.filter(keep)
-        mapping = _column_map(batch.schema.names)
-        gbif_id = _string_column(batch, mapping, "gbifid")
-        identifier = _string_column(batch, mapping, "identifier")
+        mapping = column_map(batch.schema.names)
+        gbif_id = string_column(batch, mapping, "gbifid")
+        identifier = string_column(batch, mapping, "identifier")
         ids = deterministic_uuids(GBIF_UUID_NAMESPACE, gbif_id, identifier)
         reject = with_invalid_reason(batch, pc.if_else(pc.equal(gbif_id, ""), "empty gbifID", ""), GBIF_TEXT_COLUMNS)
         # `source` is usually empty in GBIF exports; the publisher names where the image comes from.
-        source = _string_column(batch, mapping, "source")
-        publisher = _string_column(batch, mapping, "publisher")
+        source = string_column(batch, mapping, "source")
+        publisher = string_column(batch, mapping, "publisher")
         with_source = batch.append_column("_source", pc.if_else(pc.equal(source, ""), publisher, source))
-        yield _assemble(ids, gbif_id, identifier, with_source, _column_map(with_source.schema.names), reject, "_source")
+        yield assemble(ids, gbif_id, identifier, with_source, column_map(with_source.schema.names), reject, "_source")
