@@ -13,15 +13,14 @@ from typing import Any
 
 from distributed_downloader.tools import builtins  # noqa: F401 - registers the built-in tools
 from distributed_downloader.tools.base import (
-    BatchResult,
     DefaultScheduler,
     FilterToolBase,
     MPIRunnerTool,
-    PartitionContext,
     PythonFilterToolBase,
     SchedulerToolBase,
     ToolBase,
 )
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.builtins import BUILTIN_TOOLS
 from distributed_downloader.tools.registry import (
     TOOLS_REGISTRY,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.store.files import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
-from distributed_downloader.tools.base import BatchResult, MPIRunnerTool, PartitionContext
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.dataset import (
     REPORT_FIELDS,
     ParquetRewrite,
@@ -45,6 +46,9 @@ from distributed_downloader.tools.dataset import (
     successes_path,
     with_write_id,
 )
+
+if TYPE_CHECKING:  # annotations only: base.py's MPIRunnerTool calls this module
+    from distributed_downloader.tools.base import MPIRunnerTool
 
 log = logging.getLogger("distributed_downloader.tools.runner")
 FILTER_ROWS_PER_SCAN = 1_000_000  # filter rows a rank holds in memory at once
