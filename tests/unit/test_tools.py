@@ -387,7 +387,7 @@ def test_cli_unknown_tool_fails_before_any_work(tmp_path: Path, capsys) -> None:
 
 
 def test_reset_flags_map_to_forcerun() -> None:
-    from distributed_downloader.tools.api import forcerun_rules
+    from distributed_downloader.front.api import forcerun_rules
 
     assert forcerun_rules() == []
     assert forcerun_rules(reset_filtering=True) == ["tool_filter"]
@@ -396,8 +396,8 @@ def test_reset_flags_map_to_forcerun() -> None:
 
 
 def test_apply_tool_builds_the_snakemake_call(tmp_path: Path, monkeypatch, clean_registry) -> None:
-    from distributed_downloader.front import api
-    from distributed_downloader.tools import api as tools_api
+    from distributed_downloader.front import api as tools_api
+    from distributed_downloader.front import invoke as api
 
     module = tmp_path / "mods" / "half.py"
     module.parent.mkdir()

@@ -1,180 +1,25 @@
-"""The classic Python API and the Snakemake invocation shared with the CLI.
+"""The classic Python API: ``download_images()`` and ``apply_tools()``, the original tool's entry points.
 
-`download_images()` / `apply_tools()` keep the original tool's entry points; both run this
-project's Snakemake workflow in-process through Snakemake's own argument parser and API, so
-profiles, `--forcerun` and dry-runs behave exactly as on the `snakemake` command line.
+Both run this project's Snakemake workflow in-process (invoke.py). The original's tool resets map to
+Snakemake's ``--forcerun``: ``reset_filtering`` -> ``tool_filter``, ``reset_scheduling`` -> ``tool_schedule``,
+``reset_runners`` -> ``tool_run``; a tool's target is its ``<tools_folder>/<tool>/_done.json``.
+``distributed_downloader.apply_tools`` and ``distributed_downloader.tools.apply_tools`` are the one below.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from distributed_downloader import config as config_mod
+from distributed_downloader.front import invoke
+from distributed_downloader.front.invoke import WorkflowFailed
+from distributed_downloader.store.files import atomic_write_text
 
-WORKFLOW_ROOT = config_mod.WORKFLOW_ROOT  # the checkout, or the workflow a wheel bundles
-PATH_KEYS = ("path_to_input", "path_to_output", "path_to_output_folder", "path_to_occurrences")
-
-
-class WorkflowFailed(RuntimeError):
-    """A stage itself failed (error rows for URLs are not failures)."""
-
-
-def profile_dir(profile: str) -> str:
-    """A bundled profile by name (local, slurm), else the path or name as given."""
-    bundled = WORKFLOW_ROOT / "profiles" / profile
-    return str(bundled) if bundled.is_dir() else profile
-
-
-def resolved_config(config_path: str | os.PathLike, base: Path | None = None) -> dict:
-    """The user's config, validated, with relative paths made absolute against `base` (cwd)."""
-    base = Path.cwd() if base is None else base
-    with open(config_path) as handle:
-        raw = yaml.safe_load(handle) or {}
-    for key in PATH_KEYS:
-        if raw.get(key):
-            raw[key] = str((base / raw[key]).absolute())
-    params = raw.get("downloader_parameters") or {}
-    if params.get("ignored_servers"):
-        params["ignored_servers"] = str((base / params["ignored_servers"]).absolute())
-    config_mod.validate(raw)  # fail early, naming the key, before Snakemake starts
-    return raw
-
-
-def output_folder(config: dict) -> Path:
-    """A run's output folder: where its data, its run config and Snakemake's state (.snakemake/) live."""
-    return Path(config.get("path_to_output") or config["path_to_output_folder"]).absolute()
-
-
-def write_run_config(config_path: str | os.PathLike) -> Path:
-    raw = resolved_config(config_path)
-    target = output_folder(raw) / ".run" / "config.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    from distributed_downloader.store.files import atomic_write_text
-
-    atomic_write_text(target, yaml.safe_dump(raw, sort_keys=False))
-    return target
-
-
-@contextlib.contextmanager
-def run_lock(output: Path) -> Iterator[bool]:
-    """An flock held for the whole run: tells whether another classic run is alive."""
-    (output / ".run").mkdir(parents=True, exist_ok=True)
-    with open(output / ".run" / "lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _other_snakemake_alive(workdir: Path) -> bool:
-    """Whether some other snakemake process works in `workdir` (its lock is then not stale)."""
-    import psutil
-
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.info["pid"] != me and "snakemake" in cmdline and proc.info["cwd"] == str(workdir):
-                return True
-        except (psutil.Error, TypeError):
-            continue
-    return False
-
-
-def snakemake_args(
-    run_config: Path,
-    profile: str = "local",
-    forcerun: Sequence[str] = (),
-    targets: Sequence[str] = (),
-    dryrun: bool = False,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    # Targets first: --configfile and --forcerun take several values and would swallow them.
-    # The working directory is the output folder: Snakemake's state (locks, metadata, logs) of a run
-    # lives with its data, so runs on different outputs never share it, whatever the checkout.
-    workdir = output_folder(yaml.safe_load(Path(run_config).read_text()) or {})
-    snakefile = config_mod.workflow_file("Snakefile")
-    args = [*targets, "--snakefile", str(snakefile), "--directory", str(workdir)]
-    args += ["--profile", profile_dir(profile)]
-    args += ["--configfile", str(run_config)]
-    if forcerun:
-        args += ["--forcerun", *forcerun]
-    if dryrun:
-        args.append("--dry-run")
-    args += account_resources(run_config, profile)
-    args += list(extra)
-    return args
-
-
-def account_resources(run_config: Path, profile: str) -> list[str]:
-    """The original's `account` key as the Slurm executor's `slurm_account`.
-
-    `--default-resources` on the command line replaces the profile's list, so the profile's own
-    defaults are carried over with the account added.
-    """
-    with open(run_config) as handle:
-        account = (yaml.safe_load(handle) or {}).get("account", "")
-    profile_file = Path(profile_dir(profile)) / "config.yaml"
-    if not account or not profile_file.is_file():
-        return []
-    with open(profile_file) as handle:
-        settings = yaml.safe_load(handle) or {}
-    if settings.get("executor") != "slurm":
-        return []
-    defaults = settings.get("default-resources") or {}
-    pairs = list(defaults.items()) if isinstance(defaults, dict) else [tuple(d.split("=", 1)) for d in defaults]
-    resources = [f"{key}={value}" for key, value in pairs if key != "slurm_account"]
-    return ["--default-resources", *resources, f"slurm_account={str(account)!r}"]  # quoted: values are Python
-
-
-def run_snakemake(args: Sequence[str]) -> bool:
-    """Snakemake's own CLI path, in-process; returns success."""
-    from snakemake.cli import args_to_api, parse_args
-
-    cwd = os.getcwd()
-    try:
-        parser, parsed = parse_args(list(args))
-        return bool(args_to_api(parsed, parser))
-    finally:
-        os.chdir(cwd)
-
-
-def unlock_if_stale(workdir: Path) -> None:
-    """Remove the Snakemake lock a killed run left in ``workdir`` (a run's output folder), if nobody runs there."""
-    locks = workdir / ".snakemake" / "locks"
-    if locks.is_dir() and any(locks.iterdir()) and not _other_snakemake_alive(workdir):
-        print("removing a stale Snakemake lock left by a killed run (snakemake --unlock)", file=sys.stderr)
-        snakefile = config_mod.workflow_file("Snakefile")
-        run_snakemake(["--snakefile", str(snakefile), "--directory", str(workdir), "--unlock"])
-
-
-def run_workflow(
-    config_path: str | os.PathLike,
-    profile: str = "local",
-    forcerun: Sequence[str] = (),
-    targets: Sequence[str] = (),
-    dryrun: bool = False,
-    extra: Sequence[str] = (),
-) -> bool:
-    run_config = write_run_config(config_path)
-    output = run_config.parent.parent
-    with run_lock(output) as alone:
-        if alone and not dryrun:
-            unlock_if_stale(output)
-        os.environ["CONFIG_PATH"] = str(Path(config_path).absolute())
-        return run_snakemake(snakemake_args(run_config, profile, forcerun, targets, dryrun, extra))
+__all__ = ["WorkflowFailed", "apply_tool", "apply_tools", "download_images", "forcerun_rules"]
 
 
 def download_images(
@@ -187,12 +32,75 @@ def download_images(
 ) -> None:
     """Run initialize -> profile -> schedule/download rounds -> verify. Raises WorkflowFailed."""
     forcerun = [r for r, on in (("initialize", reset_batched), ("profile_servers", reset_profiled)) if on]
-    if not run_workflow(config_path, profile, forcerun=forcerun, dryrun=dryrun):
+    if not invoke.run_workflow(config_path, profile, forcerun=forcerun, dryrun=dryrun):
         raise WorkflowFailed("the download workflow failed; see the Snakemake output and logs_folder")
 
 
-def apply_tools(config_path: str | os.PathLike, tool: str, **flags: object) -> None:
-    """Run one tool (filter -> schedule -> run) over the downloaded dataset. Raises WorkflowFailed."""
-    from distributed_downloader.tools.api import apply_tool
+def forcerun_rules(
+    reset_filtering: bool = False, reset_scheduling: bool = False, reset_runners: bool = False
+) -> list[str]:
+    resets = (("tool_filter", reset_filtering), ("tool_schedule", reset_scheduling), ("tool_run", reset_runners))
+    return [rule for rule, on in resets if on]
 
-    apply_tool(config_path, tool, **flags)
+
+def _patch_run_config(run_config: Path, allow_unregistered: bool) -> None:
+    """Resolve a relative tools_module path against the current directory (like the other paths of the
+    classic CLI) and, for --tool_name_override, allow tools without all three parts registered."""
+    raw = yaml.safe_load(run_config.read_text()) or {}
+    params = raw.get("tools_parameters") or {}
+    module = params.get("tools_module", "")
+    changed = False
+    if module and (module.endswith(".py") or "/" in module) and not Path(module).expanduser().is_absolute():
+        params["tools_module"] = str(Path(module).expanduser().absolute())
+        changed = True
+    if allow_unregistered:
+        params["allow_unregistered_tools"] = True
+        changed = True
+    if changed:
+        raw["tools_parameters"] = params
+        atomic_write_text(run_config, yaml.safe_dump(raw, sort_keys=False))
+
+
+def apply_tool(
+    config_path: str | os.PathLike,
+    tool: str,
+    *,
+    reset_filtering: bool = False,
+    reset_scheduling: bool = False,
+    reset_runners: bool = False,
+    tool_name_override: bool = False,
+    profile: str = "local",
+    dryrun: bool = False,
+) -> Path:
+    """Run ``tool`` (filter -> schedule -> run) on the dataset of the config; returns its ``_done.json``.
+
+    Raises ``registry.ToolError`` for an unknown tool (before any work), ``config.ConfigError`` for a bad
+    config and ``WorkflowFailed`` when a stage fails.
+    """
+    # The tools (and the libraries they load) only when a tool runs: the CLI's other commands start fast.
+    from distributed_downloader.tools import registry
+    from distributed_downloader.tools.dataset import ToolPaths
+
+    run_config = invoke.write_run_config(config_path)
+    _patch_run_config(run_config, tool_name_override)
+    config = config_mod.load(run_config)
+    os.environ["CONFIG_PATH"] = str(Path(config_path).absolute())
+    registry.resolve(tool, config)  # an unknown tool is an error before any work
+    paths = config_mod.paths(config)
+    target = ToolPaths.of(paths, tool).done
+    forcerun = forcerun_rules(reset_filtering, reset_scheduling, reset_runners)
+    with invoke.run_lock(paths.output) as alone:
+        if alone and not dryrun:
+            invoke.unlock_if_stale(paths.output)
+        # The target goes first: after --configfile / --forcerun (nargs '+' / '*') it would be taken as
+        # one more config file or rule name.
+        ok = invoke.run_snakemake([str(target), *invoke.snakemake_args(run_config, profile, forcerun, (), dryrun)])
+    if not ok:
+        raise invoke.WorkflowFailed(f"tool {tool} failed; see the Snakemake output and {paths.logs / 'tools' / tool}")
+    return target
+
+
+def apply_tools(config_path: str | os.PathLike, tool: str | Sequence[str], **flags: bool | str) -> list[Path]:
+    """``apply_tool`` for one tool name or for several, in order."""
+    tools = [tool] if isinstance(tool, str) else list(tool)
+    return [apply_tool(config_path, name, **flags) for name in tools]  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.front import api
+from distributed_downloader.front import api, invoke
 
 SUBCOMMANDS = ("demo", "status", "install-profiles")
 
@@ -56,7 +56,7 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("config")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    config = config_mod.validate(api.resolved_config(args.config))
+    config = config_mod.validate(invoke.resolved_config(args.config))
     result = status.collect(config_mod.paths(config))
     if args.json:
         import json
@@ -106,7 +106,7 @@ def demo(argv: list[str]) -> int:
         config_path = demo_mod.write_config(folder, input_path)
         print(f"demo: {len(rows)} URLs on {args.hosts} loopback servers {', '.join(farm.base_urls)}")
         started = time.monotonic()
-        ok = api.run_workflow(config_path, args.profile)
+        ok = invoke.run_workflow(config_path, args.profile)
         elapsed = time.monotonic() - started
     if not ok:
         print("demo: the workflow failed", file=sys.stderr)

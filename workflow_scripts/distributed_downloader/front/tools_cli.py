@@ -45,10 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from distributed_downloader.tools import ToolError
-    from distributed_downloader.tools.api import apply_tool
 
     try:
-        done = apply_tool(
+        done = api.apply_tool(
             args.config,
             args.tool_name,
             reset_filtering=args.reset_filtering,

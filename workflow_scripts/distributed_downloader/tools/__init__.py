@@ -59,7 +59,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy: jobs import the tools without paying for the Snakemake API.
     if name in ("apply_tool", "apply_tools"):
-        from distributed_downloader.tools import api
+        from distributed_downloader.front import api  # the classic entry points live in front/
 
         return getattr(api, name)
     raise AttributeError(name)
