@@ -14,11 +14,11 @@ from collections.abc import Mapping
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Paths
-from distributed_downloader.engine.lane import success_row
 from distributed_downloader.errors import DownloadError
 from distributed_downloader.imaging import process as imaging
 from distributed_downloader.store.batch_parts import BatchParts
 from distributed_downloader.store.files import valid_marker
+from distributed_downloader.store.rows import success_row
 
 FIRST_BATCH = 0  # profiling probes the first URLs of a server's first batch (a snapshot: of the first it downloads)
 

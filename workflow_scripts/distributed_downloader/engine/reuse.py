@@ -51,6 +51,7 @@ from distributed_downloader.store.files import (
     atomic_write_json,
 )
 from distributed_downloader.store.jsonfiles import read_json as _read_json
+from distributed_downloader.store.rows import is_license_full
 
 log = logging.getLogger(__name__)
 STAGED_DIR = ".reuse"  # in the batch folder: previous copies of the revalidation sample
@@ -339,8 +340,6 @@ def _checked(picked: pa.Table, rows: list[dict], by_uuid: Mapping[str, dict], pa
 
 def _as_success_rows(picked: pa.Table, planned: list[dict], by_uuid: Mapping[str, dict]) -> pa.Table:
     """The previous image columns with this run's uuid, source_id, URL and attribution."""
-    from distributed_downloader.engine.lane import is_license_full  # the one rule for the flag (lane imports us)
-
     new = [by_uuid[row["uuid"]] for row in planned]
     columns: dict[str, pa.Array | list] = {
         "uuid": [row["uuid"] for row in new],
