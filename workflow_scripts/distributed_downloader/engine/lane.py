@@ -35,7 +35,6 @@ from distributed_downloader.config import Paths
 from distributed_downloader.engine import reuse
 from distributed_downloader.errors import DownloadError, ErrorCode, internal_error_message, is_transient
 from distributed_downloader.imaging import process as imaging
-from distributed_downloader.inputs import NOT_PROVIDED
 from distributed_downloader.net.fetch import FetchSettings, HopGate, HttpStatusError, ServerFetcher
 from distributed_downloader.net.hosts import HostRegistry, server_of
 from distributed_downloader.net.politeness import LaneLimits, RateController, lane_connections
@@ -57,6 +56,7 @@ from distributed_downloader.store.files import (
     valid_marker,
     write_marker,
 )
+from distributed_downloader.store.rows import success_row
 
 log = logging.getLogger(__name__)
 RATE_SAMPLE_SECONDS = 5.0
@@ -184,32 +184,6 @@ class _NoRobotsSlot(Exception):
 
 
 END_OF_BATCHES = None  # what a lane's inbox carries when the coordinator has no more batches for it
-
-
-def is_license_full(row: Mapping) -> bool:
-    return all(row.get(k) not in (None, "", NOT_PROVIDED) for k in ("license", "source", "title"))
-
-
-def success_row(row: Mapping, image: imaging.ProcessedImage, headers: Mapping[str, str] | None = None) -> dict:
-    """The successes.parquet row of an input row and its processed image (``headers``: the response's,
-    whose validators a later snapshot's conditional GET sends back; issue #18)."""
-    headers = headers or {}
-    return {
-        "uuid": row["uuid"],
-        "source_id": row["source_id"],
-        "identifier": row["identifier"],
-        "is_license_full": is_license_full(row),
-        "license": row["license"] or NOT_PROVIDED,
-        "source": row["source"] or NOT_PROVIDED,
-        "title": row["title"] or NOT_PROVIDED,
-        "hashsum_original": image.hashsum_original,
-        "hashsum_resized": image.hashsum_resized,
-        "original_size": list(image.original_size),
-        "resized_size": list(image.resized_size),
-        "image": image.image,
-        "etag": headers.get("ETag"),
-        "last_modified": headers.get("Last-Modified"),
-    }
 
 
 class Lane:
