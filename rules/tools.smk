@@ -23,10 +23,8 @@ rule tool_filter:
         log_file("tools/{tool}/filter"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="filter",
     script:
-        "../workflow_scripts/run_tool_stage.py"
+        "../workflow_scripts/run_stage.py"
 
 
 rule tool_schedule:
@@ -39,10 +37,8 @@ rule tool_schedule:
     localrule: True
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="schedule",
     script:
-        "../workflow_scripts/run_tool_stage.py"
+        "../workflow_scripts/run_stage.py"
 
 
 # One MPI job per tool, like download: every rank rewrites its scheduled partitions.
