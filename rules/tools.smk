@@ -18,7 +18,7 @@ rule tool_filter:
     input:
         unpack(TOOLS.filter_inputs),
     output:
-        TOOLS.file("{tool}", "filter/_summary.json"),
+        TOOLS.filter_summary("{tool}"),
     log:
         log_file("tools/{tool}/filter"),
     conda:
@@ -29,9 +29,9 @@ rule tool_filter:
 
 rule tool_schedule:
     input:
-        TOOLS.file("{tool}", "filter/_summary.json"),
+        TOOLS.filter_summary("{tool}"),
     output:
-        TOOLS.file("{tool}", "schedule.json"),
+        TOOLS.schedule("{tool}"),
     log:
         log_file("tools/{tool}/schedule"),
     localrule: True
@@ -44,7 +44,7 @@ rule tool_schedule:
 # One MPI job per tool, like download: every rank rewrites its scheduled partitions.
 rule tool_run:
     input:
-        schedule=TOOLS.file("{tool}", "schedule.json"),
+        schedule=TOOLS.schedule("{tool}"),
     output:
         TOOLS.done("{tool}"),
     log:

@@ -124,7 +124,7 @@ def report_plots(config: Mapping, verification: Path, outputs: Mapping[str, str]
     from distributed_downloader.report import plots
 
     paths = config_mod.paths(config)
-    plots.make_all(Path(verification), paths.state, paths.images, dict(outputs))
+    plots.make_all(Path(verification), paths, dict(outputs))
 
 
 def snapshot_report(config: Mapping, json_out: Path, csv_out: Path) -> dict:

@@ -8,6 +8,7 @@ from typing import Any
 
 from distributed_downloader.config import Paths
 from distributed_downloader.tools import registry
+from distributed_downloader.tools.dataset import ToolPaths
 
 
 def _workflow_error(message: str) -> Exception:
@@ -22,11 +23,15 @@ class ToolRules:
         self.paths = paths
         self.verification_report = verification_report
 
-    def file(self, tool: str, name: str) -> str:
-        return str(self.paths.tools / tool / name)
+    # A tool's files, from ToolPaths (the tools' own owner of them); ``tool`` may be the "{tool}" wildcard.
+    def filter_summary(self, tool: str) -> str:
+        return str(ToolPaths.of(self.paths, tool).filter_summary)
+
+    def schedule(self, tool: str) -> str:
+        return str(ToolPaths.of(self.paths, tool).schedule)
 
     def done(self, tool: str) -> str:
-        return self.file(tool, "_done.json")
+        return str(ToolPaths.of(self.paths, tool).done)
 
     def check(self, tool: str) -> None:
         """An unknown tool (or one missing parts, without allow_unregistered_tools) fails before any job."""

@@ -33,6 +33,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from distributed_downloader import inputs
+from distributed_downloader.config import batch_folder
 
 URL_SCHEMA = pa.schema([(name, pa.string()) for name in inputs.URL_COLUMNS])
 REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in (*inputs.URL_COLUMNS, "reason")])
@@ -400,7 +401,7 @@ def write_partitions(
             prints = []
             urls = 0
             for partition_id, table in enumerate(_cut(grouper.rows_of(name), batch_size)):
-                target = work / f"server_name={name}" / f"partition_id={partition_id}" / URLS_FILE
+                target = work / batch_folder(name, partition_id) / URLS_FILE
                 target.parent.mkdir(parents=True)
                 pq.write_table(table, target, compression="zstd")
                 prints.append(fingerprint(table))

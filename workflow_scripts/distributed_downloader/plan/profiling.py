@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from distributed_downloader.config import batch_folder
 from distributed_downloader.errors import DownloadError, ErrorCode
 from distributed_downloader.net.fetch import FetchSettings, HttpStatusError, ServerFetcher
 from distributed_downloader.net.politeness import advertised_rate
@@ -237,7 +238,7 @@ def _probe(
 
 def first_urls(urls_folder: Path, server: str, count: int = PROBE_CANDIDATES) -> list[str]:
     """The first ``count`` URLs of a server's first partition."""
-    handle = pq.ParquetFile(urls_folder / f"server_name={server}" / "partition_id=0" / "urls.parquet")
+    handle = pq.ParquetFile(urls_folder / batch_folder(server, 0) / "urls.parquet")
     out: list[str] = []
     for batch in handle.iter_batches(batch_size=max(1, count), columns=["identifier"]):
         out.extend(batch.column(0).to_pylist())

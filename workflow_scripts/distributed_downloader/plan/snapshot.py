@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.config import Paths
+from distributed_downloader.config import Paths, batch_folder
 from distributed_downloader.errors import TRANSIENT_CODES, TRANSIENT_HTTP, ErrorCode
 from distributed_downloader.plan import partition
 from distributed_downloader.plan import previous as previous_mod
@@ -168,7 +168,7 @@ def plan_root(paths: Paths) -> Path:
 
 
 def batch_plan_path(paths: Paths, server: str, partition_id: int) -> Path:
-    return plan_root(paths) / f"server_name={server}" / f"partition_id={partition_id}" / PLAN_FILE
+    return plan_root(paths) / batch_folder(server, partition_id) / PLAN_FILE
 
 
 def read_batch_plan(paths: Paths, server: str, partition_id: int, fingerprint: str) -> tuple[pa.Table, str] | None:
@@ -678,7 +678,7 @@ def _finish_batches(
                 continue
             urls = pq.ParquetFile(batch.path).read(columns=["uuid", "identifier"])
             table = finish_batch(rows1, rows2, urls, mtimes, settings, salt, now)
-            target = out / f"server_name={batch.server}" / f"partition_id={batch.partition_id}" / PLAN_FILE
+            target = out / batch_folder(batch.server, batch.partition_id) / PLAN_FILE
             meta = {PLAN_KEY: json.dumps({"fingerprint": batch.fingerprint, "plan": plan_id}).encode()}
             # No temp + fsync per file (a third of this step): plan.incoming is swapped in whole once complete.
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distributed_downloader.config import Paths  # noqa: E402
+
 MOST_SERVERS = 25  # beyond this a bar chart is unreadable; the CSV has them all
 
 
-def load_batch_stats(state_dir: Path) -> list[dict]:
+def load_batch_stats(paths: Paths) -> list[dict]:
     stats: list[dict] = []
-    for path in sorted(state_dir.glob("round_*_batches.json")):
-        round_no = int(path.name.split("_")[1])
+    for round_no, path in paths.round_states("batches").items():
         stats.extend({**s, "round": round_no} for s in json.loads(path.read_text()))
     return stats
 
@@ -100,11 +101,11 @@ def rate_over_time(stats: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def make_all(verification_path: Path, state_dir: Path, images_dir: Path, outputs: Mapping[str, Path]) -> None:
+def make_all(verification_path: Path, paths: Paths, outputs: Mapping[str, Path]) -> None:
     verification = json.loads(Path(verification_path).read_text())
-    stats = load_batch_stats(state_dir)
+    stats = load_batch_stats(paths)
     for path in outputs.values():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     throughput(verification, stats, Path(outputs["throughput"]))
-    errors_by_server(images_dir, verification, Path(outputs["errors"]))
+    errors_by_server(paths.images, verification, Path(outputs["errors"]))
     rate_over_time(stats, Path(outputs["rates"]))

@@ -101,7 +101,7 @@ def _before(folder: Path, sample: list[dict], files: Mapping[int, str]) -> dict[
 def _round_stats(paths: Paths) -> dict[str, dict[str, int]]:
     """Per server: requests sent and 304 answers, over every round's batch statistics."""
     out: dict[str, dict[str, int]] = {}
-    for path in sorted(paths.state.glob("round_*_batches.json")):
+    for path in paths.round_states("batches").values():
         try:
             batches = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -29,14 +29,8 @@ def collect(paths: Paths) -> dict:
         done += row["done"]
         successes += row["successes"]
         errors += row["errors"]
-    rounds = (
-        sorted(int(p.stem.split("_")[-1]) for p in paths.state.glob("download_round_*.done"))
-        if paths.state.is_dir()
-        else []
-    )
-    progress = {}
-    for path in sorted(paths.state.glob("round_*_progress.json")) if paths.state.is_dir() else []:
-        progress[path.name.split("_")[1]] = read_json(path)
+    rounds = paths.done_rounds()
+    progress = {str(round_no): read_json(path) for round_no, path in paths.round_states("progress").items()}
     verification = read_json(paths.reports / "verification.json")
     return {
         "stage": "verified" if verification else ("downloading" if paths.state.is_dir() else "initialized"),

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.config import Paths
+from distributed_downloader.config import Paths, batch_folder
 from distributed_downloader.plan.partition import URL_SCHEMA
 from distributed_downloader.store.batch_parts import success_files
 from distributed_downloader.store.files import (
@@ -47,7 +47,7 @@ def _read_columns(path: Path, schema: pa.Schema, columns: list[str]) -> pa.Table
 
 def _removed_by_tools(paths: Paths, server: str, partition_id: int) -> pa.ChunkedArray:
     """uuids the tools moved out of this batch's successes into their removal reports: still accounted for."""
-    reports = sorted(paths.tools.glob(f"*/removed/server_name={server}/partition_id={partition_id}/*.parquet"))
+    reports = sorted(paths.tools.glob(f"*/removed/{batch_folder(server, partition_id).as_posix()}/*.parquet"))
     chunks = [pq.ParquetFile(p).read(columns=["uuid"], use_threads=False).column("uuid") for p in reports]
     return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], pa.string())
 
