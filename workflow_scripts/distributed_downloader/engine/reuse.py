@@ -46,9 +46,9 @@ from distributed_downloader.store.files import (
     PARQUET_COMPRESSION,
     ROW_GROUP_ROWS,
     SUCCESS_SCHEMA,
-    _fsync_and_rename,
-    _temp_beside,
     atomic_write_json,
+    fsync_and_rename,
+    temp_beside,
 )
 from distributed_downloader.store.jsonfiles import read_json as _read_json
 from distributed_downloader.store.rows import is_license_full
@@ -237,7 +237,7 @@ class _CopyWriter:
         if not self.pending:
             return
         if self.writer is None:
-            self.temp = _temp_beside(self.target)
+            self.temp = temp_beside(self.target)
             self.writer = pq.ParquetWriter(self.temp, self.schema, compression=PARQUET_COMPRESSION)
         table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
         self.writer.write_table(table, row_group_size=self.row_group_rows)
@@ -250,7 +250,7 @@ class _CopyWriter:
             return
         self.writer.close()
         assert self.temp is not None
-        _fsync_and_rename(self.temp, self.target)
+        fsync_and_rename(self.temp, self.target)
 
     def abort(self) -> None:
         if self.writer is not None:

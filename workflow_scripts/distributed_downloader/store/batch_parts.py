@@ -42,9 +42,9 @@ from distributed_downloader.store.files import (
     ROW_GROUP_ROWS,
     SUCCESS_SCHEMA,
     SUCCESSES_FILE,
-    _fsync_and_rename,
-    _temp_beside,
     atomic_write_table,
+    fsync_and_rename,
+    temp_beside,
 )
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class BatchParts:
         if not parts and target.name != SUCCESSES_FILE:
             target.unlink(missing_ok=True)
             return 0
-        temp = _temp_beside(target)
+        temp = temp_beside(target)
         rows = 0
         try:
             with pq.ParquetWriter(temp, SUCCESS_SCHEMA, compression=PARQUET_COMPRESSION) as writer:
@@ -249,7 +249,7 @@ class BatchParts:
                         group, group_rows, group_bytes = [], 0, 0
                 if group:
                     writer.write_table(pa.concat_tables(group), row_group_size=max(1, group_rows))
-            _fsync_and_rename(temp, target)
+            fsync_and_rename(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

@@ -58,24 +58,24 @@ PARQUET_COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 256  # image rows are large: small row groups keep writer memory bounded
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
 
 
-def _fsync_and_rename(temp: Path, path: Path) -> None:
+def fsync_and_rename(temp: Path, path: Path) -> None:
     with open(temp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    temp = _temp_beside(path)
+    temp = temp_beside(path)
     try:
         temp.write_bytes(data)
-        _fsync_and_rename(temp, path)
+        fsync_and_rename(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -90,10 +90,10 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table, **kwargs: Any) -> None:
-    temp = _temp_beside(path)
+    temp = temp_beside(path)
     try:
         pq.write_table(table, temp, compression=PARQUET_COMPRESSION, **kwargs)
-        _fsync_and_rename(temp, path)
+        fsync_and_rename(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -109,7 +109,7 @@ class StreamingParquet:
         self.path = path
         self.schema = schema
         self.row_group_rows = row_group_rows
-        self.temp = _temp_beside(path)
+        self.temp = temp_beside(path)
         self._writer = pq.ParquetWriter(self.temp, schema, compression=PARQUET_COMPRESSION)
         self._pending: list[dict] = []
         self.rows = 0
@@ -132,7 +132,7 @@ class StreamingParquet:
     def commit(self) -> None:
         self._flush()
         self._writer.close()
-        _fsync_and_rename(self.temp, self.path)
+        fsync_and_rename(self.temp, self.path)
 
     def abort(self) -> None:
         try:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Paths, batch_folder
 from distributed_downloader.store.batch_parts import success_files
-from distributed_downloader.store.files import PARQUET_COMPRESSION, SUCCESSES_FILE, _fsync_and_rename
+from distributed_downloader.store.files import PARQUET_COMPRESSION, SUCCESSES_FILE, fsync_and_rename
 from distributed_downloader.store.jsonfiles import read_json as read_json  # re-exported: tools import it from here
 
 WRITE_ID_KEY = b"distributed_downloader.write_id"
@@ -194,7 +194,7 @@ class ParquetRewrite:
 
     def commit(self) -> None:
         self.close()
-        _fsync_and_rename(self.temp, self.path)
+        fsync_and_rename(self.temp, self.path)
 
     def abort(self) -> None:
         try:
