@@ -9,7 +9,7 @@ One batch folder (``server_name=S/partition_id=N/``) holds:
   snapshots, reuse.py), written when the batch is first opened; the batch's commits keep it;
 - ``errors.parquet``: the batch's error rows (small, no images: rewritten at each commit, so a URL
   retried successfully loses its old error row);
-- ``_completed``: the marker (store.Marker), written last: the batch is done for its URL list;
+- ``_completed``: the marker (files.Marker), written last: the batch is done for its URL list;
 - ``.parts/{fingerprint}/r{R}-{seq}.{successes|errors}.parquet``: rows of an attempt still in
   progress, flushed every few seconds (``PARTS_SECONDS``) or few hundred rows, each part atomic. A
   kill costs the rows since the last part; the next attempt (this round or a later one) carries the
