@@ -148,7 +148,7 @@ def list_partitions(images: Path) -> list[Partition]:
     return sorted(found)
 
 
-def fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     """Identity of a parquet file: the write id a tool stamped into it, else its size and mtime."""
     metadata = pq.read_schema(path).metadata or {}
     if WRITE_ID_KEY in metadata:

@@ -39,7 +39,7 @@ from distributed_downloader.tools.dataset import (
     REPORT_FIELDS,
     ParquetRewrite,
     Partition,
-    fingerprint,
+    file_fingerprint,
     new_write_id,
     read_json,
     remove_stale_temps,
@@ -117,7 +117,7 @@ def partition_state(runner: MPIRunnerTool, application: str, part: Partition) ->
     if marker.get("state") == "done":
         return "done"
     path = successes_path(runner.paths, part)
-    if marker.get("produced") and path.exists() and fingerprint(path) == marker["produced"]:
+    if marker.get("produced") and path.exists() and file_fingerprint(path) == marker["produced"]:
         return "finish"
     return "todo"
 
@@ -163,7 +163,7 @@ def process_partition(runner: MPIRunnerTool, application: str, part: Partition, 
         atomic_write_json(marker_path, marker)
         return marker
 
-    source = fingerprint(path)
+    source = file_fingerprint(path)
     write_id = new_write_id()
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
