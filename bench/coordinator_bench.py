@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from distributed_downloader.coordinator import Coordinator
+from distributed_downloader.engine.coordinator import Coordinator
 
 ASK_PERIOD = 0.25  # the old polling period of a rank with a free slot
 

@@ -19,7 +19,7 @@ count; prints (peak - RSS before) / pixels next to the estimate the decode budge
 per ``decode_memory_mb`` (0 = no budget).
 
 ``--imaging-file``: load ``imaging.py`` from that path instead of the package's (``git show
-<rev>:workflow_scripts/distributed_downloader/imaging.py > /tmp/old_imaging.py``), to compare
+<rev>:workflow_scripts/distributed_downloader/imaging/process.py > /tmp/old_imaging.py``), to compare
 versions; a version without ``decode_memory_mb`` runs the stream once, without a budget.
 """
 
@@ -170,7 +170,7 @@ def status(key):
 
 def load_imaging(path):
     if not path:
-        from distributed_downloader import imaging
+        from distributed_downloader.imaging import process as imaging
         return imaging
     spec = importlib.util.spec_from_file_location("imaging_under_test", path)
     module = importlib.util.module_from_spec(spec)
@@ -219,7 +219,7 @@ from concurrent.futures import ThreadPoolExecutor
 paths, threads, repeat = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 budget = None if sys.argv[5] == "none" else int(sys.argv[5])
 if sys.argv[6] != "n/a":
-    from distributed_downloader import decode_budget
+    from distributed_downloader.imaging import decode_budget
     if sys.argv[6] == "on":
         assert decode_budget.tune_allocator()
     else:
@@ -249,7 +249,7 @@ def _estimates(imaging_file: str) -> Callable[[bytes], int] | None:
     """The budget's reservation for an image, when the measured imaging.py has one."""
     if imaging_file:
         return None
-    from distributed_downloader import imaging
+    from distributed_downloader.imaging import process as imaging
 
     estimate = getattr(imaging, "decode_reservation", None)
     if estimate is None:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss_util import REPO, cache_dir  # noqa: E402
 
 from distributed_downloader import config as config_mod  # noqa: E402
-from distributed_downloader.store import SUCCESS_SCHEMA, SUCCESSES_FILE, StreamingParquet  # noqa: E402
+from distributed_downloader.store.files import SUCCESS_SCHEMA, SUCCESSES_FILE, StreamingParquet  # noqa: E402
 from distributed_downloader.tools import resolve  # noqa: E402
 from distributed_downloader.tools.export.plan import Unit  # noqa: E402
 from distributed_downloader.tools.export.settings import ExportSettings, export_folder  # noqa: E402

@@ -12,7 +12,7 @@ Three scenarios (issue #13: a bench farm must look like the world, not like our 
     ~40% faulty URLs: the background faults at a high dose plus decompression bombs
     (/bomb.png), truncated images and HTML served as image/jpeg; the hidden rates are set so
     that the politeness bound (max over hosts of retrievable URLs / rate) is ~20 s.
-``nginx`` (real nginx through ``distributed_downloader.nginxfarm``; default 20,000 URLs on 20 hosts:
+``nginx`` (real nginx through ``distributed_downloader.demo.nginxfarm``; default 20,000 URLs on 20 hosts:
     the background farm's scale)
     nginx's own ``limit_req`` (burst, nodelay) and ``limit_conn``, bare 429 or 503 refusals, and
     1-3% permanent faults per host (404, 500, connection closed without a response, 1 byte/s).
@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from distributed_downloader.testserver import (
+from distributed_downloader.demo.testserver import (
     OUTCOME_ERROR500,
     OUTCOME_MISSING,
     OUTCOME_OK,
@@ -342,7 +342,7 @@ def plan_nginx(
     max_rate: float = 66.0,
     image_size: tuple[int, int] = IMAGE_SIZE,
 ) -> Scenario:
-    from distributed_downloader.nginxfarm import NginxHost  # the caller checked it imports
+    from distributed_downloader.demo.nginxfarm import NginxHost  # the caller checked it imports
 
     rng = random.Random(seed)
     counts = zipf_counts(servers, total_urls, zipf)
@@ -450,7 +450,7 @@ def _start_loopback(scenario: Scenario) -> RunningFarm:
 
 class _Nginx(RunningFarm):
     def __init__(self, scenario: Scenario, workdir: object) -> None:
-        from distributed_downloader.nginxfarm import NginxFarm
+        from distributed_downloader.demo.nginxfarm import NginxFarm
 
         self.scenario = scenario
         self.farm = NginxFarm([h.spec for h in scenario.hosts], workdir=workdir, seed=scenario.seed)  # type: ignore[misc]
@@ -495,10 +495,10 @@ def _start_nginx(scenario: Scenario, workdir: object) -> RunningFarm:
 def nginx_unavailable() -> str:
     """Why the nginx scenario cannot run here, or "" when it can."""
     try:
-        from distributed_downloader.nginxfarm import NginxFarm
+        from distributed_downloader.demo.nginxfarm import NginxFarm
     except ImportError as exc:
         return (
-            f"distributed_downloader.nginxfarm cannot be imported ({exc}); the nginx scenario needs it "
+            f"distributed_downloader.demo.nginxfarm cannot be imported ({exc}); the nginx scenario needs it "
             "(real nginx hosts, written alongside this bench)"
         )
     availability = NginxFarm.available()

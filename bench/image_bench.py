@@ -26,7 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from distributed_downloader import imaging
+from distributed_downloader.imaging import process as imaging
 
 IMAGE_SIZE = 720
 QUALITY = 90

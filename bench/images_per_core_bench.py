@@ -63,8 +63,8 @@ from image_bench import photo_like, psnr, reference, ssim  # noqa: E402
 from politeness_bench import ensure_peer, peer_version, run_logged, tail  # noqa: E402
 from rss_util import cache_dir, snakemake_local_cmd  # noqa: E402
 
-from distributed_downloader import imaging  # noqa: E402
-from distributed_downloader.nginxfarm import NginxFarm, NginxHost  # noqa: E402
+from distributed_downloader.demo.nginxfarm import NginxFarm, NginxHost  # noqa: E402
+from distributed_downloader.imaging import process as imaging  # noqa: E402
 
 IMAGE_SIZE = 720
 QUALITY = 90
@@ -572,7 +572,7 @@ LANE_CHILD = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
 from distributed_downloader import config as config_mod
-from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.engine.lane import Lane, LaneSpec
 config = config_mod.validate(args["config"])
 paths = config_mod.paths(config)
 spec = LaneSpec(args["server"], 0, 1, start_rate=500.0, max_rate=500.0, max_connections=8, decrease=0.3)
@@ -607,7 +607,7 @@ def run_ours_per_format(
 ) -> dict[str, float]:
     """CPU per image of the real Lane (fetch ... commit), one process and one format at a time."""
     from distributed_downloader import config as config_mod
-    from distributed_downloader.hosts import server_of
+    from distributed_downloader.net.hosts import server_of
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
     from helpers import write_batch_urls
@@ -666,7 +666,7 @@ CATEGORIES = (  # (category, markers in a frame), first match from the leaf up w
     ("encode", ("encode_image", "_save (PIL/JpegImagePlugin", "save (PIL/Image.py")),
     ("resize", ("_downscale", "resize (PIL/Image.py", "reduce (PIL/Image.py", "_normalise", "transpose")),
     ("decode", ("load (PIL/ImageFile.py", "_prepare", "_open (", "draft (", "open (PIL/Image.py")),
-    ("write", ("batch_parts.py", "pyarrow", "parquet", "store.py", "_commit")),
+    ("write", ("batch_parts.py", "pyarrow", "parquet", "store/files.py", "_commit")),
     ("fetch", ("fetch.py", "requests/", "urllib3/", "http/client.py", "socket.py", "ssl.py")),
 )
 # The rest of a rank: lane dispatch loops, thread hand-offs, MPI polling, the coordinator.

@@ -150,7 +150,8 @@ def _one_core() -> None:
 
 
 def run_ours(source: Path, out: Path) -> dict:
-    from distributed_downloader import inputs, partition
+    from distributed_downloader import inputs
+    from distributed_downloader.plan import partition
 
     result = partition.write_partitions(inputs.rows(source), out / "urls", out / "rejected.parquet", BATCH_SIZE)
     servers = result.manifest["servers"]

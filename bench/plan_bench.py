@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss_util import cache_dir, snakemake_local_cmd  # noqa: E402
 
 from distributed_downloader import config as config_mod  # noqa: E402
-from distributed_downloader import partition, profiling  # noqa: E402
-from distributed_downloader.store import (  # noqa: E402
+from distributed_downloader.plan import partition, profiling  # noqa: E402
+from distributed_downloader.store.files import (
     ERROR_SCHEMA,
     ERRORS_FILE,
     SUCCESS_SCHEMA,

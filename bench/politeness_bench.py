@@ -10,7 +10,7 @@ Scenarios (bench/farm.py has the details):
   caps, and 1-3% per-URL faults (404, one-off 500, reset, 30 s stall) on every host.
 - ``heavy``: ~1,030 URLs, ~40% faulty (the same faults at a high dose, decompression bombs,
   truncated images, HTML served as an image), hidden rates set so the politeness bound is ~20 s.
-- ``nginx``: real nginx hosts (``distributed_downloader.nginxfarm``): limit_req / limit_conn,
+- ``nginx``: real nginx hosts (``distributed_downloader.demo.nginxfarm``): limit_req / limit_conn,
   bare 429 or 503, 1-3% permanent faults per host.
 
 For each system (ours: the real workflow, Snakemake local profile, 2 MPI ranks; the peer:
@@ -71,9 +71,9 @@ from farm import (
 from rss_util import snakemake_local_cmd
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import imaging
-from distributed_downloader.jsonfiles import read_json as _read_json
-from distributed_downloader.testserver import max_requests_in_window
+from distributed_downloader.demo.testserver import max_requests_in_window
+from distributed_downloader.imaging import process as imaging
+from distributed_downloader.store.jsonfiles import read_json as _read_json
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_VENV = Path(__file__).resolve().parent / ".venv-peer"

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss_util import cache_dir  # noqa: E402
 
-from distributed_downloader.store import ERROR_SCHEMA, MARKER_FILE, ROW_GROUP_ROWS, SUCCESS_SCHEMA  # noqa: E402
+from distributed_downloader.store.files import ERROR_SCHEMA, MARKER_FILE, ROW_GROUP_ROWS, SUCCESS_SCHEMA  # noqa: E402
 
 
 def fabricate(root: Path, servers: int, partitions: int, rows: int, image_bytes: int) -> None:

@@ -31,7 +31,7 @@ def hwm():
         if line.startswith(("VmHWM", "VmRSS")):
             yield line.split()[0].rstrip(":"), int(line.split()[1]) // 1024
 from distributed_downloader import config as config_mod
-from distributed_downloader.lane import Lane, LaneSpec
+from distributed_downloader.engine.lane import Lane, LaneSpec
 args = json.loads(sys.argv[1])
 config = config_mod.validate(args["config"])
 paths = config_mod.paths(config)
@@ -53,7 +53,7 @@ def build(workdir: Path, farm, rows: int, image_kb: int, retry: int) -> tuple[di
     import pyarrow.parquet as pq
 
     from distributed_downloader import config as config_mod
-    from distributed_downloader.store import (
+    from distributed_downloader.store.files import (
         ERROR_SCHEMA,
         ROW_GROUP_ROWS,
         SUCCESS_SCHEMA,
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--code", help="workflow_scripts folder of another checkout to run the lane from")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from distributed_downloader.testserver import HostSpec, ImageFarm
+    from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 
     print(f"retry-round memory: batches of N stored {args.image_kb} KB images, {args.retry} URLs retried")
     with ImageFarm([HostSpec("retry", latency=0.002)], seed=2) as farm:

@@ -42,8 +42,8 @@ from farm import zipf_counts  # noqa: E402
 from rss_util import cache_dir, run_measured, snakemake_local_cmd  # noqa: E402
 
 from distributed_downloader import config as config_mod  # noqa: E402
-from distributed_downloader.store import ERROR_SCHEMA, SUCCESS_SCHEMA  # noqa: E402
-from distributed_downloader.testserver import HostSpec, ImageFarm  # noqa: E402
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm  # noqa: E402
+from distributed_downloader.store.files import ERROR_SCHEMA, SUCCESS_SCHEMA  # noqa: E402
 
 BATCH = 10_000
 SERVERS = 545

@@ -30,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss_util import cache_dir, run_measured, snakemake_local_cmd  # noqa: E402
 
-from distributed_downloader.testserver import HostSpec, ImageFarm  # noqa: E402
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm  # noqa: E402
 
 SIZE = "w=1600&h=1200"
 

@@ -10,7 +10,8 @@ if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
 from distributed_downloader import config as dd_config
-from distributed_downloader import launch as dd_launch
+from distributed_downloader.engine import launch as dd_launch
+from distributed_downloader.tools.dataset import ToolPaths
 
 try:
     config.update(dd_config.validate(config))
@@ -34,11 +35,11 @@ def urls_manifest():
 
 
 def schedule_file(round_no):
-    return str(PATHS.schedules / f"round_{round_no}.json")
+    return str(PATHS.round_schedule(round_no))
 
 
 def round_done(round_no):
-    return str(PATHS.state / f"download_round_{round_no}.done")
+    return str(PATHS.round_done(round_no))
 
 
 def log_file(name):
@@ -105,5 +106,5 @@ def get_final_output():
     return (
         [verification_report(), plot_file("throughput"), plot_file("errors_by_server"), plot_file("rate_over_time")]
         + snapshot
-        + [str(PATHS.tools / tool / "_done.json") for tool in config["tools"]]
+        + [str(ToolPaths.of(PATHS, tool).done) for tool in config["tools"]]
     )

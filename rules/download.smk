@@ -8,8 +8,6 @@ rule schedule:
     localrule: True
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="schedule",
     script:
         "../workflow_scripts/run_stage.py"
 

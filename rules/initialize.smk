@@ -8,7 +8,6 @@ rule initialize:
     conda:
         "../envs/environment.yaml"
     params:
-        stage="initialize",
         snapshot=snapshot_params(),
     script:
         "../workflow_scripts/run_stage.py"

@@ -8,7 +8,5 @@ rule profile_servers:
         log_file("profile_servers"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="profile_servers",
     script:
         "../workflow_scripts/run_stage.py"

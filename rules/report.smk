@@ -10,7 +10,5 @@ rule report_plots:
         log_file("report_plots"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="report_plots",
     script:
         "../workflow_scripts/run_stage.py"

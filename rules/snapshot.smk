@@ -10,7 +10,5 @@ rule snapshot_report:
         log_file("snapshot_report"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="snapshot_report",
     script:
         "../workflow_scripts/run_stage.py"

@@ -4,7 +4,7 @@
 # (undeclared), so only the small summaries are declared outputs; per-partition markers under
 # <tools_folder>/<tool>/done/ make a killed run resume without applying the tool twice.
 from distributed_downloader.tools.registry import TOOL_NAME_PATTERN
-from distributed_downloader.tools.workflow import ToolRules
+from distributed_downloader.front.tool_rules import ToolRules
 
 TOOLS = ToolRules(config, PATHS, verification_report())
 TOOLS.check_configured()
@@ -18,37 +18,33 @@ rule tool_filter:
     input:
         unpack(TOOLS.filter_inputs),
     output:
-        TOOLS.file("{tool}", "filter/_summary.json"),
+        TOOLS.filter_summary("{tool}"),
     log:
         log_file("tools/{tool}/filter"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="filter",
     script:
-        "../workflow_scripts/run_tool_stage.py"
+        "../workflow_scripts/run_stage.py"
 
 
 rule tool_schedule:
     input:
-        TOOLS.file("{tool}", "filter/_summary.json"),
+        TOOLS.filter_summary("{tool}"),
     output:
-        TOOLS.file("{tool}", "schedule.json"),
+        TOOLS.schedule("{tool}"),
     log:
         log_file("tools/{tool}/schedule"),
     localrule: True
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="schedule",
     script:
-        "../workflow_scripts/run_tool_stage.py"
+        "../workflow_scripts/run_stage.py"
 
 
 # One MPI job per tool, like download: every rank rewrites its scheduled partitions.
 rule tool_run:
     input:
-        schedule=TOOLS.file("{tool}", "schedule.json"),
+        schedule=TOOLS.schedule("{tool}"),
     output:
         TOOLS.done("{tool}"),
     log:

@@ -9,7 +9,5 @@ rule verify:
         log_file("verify"),
     conda:
         "../envs/environment.yaml"
-    params:
-        stage="verify",
     script:
         "../workflow_scripts/run_stage.py"

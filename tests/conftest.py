@@ -48,7 +48,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def farm():
-    from distributed_downloader.testserver import ImageFarm
+    from distributed_downloader.demo.testserver import ImageFarm
 
     with ImageFarm(3) as started:
         yield started

@@ -7,7 +7,7 @@ import sys
 # PMI2 exchange (slurmstepd: "invalid client request") and MPI_Init failed or hung.
 from mpi4py import MPI  # noqa: E402,F401
 
-from distributed_downloader.worker import main
+from distributed_downloader.engine.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

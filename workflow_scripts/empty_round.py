@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from distributed_downloader.rounds import finish_if_empty
+from distributed_downloader.engine.rounds import finish_if_empty
 
 if __name__ == "__main__":
     sys.exit(0 if finish_if_empty(Path(sys.argv[1]), Path(sys.argv[2])) else 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distributed_downloader.store import ERROR_SCHEMA, SUCCESS_SCHEMA
+from distributed_downloader.store.files import ERROR_SCHEMA, SUCCESS_SCHEMA
 
 SUCCESS_COLUMNS = [f.name for f in SUCCESS_SCHEMA]
 ERROR_COLUMNS = [f.name for f in ERROR_SCHEMA]
@@ -62,7 +62,7 @@ def write_batch_urls(path: Path, urls: list[str]) -> None:
 
     import pyarrow as pa
 
-    from distributed_downloader.partition import URL_SCHEMA
+    from distributed_downloader.plan.partition import URL_SCHEMA
 
     table = pa.table(
         {
@@ -90,7 +90,7 @@ def completed_batches(output: Path) -> int:
 
 def slow_farm_config(farm, tmp_path: Path, rate: float, per_host: int = 60, **downloader) -> tuple[list, Path]:  # noqa: ANN001
     """A run slow enough to be interrupted: batches of 10 URLs, each server held to `rate` requests/s."""
-    from distributed_downloader import demo
+    from distributed_downloader.demo import scenario as demo
 
     rows = demo.demo_rows(farm, per_host=per_host, faults=False)
     config = demo.write_config(

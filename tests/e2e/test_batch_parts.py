@@ -16,15 +16,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import batch_parts
 from distributed_downloader import config as config_mod
-from distributed_downloader import lane as lane_module
-from distributed_downloader.batch_parts import PARTS_DIR, BatchParts, success_files
+from distributed_downloader.demo.testserver import FaultMix, HostSpec, ImageFarm
+from distributed_downloader.engine import lane as lane_module
+from distributed_downloader.engine.lane import BatchStats, Lane, LaneSpec
 from distributed_downloader.errors import is_transient
-from distributed_downloader.lane import BatchStats, Lane, LaneSpec
-from distributed_downloader.store import ERRORS_FILE, SUCCESSES_FILE, read_marker
-from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm
-from distributed_downloader.verify import verify_batch
+from distributed_downloader.report.verify import verify_batch
+from distributed_downloader.store import batch_parts
+from distributed_downloader.store.batch_parts import PARTS_DIR, BatchParts, success_files
+from distributed_downloader.store.files import ERRORS_FILE, SUCCESSES_FILE, read_marker
 from tests.e2e.helpers import lane_test_config, read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e
@@ -149,7 +149,7 @@ def test_the_profiling_probe_is_the_first_row_not_an_extra_request(tmp_path: Pat
 
 
 def first_batch_fingerprint(paths: config_mod.Paths, server: str) -> str:
-    from distributed_downloader import partition
+    from distributed_downloader.plan import partition
 
     return partition.read_manifest(paths.urls)["servers"][server]["fingerprints"][0]
 
@@ -158,7 +158,7 @@ def first_batch_fingerprint(paths: config_mod.Paths, server: str) -> str:
 
 
 def _round_trip(config: dict, paths: config_mod.Paths, server: str, rounds: range) -> None:
-    from distributed_downloader.schedule import batch_mode
+    from distributed_downloader.plan.schedule import batch_mode
 
     folder = paths.batch_images(server, 0)
     for round_no in rounds:
@@ -235,7 +235,7 @@ def test_a_success_part_wins_over_an_error_part_of_the_same_url(tmp_path: Path) 
     """A round-1 attempt wrote a 500 for a URL; profiling, run again, kept its 200: one row, the success."""
     import requests
 
-    from distributed_downloader.probe_rows import ProbeKeeper
+    from distributed_downloader.engine.probe_rows import ProbeKeeper
 
     with ImageFarm([HostSpec("w", latency=0.002)], seed=13) as farm:
         urls = [farm.url(0, f"/img/w{i}.jpg?w=16&h=10") for i in range(6)]

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import imaging
-from distributed_downloader import lane as lane_module
-from distributed_downloader import robots as robots_module
-from distributed_downloader.batch_parts import BatchParts
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
+from distributed_downloader.engine import lane as lane_module
+from distributed_downloader.engine.lane import END_OF_BATCHES, MAX_BATCH_FAILURES, BatchStats, Lane, LaneSpec
 from distributed_downloader.errors import ErrorCode, is_transient
-from distributed_downloader.lane import END_OF_BATCHES, MAX_BATCH_FAILURES, BatchStats, Lane, LaneSpec
-from distributed_downloader.store import MARKER_FILE
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.imaging import process as imaging
+from distributed_downloader.net import robots as robots_module
+from distributed_downloader.store.batch_parts import BatchParts
+from distributed_downloader.store.files import MARKER_FILE
 from tests.e2e.helpers import lane_test_config, read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed_downloader import demo, download_images
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader import download_images
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 from tests.conftest import REPO, kill_group, run, snakemake_cmd
 from tests.e2e.helpers import check_dataset, read_all
 
 pytestmark = pytest.mark.e2e
-CLI = [sys.executable, "-m", "distributed_downloader.cli"]
+CLI = [sys.executable, "-m", "distributed_downloader.front.cli"]
 STAGES = ("initialize", "profile_servers", "schedule", "download", "verify")
 
 

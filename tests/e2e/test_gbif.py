@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from distributed_downloader.demo import Expected
+from distributed_downloader.demo.scenario import Expected
+from distributed_downloader.demo.testserver import ImageFarm
 from distributed_downloader.inputs import GBIF_UUID_NAMESPACE, NOT_PROVIDED
-from distributed_downloader.testserver import ImageFarm
 from tests.conftest import run, skip_or_fail, snakemake_cmd
 from tests.e2e.helpers import check_dataset, read_all
 

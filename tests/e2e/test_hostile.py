@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import pytest
 
-from distributed_downloader import demo
-from distributed_downloader.testserver import HostSpec, ImageFarm, SilentHost, closed_port
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm, SilentHost, closed_port
 from tests.conftest import run, snakemake_cmd
 from tests.e2e.helpers import check_dataset, read_all
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distributed_downloader import demo
+from distributed_downloader.demo import scenario as demo
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.imaging import ImageSettings
+from distributed_downloader.imaging.process import ImageSettings
 from tests import corpus
 from tests.conftest import run, skip_or_fail, snakemake_cmd
 from tests.e2e.helpers import ranks_of, read_all

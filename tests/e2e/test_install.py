@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_downloader import demo
-from distributed_downloader.testserver import ImageFarm
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import ImageFarm
 from tests.conftest import REPO, run
 from tests.e2e.helpers import check_dataset, ranks_of
 
@@ -144,7 +144,7 @@ def test_a_wheel_install_finds_its_workflow(tmp_path: Path) -> None:
     manifest = work / "output" / "servers_batched" / "_manifest.json"
     stage = work / "initialize.py"
     stage.write_text(
-        "import sys\nfrom distributed_downloader import api\n"
+        "import sys\nfrom distributed_downloader.front import invoke as api\n"
         "sys.exit(0 if api.run_workflow(sys.argv[1], targets=[sys.argv[2]]) else 1)\n"
     )
     run([str(python), str(stage), str(config), str(manifest)], cwd=work, env=env, timeout=300)

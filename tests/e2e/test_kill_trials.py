@@ -14,10 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import demo, partition
-from distributed_downloader.batch_parts import read_success_column
-from distributed_downloader.store import read_marker
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
+from distributed_downloader.plan import partition
+from distributed_downloader.store.batch_parts import read_success_column
+from distributed_downloader.store.files import read_marker
 from tests.conftest import kill_group, run, snakemake_cmd
 from tests.e2e.helpers import check_dataset
 

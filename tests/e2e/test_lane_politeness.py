@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import lane as lane_module
-from distributed_downloader import testserver as testserver_module
-from distributed_downloader.errors import ErrorCode
-from distributed_downloader.hosts import HostRegistry
-from distributed_downloader.lane import Lane, LaneSpec
-from distributed_downloader.testserver import (
+from distributed_downloader.demo import testserver as testserver_module
+from distributed_downloader.demo.testserver import (
     FaultMix,
     HostSpec,
     ImageFarm,
@@ -28,6 +24,10 @@ from distributed_downloader.testserver import (
     max_concurrency,
     max_requests_in_window,
 )
+from distributed_downloader.engine import lane as lane_module
+from distributed_downloader.engine.lane import Lane, LaneSpec
+from distributed_downloader.errors import ErrorCode
+from distributed_downloader.net.hosts import HostRegistry
 from tests.e2e.helpers import read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e

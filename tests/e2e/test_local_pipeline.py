@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import demo
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 from tests.conftest import kill_group, run, snakemake_cmd
 from tests.e2e.helpers import check_dataset, completed_batches, ranks_of, slow_farm_config
 

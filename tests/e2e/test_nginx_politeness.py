@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import demo
-from distributed_downloader.nginxfarm import NginxFarm, NginxHost
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.nginxfarm import NginxFarm, NginxHost
 from tests.conftest import run, skip_or_fail, snakemake_cmd
 from tests.e2e.helpers import read_all
 

@@ -30,10 +30,10 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import demo
-from distributed_downloader.demo import Expected
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.scenario import Expected
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.testserver import HostSpec, ImageFarm
 from tests.conftest import run, snakemake_cmd
 from tests.e2e.helpers import check_dataset, read_all
 

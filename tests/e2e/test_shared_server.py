@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed_downloader import demo
-from distributed_downloader.testserver import FaultMix, HostSpec, ImageFarm, max_concurrency, max_requests_in_window
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import (
+    FaultMix,
+    HostSpec,
+    ImageFarm,
+    max_concurrency,
+    max_requests_in_window,
+)
 from tests.conftest import run, snakemake_cmd
 from tests.e2e.helpers import check_dataset
 

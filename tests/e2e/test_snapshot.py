@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import snapshot, stages
-from distributed_downloader.testserver import ImageFarm
+from distributed_downloader import stages
+from distributed_downloader.demo.testserver import ImageFarm
+from distributed_downloader.plan import snapshot
 from tests.conftest import run, snakemake_cmd
 
 pytestmark = pytest.mark.e2e

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import partition, snapshot
-from distributed_downloader.lane import Lane, LaneSpec
-from distributed_downloader.testserver import ImageFarm
-from distributed_downloader.verify import verify_batch
+from distributed_downloader.demo.testserver import ImageFarm
+from distributed_downloader.engine.lane import Lane, LaneSpec
+from distributed_downloader.plan import partition, snapshot
+from distributed_downloader.report.verify import verify_batch
 from tests.e2e.helpers import lane_test_config, read_all, write_batch_urls
 
 pytestmark = pytest.mark.e2e

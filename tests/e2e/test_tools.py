@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from distributed_downloader import demo
-from distributed_downloader.imaging import decode_stored_image
-from distributed_downloader.store import SUCCESS_SCHEMA
-from distributed_downloader.testserver import ImageFarm
+from distributed_downloader.demo import scenario as demo
+from distributed_downloader.demo.testserver import ImageFarm
+from distributed_downloader.imaging.process import decode_stored_image
+from distributed_downloader.store.files import SUCCESS_SCHEMA
 from tests.conftest import kill_group, run, snakemake_cmd
 
 pytestmark = pytest.mark.e2e
@@ -263,7 +263,8 @@ def test_image_verification_through_the_classic_cli(tmp_path: Path, downloaded: 
 
     started = time.monotonic()
     result = run(
-        [sys.executable, "-m", "distributed_downloader.tools_cli", str(config), "image_verification"], cwd=tmp_path
+        [sys.executable, "-m", "distributed_downloader.front.tools_cli", str(config), "image_verification"],
+        cwd=tmp_path,
     )
     wall = time.monotonic() - started
     assert "image_verification done" in result.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.cli import parse_args
 
-from distributed_downloader import api
+from distributed_downloader.front import invoke as api
 
 
 def write_config(tmp_path: Path, **extra) -> Path:

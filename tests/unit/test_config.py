@@ -171,6 +171,22 @@ def test_paths_layout(tmp_path: Path) -> None:
     assert p.staging.parent == out
 
 
+def test_round_files_have_one_owner(tmp_path: Path) -> None:
+    """The rules, the worker and the report read a round's files from the same Paths methods."""
+    p = config_mod.paths(config_mod.validate(base(path_to_output=str(tmp_path / "out"))))
+    assert p.round_schedule(2) == p.schedules / "round_2.json"
+    assert str(p.round_schedule("{round}")).endswith("/schedules/round_{round}.json")  # a rule's wildcard
+    assert p.round_done(3) == p.state / "download_round_3.done"
+    assert p.round_state(1, "progress") == p.state / "round_1_progress.json"
+    assert p.done_rounds() == [] and p.round_states("batches") == {}
+    p.state.mkdir(parents=True)
+    for name in ("download_round_10.done", "download_round_2.done", "round_10_batches.json", "round_2_batches.json"):
+        (p.state / name).write_text("{}")
+    assert p.done_rounds() == [2, 10]
+    assert p.round_states("batches") == {10: p.round_state(10, "batches"), 2: p.round_state(2, "batches")}
+    assert config_mod.batch_folder("a.org", 3) == Path("server_name=a.org") / "partition_id=3"
+
+
 def test_relative_output_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     p = config_mod.paths(config_mod.validate({"path_to_input": "in.csv", "path_to_output": "rel"}))

@@ -7,10 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, schedule
-from distributed_downloader.coordinator import Coordinator
+from distributed_downloader import inputs
+from distributed_downloader.engine.coordinator import Coordinator
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.profiling import ServerProfile
+from distributed_downloader.plan import partition, schedule
+from distributed_downloader.plan.profiling import ServerProfile
 
 # server -> (urls, max_rate): with batch_size 2 and rate ceilings chosen so the
 # longest-first order is long.org, mid.org, short.org

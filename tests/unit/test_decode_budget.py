@@ -1,4 +1,4 @@
-"""Unit tests for distributed_downloader.decode_budget: a byte budget shared by decoding threads.
+"""Unit tests for distributed_downloader.imaging.decode_budget: a byte budget shared by decoding threads.
 
 Every wait is bounded (acquire timeouts, join timeouts), so a deadlock fails a test instead of hanging it.
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from distributed_downloader import decode_budget
-from distributed_downloader.decode_budget import DecodeBudget
+from distributed_downloader.imaging import decode_budget
+from distributed_downloader.imaging.decode_budget import DecodeBudget
 
 JOIN = 20.0  # seconds any thread may take before the test calls it a deadlock
 

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.imaging import IMAGE_FORMATS
-from distributed_downloader.store import SUCCESS_SCHEMA, atomic_write_table
+from distributed_downloader.imaging.process import IMAGE_FORMATS
+from distributed_downloader.store.files import SUCCESS_SCHEMA, atomic_write_table
 from distributed_downloader.tools.dataset import Partition, list_partitions
 from distributed_downloader.tools.export.plan import Unit, build_plan, survey
 from distributed_downloader.tools.export.samples import (

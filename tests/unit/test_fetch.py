@@ -11,10 +11,12 @@ from urllib.parse import quote
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import fetch as fetch_mod
-from distributed_downloader import testserver
+from distributed_downloader.demo import testserver
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm, SilentHost, closed_port
 from distributed_downloader.errors import DownloadError, ErrorCode
-from distributed_downloader.fetch import (
+from distributed_downloader.imaging.process import ImageSettings, process_image
+from distributed_downloader.net import fetch as fetch_mod
+from distributed_downloader.net.fetch import (
     AddressPolicy,
     FetchSettings,
     HopGate,
@@ -23,8 +25,6 @@ from distributed_downloader.fetch import (
     is_public_address,
     x_robots_opt_out,
 )
-from distributed_downloader.imaging import ImageSettings, process_image
-from distributed_downloader.testserver import HostSpec, ImageFarm, SilentHost, closed_port
 
 UA = "distributed-downloader/1.0 (+https://example.org/contact; unit tests)"
 SMALL = "w=64&h=48"

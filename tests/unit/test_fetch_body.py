@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from distributed_downloader import imaging
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 from distributed_downloader.errors import DownloadError, ErrorCode, ImageError
-from distributed_downloader.fetch import CHUNK_BYTES, FetchSettings, ServerFetcher
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.imaging import process as imaging
+from distributed_downloader.net.fetch import CHUNK_BYTES, FetchSettings, ServerFetcher
 
 UA = "distributed-downloader/1.0 (+https://example.org/contact; unit tests)"
 LARGE = "w=1600&h=1200"  # a PNG of this size is several MB: many reads
@@ -143,8 +143,8 @@ def test_decodes_run_on_at_most_one_thread_per_core(farm: ImageFarm) -> None:
 def test_a_commit_gathers_small_parts_into_large_row_groups(tmp_path) -> None:  # noqa: ANN001
     import pyarrow.parquet as pq
 
-    from distributed_downloader.batch_parts import BatchParts
-    from distributed_downloader.store import ROW_GROUP_ROWS
+    from distributed_downloader.store.batch_parts import BatchParts
+    from distributed_downloader.store.files import ROW_GROUP_ROWS
 
     parts = BatchParts(tmp_path / "batch", "f" * 32, round_no=1)
     rows = 3 * ROW_GROUP_ROWS + 7

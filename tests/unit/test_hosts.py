@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from distributed_downloader.hosts import HostRegistry
+from distributed_downloader.net.hosts import HostRegistry
 
 
 def test_idle_budgets_that_learned_nothing_are_dropped_the_others_kept(monkeypatch: pytest.MonkeyPatch) -> None:

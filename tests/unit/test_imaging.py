@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 
-from distributed_downloader import imaging
 from distributed_downloader.errors import ErrorCode, ImageError
-from distributed_downloader.imaging import (
+from distributed_downloader.imaging import process as imaging
+from distributed_downloader.imaging.process import (
     IMAGE_FORMATS,
     ImageSettings,
     ProcessedImage,

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distributed_downloader import decode_budget, imaging
-from distributed_downloader.decode_budget import DecodeBudget
 from distributed_downloader.errors import ErrorCode, ImageError
-from distributed_downloader.imaging import ImageSettings, ProcessedImage, process_image
+from distributed_downloader.imaging import decode_budget
+from distributed_downloader.imaging import process as imaging
+from distributed_downloader.imaging.decode_budget import DecodeBudget
+from distributed_downloader.imaging.process import ImageSettings, ProcessedImage, process_image
 
 WAIT = 60.0  # seconds any decode may take before the test calls it a deadlock
 

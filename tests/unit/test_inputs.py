@@ -14,8 +14,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import inputs, partition
+from distributed_downloader import inputs
 from distributed_downloader.inputs import NOT_PROVIDED, InputError, add_server_names, server_name_of
+from distributed_downloader.plan import partition
 from tests.conftest import skip_or_fail
 
 # The real GBIF sample lives in shared/ beside the repository (CI clones the repo with shared/ next to it).

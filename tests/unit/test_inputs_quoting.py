@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, stages
+from distributed_downloader import inputs, stages
 from distributed_downloader.inputs import MAX_URL_LENGTH, NOT_PROVIDED
+from distributed_downloader.plan import partition
 
 COLUMNS = ["uuid", "identifier", "source_id", "license", "source", "title"]
 

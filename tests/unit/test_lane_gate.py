@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from distributed_downloader.engine.lane import _LaneGate
 from distributed_downloader.errors import DownloadError, ErrorCode
-from distributed_downloader.lane import _LaneGate
-from distributed_downloader.politeness import LaneLimits, RateController
+from distributed_downloader.net.politeness import LaneLimits, RateController
 
 
 def _gate() -> tuple[_LaneGate, RateController]:

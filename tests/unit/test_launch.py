@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_downloader import launch
+from distributed_downloader.engine import launch
 from tests.conftest import REPO
 
 SCRIPTS = REPO / "workflow_scripts"

@@ -16,13 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from distributed_downloader.nginxfarm import (
-    LogEntry,
-    NginxFarm,
-    NginxHost,
-    parse_log_line,
-    peak_overlap,
-)
+from distributed_downloader.demo.nginxfarm import LogEntry, NginxFarm, NginxHost, parse_log_line, peak_overlap
 from tests.conftest import skip_or_fail
 
 TIMEOUT = 5.0  # per request

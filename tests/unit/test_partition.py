@@ -11,9 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import inputs, partition
-from distributed_downloader.partition import REJECTED_SCHEMA, URL_SCHEMA, ServerGrouper, fingerprint
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader import inputs
+from distributed_downloader.plan import partition
+from distributed_downloader.plan.partition import REJECTED_SCHEMA, URL_SCHEMA, ServerGrouper, fingerprint
+from distributed_downloader.store.files import atomic_write_json
 
 SERVERS = ["alpha.org", "beta.org", "gamma.org:8080"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from distributed_downloader.politeness import (
+from distributed_downloader.net.politeness import (
     LaneLimits,
     RateController,
     advertised_rate,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distributed_downloader import previous
-from distributed_downloader.server_memory import read_memory
+from distributed_downloader.plan import previous
+from distributed_downloader.plan.server_memory import read_memory
 
 
 def _run(folder: Path, memory: dict | str) -> Path:
@@ -58,8 +58,8 @@ def test_damaged_memory_values_are_left_out_not_fatal(tmp_path: Path) -> None:
     """An edited or damaged memory file: a non-dict entry failed the coordinator, a NaN/infinite cap
     or a string failed the lane's controller (the rank, the MPI job); an infinite rate or level
     started a lane at its ceiling. Only finite positive figures (a pause >= 0) are kept."""
-    from distributed_downloader.coordinator import Coordinator
-    from distributed_downloader.lane import LaneSpec, lane_controller
+    from distributed_downloader.engine.coordinator import Coordinator
+    from distributed_downloader.engine.lane import LaneSpec, lane_controller
 
     own = tmp_path / "april" / "state" / "server_memory.json"
     own.parent.mkdir(parents=True)
@@ -88,8 +88,8 @@ def test_a_lane_starts_just_below_its_remembered_level_not_at_a_remembered_probe
     """Memory of a 4/s host: level 3.69, rate 3.84 (its lane was probing above the level when the run
     ended). Started at 3.84, one probe passed 1.05 x the level, the level was forgotten and the lane
     regrew to 5.2 req/s: a refusal on each of five hosts of the snapshot bench's second run."""
-    from distributed_downloader.lane import LaneSpec, lane_controller
-    from distributed_downloader.politeness import RateController
+    from distributed_downloader.engine.lane import LaneSpec, lane_controller
+    from distributed_downloader.net.politeness import RateController
 
     ctl = lane_controller(LaneSpec("h", 0, 1, 3.0, 50.0, 8, 0.3, memory={"rate": 3.84, "level": 3.69}))
     assert ctl.level == 3.69 and not ctl.slow_start

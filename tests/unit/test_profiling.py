@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm, closed_port
 from distributed_downloader.errors import ErrorCode, is_transient
-from distributed_downloader.fetch import FetchSettings, ServerFetcher
-from distributed_downloader.profiling import (
+from distributed_downloader.net.fetch import FetchSettings, ServerFetcher
+from distributed_downloader.net.robots import UNAVAILABLE_RETRY, RobotsCache, RobotsFetch, RobotsRules, RobotsStatus
+from distributed_downloader.plan.profiling import (
     ProbeSettings,
     ServerProfile,
     first_url,
@@ -22,8 +24,6 @@ from distributed_downloader.profiling import (
     read_profiles,
     write_tables,
 )
-from distributed_downloader.robots import UNAVAILABLE_RETRY, RobotsCache, RobotsFetch, RobotsRules, RobotsStatus
-from distributed_downloader.testserver import HostSpec, ImageFarm, closed_port
 
 from .robots_support import Reply, RobotsServer
 

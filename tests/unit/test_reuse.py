@@ -9,9 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader import reuse, snapshot
-from distributed_downloader.batch_parts import REUSE_SUCCESSES, BatchParts, success_files
-from distributed_downloader.store import SUCCESS_SCHEMA
+from distributed_downloader.engine import reuse
+from distributed_downloader.plan import snapshot
+from distributed_downloader.store.batch_parts import REUSE_SUCCESSES, BatchParts, success_files
+from distributed_downloader.store.files import SUCCESS_SCHEMA
 from tests.unit.test_snapshot import _error, _success, initialize, write_previous
 
 URLS = [f"http://a.org/img/{i}.jpg" for i in range(8)]

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from protego import Protego
 
-from distributed_downloader.fetch import FetchSettings, ServerFetcher
-from distributed_downloader.robots import (
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm, closed_port
+from distributed_downloader.net.fetch import FetchSettings, ServerFetcher
+from distributed_downloader.net.robots import (
     MAX_AGE,
     PARSE_LIMIT,
     UNAVAILABLE_RETRY,
@@ -29,7 +30,6 @@ from distributed_downloader.robots import (
     robots_url,
     truncate_text,
 )
-from distributed_downloader.testserver import HostSpec, ImageFarm, closed_port
 
 from .robots_support import CASES, Case, Reply, RobotsServer
 

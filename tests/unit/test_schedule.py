@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, schedule
+from distributed_downloader import inputs
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.profiling import ServerProfile
-from distributed_downloader.store import Marker, write_marker
+from distributed_downloader.plan import partition, schedule
+from distributed_downloader.plan.profiling import ServerProfile
+from distributed_downloader.store.files import Marker, write_marker
 
 
 def make_run(tmp_path: Path, urls_per_server: dict[str, int], batch_size: int = 3, **cfg_extra):
@@ -219,7 +220,7 @@ def test_an_empty_round_ends_without_mpi_and_without_importing_the_worker(tmp_pa
     import subprocess
     import sys
 
-    from distributed_downloader.rounds import finish_if_empty
+    from distributed_downloader.engine.rounds import finish_if_empty
 
     cfg, paths, manifest = make_run(tmp_path, {"a.org": 4})
     profiles = {n: profile(n, manifest) for n in manifest["servers"]}
@@ -236,7 +237,7 @@ def test_an_empty_round_ends_without_mpi_and_without_importing_the_worker(tmp_pa
     script = Path(__file__).resolve().parents[2] / "workflow_scripts" / "empty_round.py"
     probe = (
         "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('worker imported:', 'distributed_downloader.worker' in sys.modules))\n"
+        "atexit.register(lambda: print('worker imported:', 'distributed_downloader.engine.worker' in sys.modules))\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )

@@ -24,11 +24,11 @@ import yaml
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import inputs, stages
+from distributed_downloader.demo.testserver import ImageFarm
+from distributed_downloader.engine.lane import Lane, LaneSpec
 from distributed_downloader.errors import DownloadError
-from distributed_downloader.fetch import FetchSettings, ServerFetcher
-from distributed_downloader.lane import Lane, LaneSpec
-from distributed_downloader.store import MARKER_FILE, SUCCESS_SCHEMA, StreamingParquet
-from distributed_downloader.testserver import ImageFarm
+from distributed_downloader.net.fetch import FetchSettings, ServerFetcher
+from distributed_downloader.store.files import MARKER_FILE, SUCCESS_SCHEMA, StreamingParquet
 from tests.conftest import REPO, run, skip_or_fail, snakemake_cmd
 from tests.e2e.helpers import read_all, write_batch_urls
 
@@ -342,7 +342,7 @@ def test_download_job_with_spaces_and_dollar_in_paths(tmp_path: Path) -> None:
 
 
 def test_report_plots_survive_a_quote_in_the_output_path(tmp_path: Path) -> None:
-    from distributed_downloader import plots
+    from distributed_downloader.report import plots
 
     images = tmp_path / "out 'q'" / "downloaded_images"
     batch = images / "server_name=a.example" / "partition_id=0"

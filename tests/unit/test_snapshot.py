@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import partition, snapshot
-from distributed_downloader.store import ERROR_SCHEMA, SUCCESS_SCHEMA
+from distributed_downloader.plan import partition, snapshot
+from distributed_downloader.store.files import ERROR_SCHEMA, SUCCESS_SCHEMA
 
 DAY = 86_400
 
@@ -240,8 +240,8 @@ def test_a_store_written_before_the_new_columns_is_matched(tmp_path: Path) -> No
     assert row["action"] == snapshot.REUSE
     assert abs(row["checked_at"].timestamp() - mtime) < 1  # the file's time: the row's age keeps growing
     # Copied into this run's store with the new columns: no validators, the file's time as checked_at.
-    from distributed_downloader import reuse
-    from distributed_downloader.batch_parts import BatchParts
+    from distributed_downloader.engine import reuse
+    from distributed_downloader.store.batch_parts import BatchParts
 
     fingerprint = manifest["servers"]["a.org"]["fingerprints"][0]
     urls = pq.read_table(paths.batch_urls("a.org", 0)).to_pylist()

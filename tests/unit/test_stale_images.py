@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import partition, stages
-from distributed_downloader.stale_images import STALE_DIR
-from distributed_downloader.store import Marker, write_marker
+from distributed_downloader import stages
+from distributed_downloader.plan import partition
+from distributed_downloader.plan.stale_images import STALE_DIR
+from distributed_downloader.store.files import Marker, write_marker
 
 
 def _config(tmp_path: Path, lines: list[str]) -> dict:

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_downloader import store
-from distributed_downloader.store import (
+from distributed_downloader.store import files as store
+from distributed_downloader.store.files import (
     ERROR_SCHEMA,
     SUCCESS_SCHEMA,
     Marker,

@@ -16,10 +16,10 @@ import pytest
 import requests
 
 from distributed_downloader import config as config_mod
+from distributed_downloader.demo.testserver import HostSpec, ImageFarm
 from distributed_downloader.errors import DownloadError, ErrorCode, is_transient
-from distributed_downloader.fetch import FetchSettings, ServerFetcher, tdm_reserved, x_robots_opt_out
-from distributed_downloader.robots import RobotsStatus, fetch_robots
-from distributed_downloader.testserver import HostSpec, ImageFarm
+from distributed_downloader.net.fetch import FetchSettings, ServerFetcher, tdm_reserved, x_robots_opt_out
+from distributed_downloader.net.robots import RobotsStatus, fetch_robots
 
 from .robots_support import Reply, RobotsServer
 

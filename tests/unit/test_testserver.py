@@ -1,4 +1,4 @@
-"""Tests for the loopback image farm (distributed_downloader.testserver). Loopback traffic only."""
+"""Tests for the loopback image farm (distributed_downloader.demo.testserver). Loopback traffic only."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 import requests
 from PIL import Image
 
-from distributed_downloader.testserver import (
+from distributed_downloader.demo.testserver import (
     BOMB_SIDE,
     CONTENT_TYPES,
     MAX_BIG_MB,
@@ -331,7 +331,7 @@ def _swallow(url: str) -> None:
 
 def test_cli_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "workflow_scripts")}
-    command = [sys.executable, "-m", "distributed_downloader.testserver", "--hosts", "2", "--seed", "1"]
+    command = [sys.executable, "-m", "distributed_downloader.demo.testserver", "--hosts", "2", "--seed", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         assert process.stdout is not None

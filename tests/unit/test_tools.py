@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.imaging import ImageSettings, encode_image, resize_image
-from distributed_downloader.store import SUCCESS_SCHEMA, SUCCESSES_FILE, atomic_write_table
+from distributed_downloader.imaging.process import ImageSettings, encode_image, resize_image
+from distributed_downloader.store.files import SUCCESS_SCHEMA, SUCCESSES_FILE, atomic_write_table
 from distributed_downloader.tools import (
     DefaultScheduler,
     FilterRegister,
@@ -350,7 +350,7 @@ def test_list_partitions_ignores_other_files(tmp_path: Path) -> None:
 def test_tool_rules_inputs_and_checks(tmp_path: Path) -> None:
     from snakemake.exceptions import WorkflowError
 
-    from distributed_downloader.tools.workflow import ToolRules
+    from distributed_downloader.front.tool_rules import ToolRules
 
     config = make_config(tmp_path)
     config["tools"] = ["size_based", "duplication_based"]
@@ -373,7 +373,7 @@ def test_tool_rules_inputs_and_checks(tmp_path: Path) -> None:
 
 
 def test_cli_unknown_tool_fails_before_any_work(tmp_path: Path, capsys) -> None:
-    from distributed_downloader import tools_cli
+    from distributed_downloader.front import tools_cli
 
     config = tmp_path / "config.yaml"
     config.write_text(f"path_to_input: {tmp_path / 'urls.csv'}\npath_to_output: {tmp_path / 'out'}\n")
@@ -387,7 +387,7 @@ def test_cli_unknown_tool_fails_before_any_work(tmp_path: Path, capsys) -> None:
 
 
 def test_reset_flags_map_to_forcerun() -> None:
-    from distributed_downloader.tools.api import forcerun_rules
+    from distributed_downloader.front.api import forcerun_rules
 
     assert forcerun_rules() == []
     assert forcerun_rules(reset_filtering=True) == ["tool_filter"]
@@ -396,8 +396,8 @@ def test_reset_flags_map_to_forcerun() -> None:
 
 
 def test_apply_tool_builds_the_snakemake_call(tmp_path: Path, monkeypatch, clean_registry) -> None:
-    from distributed_downloader import api
-    from distributed_downloader.tools import api as tools_api
+    from distributed_downloader.front import api as tools_api
+    from distributed_downloader.front import invoke as api
 
     module = tmp_path / "mods" / "half.py"
     module.parent.mkdir()

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.imaging import IMAGE_FORMATS, decode_stored_image, target_size
-from distributed_downloader.store import SUCCESSES_FILE
+from distributed_downloader.imaging.process import IMAGE_FORMATS, decode_stored_image, target_size
+from distributed_downloader.store.files import SUCCESSES_FILE
 from distributed_downloader.tools import (
     BatchResult,
     FilterRegister,
@@ -25,7 +25,8 @@ from distributed_downloader.tools import (
 )
 from distributed_downloader.tools import dataset as dataset_mod
 from distributed_downloader.tools import runner as runner_mod
-from distributed_downloader.tools.dataset import Partition, ToolPaths, fingerprint
+from distributed_downloader.tools.dataset import Partition, ToolPaths
+from distributed_downloader.tools.dataset import file_fingerprint as fingerprint
 from distributed_downloader.tools.runner import load_filter_rows, process_partition, run_partitions, summarize
 from tests.unit.test_tools import (  # noqa: F401 - fixture
     clean_registry,

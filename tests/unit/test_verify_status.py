@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, status, verify
-from distributed_downloader.store import (
+from distributed_downloader import inputs
+from distributed_downloader.plan import partition
+from distributed_downloader.report import status, verify
+from distributed_downloader.store.files import (
     ERROR_SCHEMA,
     ERRORS_FILE,
     MARKER_FILE,

@@ -11,7 +11,7 @@ __all__ = ["download_images", "apply_tools", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy: workers and rules import submodules without paying for the Snakemake API.
     if name in ("download_images", "apply_tools"):
-        from distributed_downloader import api
+        from distributed_downloader.front import api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -116,6 +116,11 @@ def load(path: str | os.PathLike) -> dict:
     return validate(raw)
 
 
+def batch_folder(server: str, partition: int | str) -> Path:
+    """A batch's folder below any hive-partitioned root (URLs, images, plans, tool markers and reports)."""
+    return Path(f"server_name={server}") / f"partition_id={partition}"
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every location a run reads or writes, derived from the config."""
@@ -151,10 +156,33 @@ class Paths:
         return self.output / "state"
 
     def batch_urls(self, server: str, partition: int) -> Path:
-        return self.urls / f"server_name={server}" / f"partition_id={partition}" / "urls.parquet"
+        return self.urls / batch_folder(server, partition) / "urls.parquet"
 
     def batch_images(self, server: str, partition: int) -> Path:
-        return self.images / f"server_name={server}" / f"partition_id={partition}"
+        return self.images / batch_folder(server, partition)
+
+    # A download round's files. ``round_no`` may be a wildcard ("{round}") in the rules.
+    def round_schedule(self, round_no: int | str) -> Path:
+        """The round's plan (rule ``schedule``)."""
+        return self.schedules / f"round_{round_no}.json"
+
+    def round_done(self, round_no: int | str) -> Path:
+        """The round's end marker (rule ``download``): the only declared output of the MPI job."""
+        return self.state / f"download_round_{round_no}.done"
+
+    def round_state(self, round_no: int | str, what: str) -> Path:
+        """What the round's rank 0 writes as it goes: ``progress``, ``batches`` (statistics), ``ranks``."""
+        return self.state / f"round_{round_no}_{what}.json"
+
+    def round_states(self, what: str) -> dict[int, Path]:
+        """Every round's ``round_state(r, what)`` file that exists, by round."""
+        found = sorted(self.state.glob(f"round_*_{what}.json")) if self.state.is_dir() else []
+        return {int(path.name.split("_")[1]): path for path in found}
+
+    def done_rounds(self) -> list[int]:
+        """The rounds whose end marker exists."""
+        found = self.state.glob("download_round_*.done") if self.state.is_dir() else []
+        return sorted(int(path.stem.split("_")[-1]) for path in found)
 
 
 def paths(config: Mapping) -> Paths:

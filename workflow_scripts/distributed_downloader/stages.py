@@ -1,16 +1,30 @@
-"""The stages as plain functions of the validated config: what each Snakemake rule calls."""
+"""What each Snakemake rule runs: ``STAGES[rule]``, one function per rule, named after the rule.
+
+The light rules (rules/*.smk: initialize, profile_servers, schedule, verify, report_plots,
+snapshot_report, tool_filter, tool_schedule) all run ``workflow_scripts/run_stage.py``, which calls
+``run(snakemake)``: log to the rule's log file, then ``STAGES[snakemake.rule](snakemake)``. Each entry of
+the table reads what its function needs from the job (config, wildcards, inputs, outputs); the functions
+themselves are plain functions of the validated config, called as such by the tests. The two MPI rules,
+download and tool_run, start their ranks with download_worker.py (engine/worker.py) and tool_worker.py
+(tools/worker.py).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from distributed_downloader import config as config_mod
-from distributed_downloader import inputs, partition, profiling, schedule, snapshot, stale_images, verify
-from distributed_downloader.fetch import FetchSettings
-from distributed_downloader.probe_rows import ProbeKeeper
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader import inputs
+from distributed_downloader.engine.probe_rows import ProbeKeeper
+from distributed_downloader.logs import log_to
+from distributed_downloader.net.fetch import FetchSettings
+from distributed_downloader.plan import partition, profiling, snapshot, stale_images
+from distributed_downloader.plan import schedule as schedule_mod
+from distributed_downloader.report import verify as verify_mod
+from distributed_downloader.store.files import atomic_write_json
 
 log = logging.getLogger("distributed_downloader")
 
@@ -77,21 +91,21 @@ def profile_servers(config: Mapping) -> list[profiling.ServerProfile]:
     return [p for p, _ in results]
 
 
-def make_schedule(config: Mapping, round_no: int, out: Path) -> dict:
+def schedule(config: Mapping, round_no: int, out: Path) -> dict:
     paths = config_mod.paths(config)
     manifest = partition.read_manifest(paths.urls)
     profiles = profiling.read_profiles(paths.profiles_table)
-    plan = schedule.build(manifest, profiles, paths, config, round_no)
+    plan = schedule_mod.build(manifest, profiles, paths, config, round_no)
     atomic_write_json(Path(out), plan)
     log.info("round %d: %s", round_no, plan["totals"])
     return plan
 
 
-def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
+def verify(config: Mapping, json_out: Path, csv_out: Path) -> dict:
     paths = config_mod.paths(config)
     manifest = partition.read_manifest(paths.urls)
-    result = verify.verify_all(manifest, paths)
-    verify.write_reports(result, Path(json_out), Path(csv_out))
+    result = verify_mod.verify_all(manifest, paths)
+    verify_mod.write_reports(result, Path(json_out), Path(csv_out))
     totals = result["totals"]
     log.info(
         "verified %d URLs of %d servers: %d successes, %d errors, %d input rows rejected",
@@ -106,10 +120,69 @@ def verify_downloads(config: Mapping, json_out: Path, csv_out: Path) -> dict:
     return result
 
 
+def report_plots(config: Mapping, verification: Path, outputs: Mapping[str, str]) -> None:
+    from distributed_downloader.report import plots
+
+    paths = config_mod.paths(config)
+    plots.make_all(Path(verification), paths, dict(outputs))
+
+
 def snapshot_report(config: Mapping, json_out: Path, csv_out: Path) -> dict:
-    from distributed_downloader import snapshot_report as report_mod
+    from distributed_downloader.report import snapshot_report as report_mod
 
     paths = config_mod.paths(config)
     report = report_mod.write(paths, partition.read_manifest(paths.urls), Path(json_out), Path(csv_out))
     log.info("snapshot changes: %s", report["totals"])
     return report
+
+
+def tool_filter(config: Mapping, tool: str, output: Path) -> dict:
+    from distributed_downloader.tools import registry  # the tools' libraries only in the tool jobs
+
+    part = registry.resolve(tool, config).filter(config, tool)
+    summary = part.run()
+    if Path(output) != part.tool_paths.filter_summary:
+        raise RuntimeError(f"the filter wrote {part.tool_paths.filter_summary}, the rule expects {output}")
+    return summary
+
+
+def tool_schedule(config: Mapping, tool: str, output: Path) -> dict:
+    from distributed_downloader.tools import registry
+
+    part = registry.resolve(tool, config).scheduler(config, tool)
+    plan = part.run()
+    if Path(output) != part.tool_paths.schedule or not Path(output).exists():
+        raise RuntimeError(f"the scheduler did not write {output}")
+    return plan
+
+
+# rule -> what it runs, given the Snakemake job (``snakemake`` in a script: job)
+STAGES: dict[str, Callable[[Any], object]] = {
+    "initialize": lambda job: initialize(job.config, Path(job.output[0])),
+    "profile_servers": lambda job: profile_servers(job.config),
+    "schedule": lambda job: schedule(job.config, int(job.wildcards.round), Path(job.output[0])),
+    "verify": lambda job: verify(job.config, Path(job.output.json), Path(job.output.csv)),
+    "report_plots": lambda job: report_plots(job.config, Path(job.input.verification), dict(job.output.items())),
+    "snapshot_report": lambda job: snapshot_report(job.config, Path(job.output.json), Path(job.output.csv)),
+    "tool_filter": lambda job: tool_filter(job.config, job.wildcards.tool, Path(job.output[0])),
+    "tool_schedule": lambda job: tool_schedule(job.config, job.wildcards.tool, Path(job.output[0])),
+}
+
+
+def run(job: Any) -> None:
+    """A rule's ``script:`` job (``job`` is Snakemake's ``snakemake`` object): log, then its stage."""
+    config = job.config
+    log_to(job.log[0] if job.log else None, config["downloader_parameters"]["logger_level"], mode="w", stderr=True)
+    tool = getattr(job.wildcards, "tool", None)
+    try:
+        stage = STAGES[job.rule]
+    except KeyError:
+        raise ValueError(f"rule {job.rule!r} has no stage in distributed_downloader.stages.STAGES") from None
+    try:
+        stage(job)
+    except Exception:
+        if tool:
+            logging.getLogger("distributed_downloader.tools").exception("tool %s: stage %s failed", tool, job.rule)
+        else:
+            log.exception("stage %s failed", job.rule)
+        raise

@@ -13,15 +13,14 @@ from typing import Any
 
 from distributed_downloader.tools import builtins  # noqa: F401 - registers the built-in tools
 from distributed_downloader.tools.base import (
-    BatchResult,
     DefaultScheduler,
     FilterToolBase,
     MPIRunnerTool,
-    PartitionContext,
     PythonFilterToolBase,
     SchedulerToolBase,
     ToolBase,
 )
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.builtins import BUILTIN_TOOLS
 from distributed_downloader.tools.registry import (
     TOOLS_REGISTRY,
@@ -60,7 +59,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy: jobs import the tools without paying for the Snakemake API.
     if name in ("apply_tool", "apply_tools"):
-        from distributed_downloader.tools import api
+        from distributed_downloader.front import api  # the classic entry points live in front/
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -18,18 +18,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader import config as config_mod
-from distributed_downloader.store import SUCCESSES_FILE, atomic_write_json
+from distributed_downloader.store.files import SUCCESSES_FILE, atomic_write_json
+from distributed_downloader.tools import runner
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.dataset import (
     FILTER_SCHEMA,
     ParquetRewrite,
@@ -292,60 +290,6 @@ class DefaultScheduler(SchedulerToolBase):
 # --------------------------------------------------------------------------- runners
 
 
-@dataclass
-class BatchResult:
-    """What ``apply_batch`` returns for one row group.
-
-    ``kept``: the rows written back (same columns as the input); ``removed``: rows dropped, with
-    ``reasons`` (one string for all, or one per removed row); ``changed``: how many kept rows it modified.
-    """
-
-    kept: pa.Table
-    removed: pa.Table | None = None
-    reasons: str | Sequence[str] | None = None
-    changed: int = 0
-
-
-@dataclass
-class PartitionContext:
-    """The partition a runner works on, with its filter rows."""
-
-    server_name: str
-    partition_id: int
-    path: Path
-    filter_rows: pa.Table
-    tool_name: str
-    extra: dict = field(default_factory=dict)  # free for a runner's per-partition state
-
-    @cached_property
-    def whole(self) -> bool:
-        """The filter selected the whole partition (a row with a null uuid)."""
-        return "uuid" not in self.filter_rows.column_names or self.filter_rows.column("uuid").null_count > 0
-
-    @cached_property
-    def uuids(self) -> pa.Array:
-        if "uuid" not in self.filter_rows.column_names:
-            return pa.array([], pa.string())
-        return pc.drop_null(self.filter_rows.column("uuid")).combine_chunks()
-
-    @cached_property
-    def reasons(self) -> dict[str, str]:
-        if "reason" not in self.filter_rows.column_names:
-            return {}
-        table = self.filter_rows.select(["uuid", "reason"]).to_pydict()
-        return {u: r for u, r in zip(table["uuid"], table["reason"], strict=True) if u is not None and r is not None}
-
-    def selected(self, batch: pa.Table) -> np.ndarray:
-        """Boolean mask of the batch rows the filter selected."""
-        if self.whole:
-            return np.ones(batch.num_rows, dtype=bool)
-        mask = pc.is_in(batch.column("uuid"), value_set=self.uuids)
-        return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-    def reason_for(self, uuid: str, default: str) -> str:
-        return self.reasons.get(uuid, default)
-
-
 class MPIRunnerTool(ToolBase):
     """A tool's runner: one instance per MPI rank; the framework feeds it row groups of its partitions.
 
@@ -405,16 +349,12 @@ class MPIRunnerTool(ToolBase):
         (``runner.run_partitions``). A runner whose output is not the store (an export) overrides
         this, ``summarize`` and the two texts. ``stats["failed"]`` non-zero makes the rank exit 1.
         """
-        from distributed_downloader.tools.runner import run_partitions  # runner.py imports this module
-
-        return run_partitions(self, schedule, mine, report)
+        return runner.run_partitions(self, schedule, mine, report)
 
     def summarize(self, schedule: Mapping) -> dict:
         """On rank 0 once every rank is done: the run's summary (``_done.json``); ``ok`` False = unfinished
         (``missing`` names what), which fails the job so that the same command resumes it."""
-        from distributed_downloader.tools.runner import summarize
-
-        return summarize(schedule, self)
+        return runner.summarize(schedule, self)
 
     def progress_text(self, stats: Mapping) -> str:
         """One progress line of this rank (printed every few seconds)."""

@@ -16,16 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import ImageError
-from distributed_downloader.imaging import ImageSettings, _md5, decode_stored_image, encode_image, resize_image
+from distributed_downloader.imaging.process import ImageSettings, _md5, decode_stored_image, encode_image, resize_image
 from distributed_downloader.tools.base import (
-    BatchResult,
     DefaultScheduler,
     FilterTableWriter,
     FilterToolBase,
     MPIRunnerTool,
-    PartitionContext,
     PythonFilterToolBase,
 )
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.dataset import ParquetRewrite
 from distributed_downloader.tools.registry import FilterRegister, RunnerRegister, SchedulerRegister
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader.batch_parts import success_files
-from distributed_downloader.config import Paths
-from distributed_downloader.jsonfiles import read_json as read_json  # re-exported: tools import it from here
-from distributed_downloader.store import PARQUET_COMPRESSION, SUCCESSES_FILE, _fsync_and_rename
+from distributed_downloader.config import Paths, batch_folder
+from distributed_downloader.store.batch_parts import success_files
+from distributed_downloader.store.files import PARQUET_COMPRESSION, SUCCESSES_FILE, fsync_and_rename
+from distributed_downloader.store.jsonfiles import read_json as read_json  # re-exported: tools import it from here
 
 WRITE_ID_KEY = b"distributed_downloader.write_id"
 FILTER_SCHEMA = pa.schema(
@@ -113,10 +113,10 @@ class ToolPaths:
         return self.root / "removed"
 
     def marker(self, part: Partition) -> Path:
-        return self.markers / f"server_name={part.server_name}" / f"partition_id={part.partition_id}{part.suffix}.json"
+        return self.markers / batch_folder(part.server_name, f"{part.partition_id}{part.suffix}.json")
 
     def removed_report(self, part: Partition, application: str) -> Path:
-        folder = self.removed / f"server_name={part.server_name}" / f"partition_id={part.partition_id}"
+        folder = self.removed / batch_folder(part.server_name, part.partition_id)
         return folder / f"removed-{application[:16]}{part.suffix}.parquet"
 
 
@@ -148,7 +148,7 @@ def list_partitions(images: Path) -> list[Partition]:
     return sorted(found)
 
 
-def fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     """Identity of a parquet file: the write id a tool stamped into it, else its size and mtime."""
     metadata = pq.read_schema(path).metadata or {}
     if WRITE_ID_KEY in metadata:
@@ -194,7 +194,7 @@ class ParquetRewrite:
 
     def commit(self) -> None:
         self.close()
-        _fsync_and_rename(self.temp, self.path)
+        fsync_and_rename(self.temp, self.path)
 
     def abort(self) -> None:
         try:

@@ -26,25 +26,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.store import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
-from distributed_downloader.tools.base import BatchResult, MPIRunnerTool, PartitionContext
+from distributed_downloader.store.files import ROW_GROUP_ROWS, SUCCESS_SCHEMA, atomic_write_json
+from distributed_downloader.tools.batch import BatchResult, PartitionContext
 from distributed_downloader.tools.dataset import (
     REPORT_FIELDS,
     ParquetRewrite,
     Partition,
-    fingerprint,
+    file_fingerprint,
     new_write_id,
     read_json,
     remove_stale_temps,
     successes_path,
     with_write_id,
 )
+
+if TYPE_CHECKING:  # annotations only: base.py's MPIRunnerTool calls this module
+    from distributed_downloader.tools.base import MPIRunnerTool
 
 log = logging.getLogger("distributed_downloader.tools.runner")
 FILTER_ROWS_PER_SCAN = 1_000_000  # filter rows a rank holds in memory at once
@@ -113,7 +117,7 @@ def partition_state(runner: MPIRunnerTool, application: str, part: Partition) ->
     if marker.get("state") == "done":
         return "done"
     path = successes_path(runner.paths, part)
-    if marker.get("produced") and path.exists() and fingerprint(path) == marker["produced"]:
+    if marker.get("produced") and path.exists() and file_fingerprint(path) == marker["produced"]:
         return "finish"
     return "todo"
 
@@ -159,7 +163,7 @@ def process_partition(runner: MPIRunnerTool, application: str, part: Partition, 
         atomic_write_json(marker_path, marker)
         return marker
 
-    source = fingerprint(path)
+    source = file_fingerprint(path)
     write_id = new_write_id()
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow

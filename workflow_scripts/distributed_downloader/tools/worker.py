@@ -18,9 +18,9 @@ import sys
 import time
 import traceback
 
-from distributed_downloader import launch
+from distributed_downloader.engine import launch
 from distributed_downloader.logs import log_to
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader.store.files import atomic_write_json
 from distributed_downloader.tools import registry
 
 POLL_SECONDS = 0.05

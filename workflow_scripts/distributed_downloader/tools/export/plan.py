@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader.tools.dataset import fingerprint
+from distributed_downloader.tools.dataset import file_fingerprint
 from distributed_downloader.tools.export.selection import columns_for, select
 from distributed_downloader.tools.export.settings import ExportSettings
 
@@ -72,7 +72,7 @@ def survey(unit: Unit, settings: ExportSettings) -> Survey:
     finally:
         parquet.close()
     selected, excluded = select(table, rows, settings)
-    return Survey(unit, fingerprint(unit.path), group_rows, selected, excluded)
+    return Survey(unit, file_fingerprint(unit.path), group_rows, selected, excluded)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader.store.files import atomic_write_json
 from distributed_downloader.tools.dataset import read_json
 
 PROGRESS_DIR = "_progress"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pyarrow.parquet as pq
 
-from distributed_downloader.store import atomic_write_json
+from distributed_downloader.store.files import atomic_write_json
 from distributed_downloader.tools.base import MPIRunnerTool, PythonFilterToolBase
 from distributed_downloader.tools.dataset import Partition
 from distributed_downloader.tools.export.plan import Unit
