@@ -313,7 +313,8 @@ def synthesize(root: Path, rows: int) -> Path:
 _CHILD = r"""
 import json, sys, time, resource
 from pathlib import Path
-from distributed_downloader import config as config_mod, partition, snapshot
+from distributed_downloader import config as config_mod
+from distributed_downloader.plan import partition, snapshot
 root, memory = Path(sys.argv[1]), int(sys.argv[2])
 config = config_mod.validate({"path_to_input": "unused", "path_to_output": str(root / "out"),
     "previous_dataset": str(root / "previous"), "snapshot_parameters": {"memory_mb": memory}})
