@@ -94,3 +94,11 @@ def test_a_lane_starts_just_below_its_remembered_level_not_at_a_remembered_probe
     ctl = lane_controller(LaneSpec("h", 0, 1, 3.0, 50.0, 8, 0.3, memory={"rate": 3.84, "level": 3.69}))
     assert ctl.level == 3.69 and not ctl.slow_start
     assert abs(ctl.rate - 3.69 * (1 - RateController.HEADROOM)) < 1e-9
+
+
+def test_a_previous_dataset_under_home_carries_its_limits(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """``previous_dataset: ~/runs/march`` reused march's rows (load() expands ``~``) but not its
+    limits: every server started at default_rate again, above a 4/s host's level."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _run(tmp_path / "runs" / "march", {"a.org": {"rate": 3.6, "level": 4.0}})
+    assert previous.learned_limits(["~/runs/march"]) == {"a.org": {"rate": 3.6, "level": 4.0}}

@@ -170,7 +170,7 @@ def learned_limits(given: Sequence[str]) -> dict[str, dict]:
     """
     out: dict[str, dict] = {}
     for path in given:
-        folder = Path(path)
+        folder = Path(path).expanduser()  # as load() reads it: "~/runs/march" reused rows but lost the limits
         for candidate in (folder / MEMORY_FILE, folder.parent / MEMORY_FILE):
             memory = read_json(candidate)
             if isinstance(memory, dict):
