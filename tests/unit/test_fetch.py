@@ -307,6 +307,13 @@ def silent() -> Iterator[tuple[SilentHost, SilentHost]]:
         yield accepting, full
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _gzip_bomb_built() -> None:
+    """The in-process farm compresses /gzbomb/50 on its first request: 1.6 s on a busy 2-core machine,
+    past the hostile cases' 1-s read timeout (the case then failed as a timeout, not as the bomb)."""
+    testserver.gzip_zeros(50 * 1_000_000)
+
+
 @pytest.fixture
 def hostile_fetcher() -> Iterator[ServerFetcher]:
     f = ServerFetcher(settings(**HOSTILE))
