@@ -274,6 +274,27 @@ def test_an_unreadable_previous_dataset_is_reported_and_everything_downloaded(tm
     assert any("this run's own output" in problem for problem in summary["problems"])
 
 
+def test_a_file_with_a_good_footer_but_damaged_pages_is_left_out_not_the_whole_match(tmp_path: Path) -> None:
+    """Its footer reads (previous.load keeps it), its pages do not: DuckDB failed the whole join and
+    nothing at all was reused (20 damaged rows sent 40 URLs to be downloaded again)."""
+    good = [f"http://a.org/img/{i}.jpg" for i in range(20)]
+    damaged = [f"http://b.org/img/{i}.jpg" for i in range(20)]
+    write_previous(tmp_path / "p1", "a.org", [_success(u) for u in good])
+    path = write_previous(tmp_path / "p2", "b.org", [_success(u) for u in damaged]) / "successes.parquet"
+    column = pq.ParquetFile(path).metadata.row_group(0).column(SUCCESS_SCHEMA.names.index("identifier"))
+    data = bytearray(path.read_bytes())
+    for k in range(column.data_page_offset + 20, column.data_page_offset + column.total_compressed_size - 4):
+        data[k] ^= 0x5A
+    path.write_bytes(bytes(data))
+    assert pq.ParquetFile(path).metadata.num_rows == 20
+    rows = [(f"n{i}", "", u) for i, u in enumerate(good + damaged)]
+    _, paths, _, summary = initialize(tmp_path, rows, [tmp_path / "p1", tmp_path / "p2"])
+    assert set(planned(paths)) == {f"n{i}" for i in range(20)}
+    assert (summary["totals"]["reuse"], summary["totals"]["new"]) == (20, 20)
+    assert any(str(path) in problem for problem in summary["problems"])
+    assert summary["previous"][1]["success_files"] == 0
+
+
 def test_a_plan_is_removed_when_the_run_has_no_previous_dataset(tmp_path: Path) -> None:
     previous = tmp_path / "prev"
     write_previous(previous, "a.org", [_success("http://a.org/1.jpg")])

@@ -310,25 +310,40 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
     plan_id = uuid_mod.uuid4().hex
     gone: dict[str, int] = {}
     per_batch: dict[int, dict[str, int]] = {}
-    try:
-        if files and batches:
-            per_bucket = max(1, BUCKET_URLS // max(1, int(manifest["batch_size"])))
-            mark = time.monotonic()
-            timings["join_slices"] = _match(work, batches, files, settings, salt, per_bucket)
-            gone = _gone_counts(work, files, settings.memory_mb)
-            timings["match"] = round(time.monotonic() - mark, 3)
-            mark = time.monotonic()
-            per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, salt, plan_id, now)
-            timings["plan_files"] = round(time.monotonic() - mark, 3)
-    except Exception as exc:  # a previous dataset the match cannot read: download everything
-        message = f"matching the previous dataset(s) failed ({type(exc).__name__}: {exc}); nothing is reused"
-        log.error("%s", message, exc_info=exc)
-        problems.append(message)
-        shutil.rmtree(incoming, ignore_errors=True)
-        incoming.mkdir(parents=True)
-        per_batch, gone = {}, {}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for attempt in range(2):
+        try:
+            if files and batches:
+                per_bucket = max(1, BUCKET_URLS // max(1, int(manifest["batch_size"])))
+                mark = time.monotonic()
+                timings["join_slices"] = _match(work, batches, files, settings, salt, per_bucket)
+                gone = _gone_counts(work, files, settings.memory_mb)
+                timings["match"] = round(time.monotonic() - mark, 3)
+                mark = time.monotonic()
+                per_batch = _finish_batches(work, incoming, batches, files, settings, per_bucket, salt, plan_id, now)
+                timings["plan_files"] = round(time.monotonic() - mark, 3)
+            break
+        except Exception as exc:  # a previous file the match cannot read
+            shutil.rmtree(incoming, ignore_errors=True)
+            incoming.mkdir(parents=True)
+            per_batch, gone = {}, {}
+            # A file whose footer reads but whose pages do not (a damaged copy) failed the whole match:
+            # 20 rows of one file left the other 200M to be downloaded again. Leave such files out, once.
+            bad = _unreadable(files) if attempt == 0 else []
+            if bad:
+                for path in bad:
+                    message = f"{path}: unreadable rows; its URLs are downloaded again"
+                    log.warning("%s", message)
+                    problems.append(message)
+                files = [f for f in files if f.path not in bad]
+                for dataset in datasets:
+                    dataset.files = [f for f in dataset.files if f.path not in bad]
+                continue
+            message = f"matching the previous dataset(s) failed ({type(exc).__name__}: {exc}); nothing is reused"
+            log.error("%s", message, exc_info=exc)
+            problems.append(message)
+            break
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     summary = _summary(batches, per_batch, gone, datasets, problems, settings, salt, plan_id, now, started)
     summary["timings"] = timings  # seconds: the previous footers, the DuckDB match (in join_slices), the plan files
     _write_files_table(incoming / FILES_TABLE, files)
@@ -351,6 +366,19 @@ def plan(config: Mapping, paths: Paths, manifest: Mapping, now: float | None = N
         summary["seconds"],
     )
     return summary
+
+
+def _unreadable(files: list[previous_mod.PreviousFile]) -> set[Path]:
+    """The previous files whose columns the match reads cannot be read whole (one file at a time)."""
+    bad = set()
+    for file in files:
+        needs = previous_mod.SUCCESS_NEEDS if file.kind == "success" else previous_mod.ERROR_NEEDS
+        optional = ("checked_at",) if file.kind == "success" else ("checked_at", "error_msg", "retry_count")
+        try:
+            pq.ParquetFile(file.path).read(columns=[*needs, *(c for c in optional if c in file.columns)])
+        except (OSError, pa.ArrowException):
+            bad.add(file.path)
+    return bad
 
 
 def _connect(work: Path, memory_mb: int):  # noqa: ANN202 - duckdb is imported lazily
