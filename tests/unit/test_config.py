@@ -73,6 +73,12 @@ def test_unknown_keys_are_errors_naming_the_key(raw: dict, names: list[str]) -> 
         (base(initializer="csv"), "initializer"),
         (base(downloader_parameters={"timeout": -1}), "downloader_parameters.timeout"),
         (base(schedule_rules={"10": 0}), "schedule_rules.10"),
+        # YAML .nan passes minimum/maximum: a NaN revalidate_fraction failed the whole snapshot match
+        (base(snapshot_parameters={"revalidate_fraction": float("nan")}), "snapshot_parameters.revalidate_fraction"),
+        (
+            base(snapshot_parameters={"retry_permanent_errors_after": float("nan")}),
+            "snapshot_parameters.retry_permanent_errors_after",
+        ),
     ],
 )
 def test_wrong_type_or_value_names_the_key(raw: dict, key: str) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,17 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}"
 
 
+def _nan_keys(value: object, key: str = "") -> Iterator[str]:
+    if isinstance(value, float) and math.isnan(value):
+        yield key or "<top level>"
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _nan_keys(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nan_keys(item, f"{key}.{index}")
+
+
 def validate(raw: Mapping) -> dict:
     """Validate a config mapping, fill defaults, resolve aliases. Raises ConfigError naming the key."""
     config = copy.deepcopy(dict(raw))
@@ -89,6 +101,10 @@ def validate(raw: Mapping) -> dict:
     errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("; ".join(_describe(e) for e in errors))
+    # YAML's .nan passes every minimum and maximum: revalidate_fraction: .nan failed the snapshot match
+    # (nothing reused, every URL downloaded again), retry_permanent_errors_after: .nan retried them all.
+    for key in _nan_keys(config):
+        raise ConfigError(f"config key '{key}': NaN is not a number this setting can take")
     if "path_to_output" not in config:
         raise ConfigError("missing key 'path_to_output' (or 'path_to_output_folder')")
     previous = config["previous_dataset"]
