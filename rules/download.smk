@@ -8,6 +8,8 @@ rule schedule:
     localrule: True
     conda:
         "../envs/environment.yaml"
+    params:
+        stage="schedule",  # provenance only: see rules/initialize.smk
     script:
         "../workflow_scripts/run_stage.py"
 

@@ -8,5 +8,7 @@ rule profile_servers:
         log_file("profile_servers"),
     conda:
         "../envs/environment.yaml"
+    params:
+        stage="profile_servers",  # provenance only: see rules/initialize.smk
     script:
         "../workflow_scripts/run_stage.py"

@@ -10,5 +10,7 @@ rule report_plots:
         log_file("report_plots"),
     conda:
         "../envs/environment.yaml"
+    params:
+        stage="report_plots",  # provenance only: see rules/initialize.smk
     script:
         "../workflow_scripts/run_stage.py"

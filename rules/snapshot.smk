@@ -10,5 +10,7 @@ rule snapshot_report:
         log_file("snapshot_report"),
     conda:
         "../envs/environment.yaml"
+    params:
+        stage="snapshot_report",  # provenance only: see rules/initialize.smk
     script:
         "../workflow_scripts/run_stage.py"

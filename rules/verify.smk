@@ -9,5 +9,7 @@ rule verify:
         log_file("verify"),
     conda:
         "../envs/environment.yaml"
+    params:
+        stage="verify",  # provenance only: see rules/initialize.smk
     script:
         "../workflow_scripts/run_stage.py"

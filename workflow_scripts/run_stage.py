@@ -1,5 +1,5 @@
-"""Thin `script:` entry of every light rule: distributed_downloader.stages.STAGES[snakemake.rule] runs."""
+"""Thin `script:` entry shared by the light rules; the logic lives in distributed_downloader.stages."""
 
-from distributed_downloader.stages import run
+from distributed_downloader.rule_entry import run
 
 run(snakemake)  # noqa: F821 - injected by Snakemake
