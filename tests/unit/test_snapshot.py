@@ -211,6 +211,22 @@ def test_previous_errors_permanent_ones_kept_until_old_transient_ones_retried(tm
     assert planned(paths)["n5"]["action"] == snapshot.RETRY_ERROR
 
 
+def test_a_previous_error_row_without_a_code_is_retried_not_kept(tmp_path: Path) -> None:
+    """Kept, its null code failed the lane's open of the batch (int(None)) in every round."""
+    previous = tmp_path / "prev"
+    folder = write_previous(previous, "a.org", [_success("http://a.org/1.jpg")])
+    nullable = pa.schema([field.with_nullable(True) for field in ERROR_SCHEMA])
+    errors = [{**_error("http://a.org/2.jpg", 404), "error_code": None}, _error("http://a.org/3.jpg", 404)]
+    pq.write_table(pa.Table.from_pylist(errors, schema=nullable), folder / "errors.parquet")
+    rows = [(f"n{i}", "", f"http://a.org/{i}.jpg") for i in (1, 2, 3)]
+    _, paths, _, _ = initialize(tmp_path, rows, previous)
+    assert {uuid: row["action"] for uuid, row in planned(paths).items()} == {
+        "n1": snapshot.REUSE,
+        "n2": snapshot.RETRY_ERROR,
+        "n3": snapshot.KEEP_ERROR,
+    }
+
+
 def test_old_rows_are_revalidated_and_the_first_listed_dataset_wins(tmp_path: Path) -> None:
     now = time.time()
     newer, older = tmp_path / "newer", tmp_path / "older"

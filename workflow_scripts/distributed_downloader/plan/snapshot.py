@@ -839,7 +839,9 @@ def _plan_errors(table: pa.Table, urls: pa.Table, mtimes: np.ndarray, settings: 
     file_id = pc.cast(table.column("file_id"), pa.int32())
     missing = np.isnan(checked)
     checked[missing] = mtimes[file_id.to_numpy()[missing]]
-    permanent = pc.invert(pc.is_in(codes, value_set=_transient())).to_numpy(zero_copy_only=False)
+    # A row without a code says nothing permanent: retried (kept, it failed its batch's open every round).
+    permanent = pc.and_(pc.is_valid(codes), pc.invert(pc.is_in(codes, value_set=_transient())))
+    permanent = permanent.to_numpy(zero_copy_only=False)
     young = (now - checked) < settings.retry_permanent_errors_after * DAY
     keep = permanent & young
     n = table.num_rows
