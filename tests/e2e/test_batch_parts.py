@@ -255,6 +255,32 @@ def test_a_success_part_wins_over_an_error_part_of_the_same_url(tmp_path: Path) 
     _exactly_once(paths, server, urls)
 
 
+def test_a_probe_answered_404_is_the_urls_error_row_not_asked_again(tmp_path: Path) -> None:
+    """Profiling's probe got a 404 (a monthly snapshot's removed image, first of its server): not kept,
+    the download asked again, one request over new + sample (test_snapshot e2e failed on it by chance)."""
+    from distributed_downloader.engine.probe_rows import ProbeKeeper
+    from distributed_downloader.net.fetch import FetchSettings
+    from distributed_downloader.plan import profiling
+
+    with ImageFarm([HostSpec("p", latency=0.002)], seed=15) as farm:
+        urls = [farm.url(0, f"/img/p{i}.jpg?w=16&h=10") for i in range(5)]
+        farm.remove_image(urls[0])
+        config, paths, server = _setup(tmp_path, farm, urls)
+        params = config["downloader_parameters"]
+        keeper = ProbeKeeper(paths, {"servers": {server: {"fingerprints": [FINGERPRINT]}}}, params)
+        settings = profiling.ProbeSettings(
+            FetchSettings.from_config(params), 100.0, 100.0, 2, respect_robots=False, keep_probe=keeper
+        )
+        profile, _ = profiling.probe_server(server, urls, 1, len(urls), settings)
+        assert (profile.probe_url, profile.probe_status, keeper.kept) == (urls[0], 404, 1)
+        stats = _run(_lane(config, paths, server, 1), "full")
+        asked = Counter(farm.base_urls[0] + entry.path for entry in farm.request_log(0))
+    assert asked == Counter(urls) and stats.requests == len(urls) - 1
+    errors = read_all(paths.images, "errors.parquet")
+    assert [(e["identifier"], e["error_code"], e["error_msg"]) for e in errors] == [(urls[0], 404, "HTTP 404")]
+    _exactly_once(paths, server, urls)
+
+
 def test_an_unreadable_part_is_moved_aside_and_its_urls_downloaded_again(tmp_path: Path) -> None:
     with ImageFarm([HostSpec("u", latency=0.002)], seed=14) as farm:
         urls = [farm.url(0, f"/img/u{i}.jpg?w=16&h=10") for i in range(5)]

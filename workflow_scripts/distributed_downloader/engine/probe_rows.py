@@ -1,9 +1,10 @@
 """Profiling's probe is the first row of the download, not an extra request.
 
 A probe answered 200 has downloaded one image of the server's first batch already: ``ProbeKeeper``
-turns it into that URL's row and makes it durable as a part of the batch (batch_parts.py), which
-the download carries over like the parts of an attempt cut short. Nothing is kept for a batch
-already committed (a profiling rerun) or a URL a part already holds.
+turns it into that URL's row (a probe answered with a permanent HTTP error, 404 or 410: its error
+row) and makes it durable as a part of the batch (batch_parts.py), which the download carries over
+like the parts of an attempt cut short. Nothing is kept for a batch already committed (a profiling
+rerun) or a URL a part already holds.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class ProbeKeeper:
                 return partition_id, row
         return None
 
-    def __call__(self, server: str, url: str, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+    def __call__(
+        self, server: str, url: str, body: bytes | None, headers: Mapping[str, str] | None = None, status: int = 200
+    ) -> None:
         found = self._find(server, url)
         if found is None:
             return
@@ -54,6 +57,15 @@ class ProbeKeeper:
             return  # committed already: its rows are in place
         parts = BatchParts(folder, fingerprint, round_no=1)
         if row["uuid"] in parts.carried_successes():
+            return
+        if body is None:  # a permanent HTTP error: the URL's error row, as the download writes it
+            if any(error["uuid"] == row["uuid"] for _, error in parts.carried_errors()):
+                return
+            error = {"uuid": row["uuid"], "identifier": url, "retry_count": 0, "error_code": int(status)}
+            parts.append_error({**error, "error_msg": f"HTTP {status}"})
+            parts.flush()
+            with self._lock:
+                self.kept += 1
             return
         try:
             image = imaging.process_image(body, self.image_settings)

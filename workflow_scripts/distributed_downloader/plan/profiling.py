@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import batch_folder
-from distributed_downloader.errors import DownloadError, ErrorCode
+from distributed_downloader.errors import DownloadError, ErrorCode, is_transient
 from distributed_downloader.net.fetch import FetchSettings, HttpStatusError, ServerFetcher
 from distributed_downloader.net.politeness import advertised_rate
 from distributed_downloader.net.robots import PARSE_LIMIT, RobotsCache, RobotsFetch, RobotsStatus, fetch_robots
@@ -78,9 +78,10 @@ class ProbeSettings:
     probe_candidates: int = PROBE_CANDIDATES
     max_probe_wait: float = PROBE_MAX_WAIT
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
-    # Called with (server, url, body, headers) for a probe answered 200: the download keeps it as the
+    # Called with (server, url, body, headers) for a probe answered 200, (server, url, None, headers,
+    # status) for one answered with a permanent HTTP error (404, 410...): the download keeps it as the
     # URL's row (the probe is the first request of the download, not an extra one). None: nothing kept.
-    keep_probe: Callable[[str, str, bytes, Mapping[str, str]], None] | None = field(default=None, repr=False)
+    keep_probe: Callable[..., None] | None = field(default=None, repr=False)
 
 
 def probe_server(
@@ -143,9 +144,15 @@ def probe_server(
         allowed = [url for url in candidates if url == probe_url or rules_allow(robots, settings, url)]
         result_headers, elapsed, body = _probe(fetcher, allowed, profile, reachable=profile.reachable)
         headers = result_headers
-        if body is not None and settings.keep_probe is not None:
+        refused = None if body is not None else profile.probe_status  # an HTTP status, or 200 (an answer)
+        # A 404 not kept was requested again by the download: one request over new + sample (issue #18).
+        permanent = refused is not None and 400 <= refused < 600 and refused != 403 and not is_transient(refused)
+        if settings.keep_probe is not None and (body is not None or permanent):
             try:
-                settings.keep_probe(name, profile.probe_url, body, headers)
+                if body is not None:
+                    settings.keep_probe(name, profile.probe_url, body, headers)
+                else:
+                    settings.keep_probe(name, profile.probe_url, None, headers, refused)
             except Exception:  # the download fetches it again: nothing is lost
                 log.exception("%s: the probe's answer could not be kept", name)
         profile.reachable = True
