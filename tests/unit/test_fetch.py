@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -394,6 +397,32 @@ def test_a_trickling_server_is_cut_long_before_the_total_timeout(farm: ImageFarm
     assert elapsed < 2.0 + SLACK, f"took {elapsed:.2f}s"
 
 
+@contextlib.contextmanager
+def _thinking_server(seconds: float) -> Iterator[str]:
+    """A loopback server that thinks ``seconds`` before each answer, then sends it at once ("abc")."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(seconds)
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/a.jpg"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_trickled_headers_are_cut_soon_after_their_first_byte_under_long_timeouts(farm: ImageFarm) -> None:
     """The default timeouts (10 + 20 s) gave a server trickling its headers 30 s per URL and round
     (nginx's limit_rate from the status line on); the rest of the headers get HEADERS_AFTER_FIRST_BYTE."""
@@ -413,33 +442,13 @@ def test_trickled_headers_are_cut_soon_after_their_first_byte_under_long_timeout
 def test_the_short_headers_limit_starts_at_the_first_byte_not_at_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that thinks 1.5 s before answering (well within the read timeout) and then sends its
     headers at once is not trickling, even when the after-first-byte limit is shorter than its think time."""
-    import http.server
-    import threading
-
     monkeypatch.setattr(fetch_mod, "HEADERS_AFTER_FIRST_BYTE", 0.5)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            time.sleep(1.5)
-            self.send_response(200)
-            self.send_header("Content-Length", "3")
-            self.end_headers()
-            self.wfile.write(b"abc")
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     fetcher = ServerFetcher(settings(connect_timeout=1.0, read_timeout=4.0, total_timeout=12.0))
-    try:
-        assert fetcher.get(f"http://127.0.0.1:{server.server_address[1]}/a.jpg").body == b"abc"
-    finally:
-        fetcher.close()
-        server.shutdown()
-        server.server_close()
+    with _thinking_server(1.5) as url:
+        try:
+            assert fetcher.get(url).body == b"abc"
+        finally:
+            fetcher.close()
 
 
 def test_a_slow_body_that_will_end_in_time_is_not_cut(farm: ImageFarm, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -653,32 +662,14 @@ def test_backslash_authority_is_refused_and_the_real_host_is_what_gets_guarded(f
 def test_the_headers_limit_runs_from_the_wire_not_from_our_own_wait_for_it() -> None:
     """Our wait at the wire (space_send: spacing, a short Retry-After) is not the server's time: a
     2-s wait there and a 1.5-s answer, under 1 + 2 s timeouts, was cut as "the server trickles them"."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            time.sleep(1.5)
-            self.send_response(200)
-            self.send_header("Content-Length", "3")
-            self.end_headers()
-            self.wfile.write(b"abc")
 
     class Waits(HopGate):
         def on_wire(self) -> None:
             time.sleep(2.0)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     fetcher = ServerFetcher(settings(connect_timeout=1.0, read_timeout=2.0, total_timeout=12.0))
-    try:
-        assert fetcher.get(f"http://127.0.0.1:{server.server_address[1]}/a.jpg", gate=Waits()).body == b"abc"
-    finally:
-        fetcher.close()
-        server.shutdown()
-        server.server_close()
+    with _thinking_server(1.5) as url:
+        try:
+            assert fetcher.get(url, gate=Waits()).body == b"abc"
+        finally:
+            fetcher.close()
