@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import heapq
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -519,13 +520,18 @@ def simulate(
     seconds: float = 120.0,
     start: float = 3.0,
     relay: bool = False,
+    retry_after: bool = False,
+    seed: int = 7,
+    controllers: list[RateController] | None = None,
 ) -> list[tuple[float, int | str]]:
     """`lanes` controllers (one server's lanes, each with its share) sending as fast as allowed.
 
     ``relay``: a lane's congestion reaches the others at once (what worker._relay_pauses does
-    through rank 0, some 50 ms later).
+    through rank 0, some 50 ms later). ``retry_after``: each refusal says when a token is back, in
+    whole seconds (at least 1: what a token bucket with Retry-After answers). ``controllers``:
+    filled with the lanes' controllers, to look at what they learned.
     """
-    rng = random.Random(7)
+    rng = random.Random(seed)
     clock = FakeClock()
     server.stamp = clock.t
     share = 1.0 / lanes
@@ -538,7 +544,9 @@ def simulate(
         )
         for i in range(lanes)
     ]
-    pending: list[tuple[float, int, int, int | str, float, int, int]] = []
+    if controllers is not None:
+        controllers.extend(ctls)
+    pending: list[tuple[float, int, int, int | str, float, int, int, dict]] = []
     log: list[tuple[float, int | str]] = []
     order = 0
     in_flight = [0] * lanes
@@ -557,20 +565,23 @@ def simulate(
             in_flight[i] += 1
             total = sum(in_flight)
             outcome = server.answer(clock.t, total, rng)
+            headers = {}
+            if retry_after and outcome in (429, 503):
+                headers = {"Retry-After": str(max(1, math.ceil((1.0 - server.tokens) / server.rate)))}
             log.append((clock.t - t0, outcome))
             order += 1
             done = clock.t + latency * rng.uniform(0.5, 1.5)
-            heapq.heappush(pending, (done, order, i, outcome, clock.t, ticket, concurrency))
+            heapq.heappush(pending, (done, order, i, outcome, clock.t, ticket, concurrency, headers))
             waits.append(0.0)
         nxt = clock.t + min([w for w in waits if w > 0] or [0.01])
         if pending and pending[0][0] <= nxt:
-            done, _, i, outcome, sent, ticket, concurrency = heapq.heappop(pending)
+            done, _, i, outcome, sent, ticket, concurrency, headers = heapq.heappop(pending)
             clock.t = max(clock.t, done)
             ctl = ctls[i]
             if outcome == "reset":
                 ctl.on_network_error(sent)
             else:
-                ctl.on_response(int(outcome), {}, latency, sent, concurrency)
+                ctl.on_response(int(outcome), headers, latency, sent, concurrency)
             ctl.finished(ticket)
             in_flight[i] -= 1
             if relay and ctl.congestion_count() > told[i] and ctl.level is not None:
@@ -1020,18 +1031,85 @@ def test_an_infinite_quota_reset_is_no_pause_for_good(headers: dict) -> None:
     assert ctl.paused_for() == 0.0 and ctl.state().paused_until_epoch == 0.0
 
 
-def test_the_rate_between_two_refusals_is_a_lower_bound_that_a_retry_after_never_raises() -> None:
-    """Between two refusals the server accepted min(burst, r x pause) + r x (gap - pause) answers, so
-    the whole gap reads at most its rate (exactly it when the burst covers the pause): 41 answers
-    over a 5-s gap with a 1-s Retry-After in it read 8.2/s. Leaving half the pause out read 4.72/s on
-    the snapshot bench's 4/s hosts (burst = 1 s of rate) and the next monthly run started above them."""
+def test_a_gap_with_a_pause_reads_between_its_bounds_and_the_memory_keeps_the_low_end() -> None:
+    """Between two refusals the server accepted min(burst, r x pause) + r x (gap - pause) answers: 48
+    answers over a 5-s gap with a 1-s Retry-After in it say r in [48/5, 48/4]. The lane runs at the
+    geometric middle (held at the low end, an 11/s host with a burst of 3 sat at 9 req/s all run);
+    the server memory keeps the low end (the middle read 4/s hosts whose burst covers the pause at
+    up to 4.6/s, and the next monthly run would start above them)."""
     ctl, clock = controller(start=12.0, level=12.0)
     t0 = clock.t
     ctl.on_response(429, {"Retry-After": "1"}, 0.02, sent_at=t0)
-    ctl.accepted.extend(t0 + 1.0 + i * (4.0 / 41) for i in range(41))
+    ctl.rate = 12.0  # grown back by the next refusal
+    ctl.accepted.extend(t0 + 1.0 + i * (4.0 / 48) for i in range(48))
+    ctl.sends.extend(t0 + 1.0 + i * (4.0 / 49) for i in range(49))
     clock.t = t0 + 5.0
     ctl.refused.append(clock.t)
-    assert ctl._between_refusals(clock.t) == pytest.approx(41 / 5.0)
+    middle = 48 / math.sqrt(5.0 * 4.0)
+    reading, lower = ctl._between_refusals(clock.t)
+    assert (reading, lower) == pytest.approx((middle, 48 / 5.0))
+    ctl.refused.pop()
+    ctl.on_response(429, {}, 0.02, sent_at=clock.t)
+    assert ctl.level == pytest.approx(middle)
+    assert ctl.remembered_level() == pytest.approx(48 / 5.0)
+    assert ctl.state().level == pytest.approx(48 / 5.0)
+
+
+def test_a_level_relayed_with_its_low_end_is_remembered_at_the_low_end() -> None:
+    """Another lane's level read through a pause comes with its low end (whole-server figures)."""
+    ctl, _ = controller(start=4.0, share=0.5)
+    ctl.sibling_level(20.0, server_floor=16.0)
+    assert ctl.level == pytest.approx(10.0) and ctl.remembered_level() == pytest.approx(8.0)
+    ctl.sibling_level(12.0)  # a lower one read without a pause
+    assert ctl.level == pytest.approx(6.0) and ctl.remembered_level() == pytest.approx(6.0)
+
+
+def test_a_gap_without_a_pause_reads_what_was_accepted_in_it() -> None:
+    ctl, clock = controller(start=11.0, level=11.0)
+    t0 = clock.t
+    ctl.refused.append(t0)
+    ctl.accepted.extend(t0 + i * (5.0 / 50) for i in range(1, 51))
+    clock.t = t0 + 5.0
+    ctl.refused.append(clock.t)
+    reading, lower = ctl._between_refusals(clock.t)
+    assert reading == pytest.approx(10.0) and lower is None
+
+
+def test_pauses_within_a_pause_count_once_and_windows_leave_them_out() -> None:
+    ctl, clock = controller(start=4.0, level=4.0)
+    t0 = clock.t
+    ctl.on_response(429, {"Retry-After": "1"}, 0.01, sent_at=t0)
+    clock.advance(0.5)
+    ctl.on_response(429, {"Retry-After": "1"}, 0.01, sent_at=t0)  # sent before the first answer came
+    assert ctl._paused_between(t0, t0 + 3.0) == pytest.approx(1.5)
+    clock.t = t0 + 2.5
+    ctl.accepted.extend(t0 + 1.5 + i * 0.25 for i in range(4))  # 4 answers in the 1 s after the pause
+    accepted, _, _ = ctl._measured(clock.t)  # a 2-s window, 1 s of it paused: 4/s, not 2/s
+    assert accepted == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(3.0, 1.0), (8.0, 4.0), (22.0, 11.0)])
+def test_a_retry_after_host_with_a_small_burst_is_held_near_its_limit(rate: float, burst: float) -> None:
+    """Each refusal says Retry-After: 1 while the bucket holds less than a second of rate: the
+    pause wastes tokens, and a rate read across it was held as the level (simulated: 0.66, 0.81
+    and 0.86 of the limit; measured: the heavy bench's 11/s host at 0.82 for the whole run)."""
+    log = simulate(Server(rate, burst, 429, faults=0.04), seconds=60.0, retry_after=True)
+    held = sum(1 for t, o in log if t >= 20.0 and o not in (429, 503)) / 40.0
+    assert held >= 0.9 * rate, held
+    assert worst_window([t for t, _ in log]) <= rate + burst
+
+
+@pytest.mark.parametrize(("rate", "seed"), [(4.0, 7), (4.0, 11), (11.0, 7), (46.0, 7)])
+def test_a_retry_after_host_whose_burst_covers_the_pause_is_remembered_at_most_at_its_limit(
+    rate: float, seed: int
+) -> None:
+    """A burst of a second's rate refills over a 1-s pause: the geometric middle reads above the
+    limit (corrected by the next refusal), but what the memory keeps is never above it."""
+    ctls: list[RateController] = []
+    log = simulate(Server(rate, rate, 429, faults=0.04), seconds=60.0, retry_after=True, seed=seed, controllers=ctls)
+    assert worst_window([t for t, _ in log]) <= 2 * rate
+    remembered = ctls[0].remembered_level()
+    assert remembered is not None and remembered <= rate * 1.02, remembered
 
 
 def test_space_send_honours_a_short_pause_that_came_while_it_waited() -> None:

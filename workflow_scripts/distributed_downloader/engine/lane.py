@@ -322,7 +322,8 @@ class Lane:
             "server": self.spec.server_name,
             "lane": self.spec.lane_index,
             "rate": round(self.controller.rate, 3),
-            "level": None if self.controller.level is None else round(self.controller.level, 3),
+            # What the server memory keeps: the low end of a level read through a pause.
+            "level": None if (level := self.controller.remembered_level()) is None else round(level, 3),
             "level_guessed": self.controller.level_guessed,
             "connection_cap": self.controller.connection_cap,
             "paused_until": round(self.controller.paused_until_epoch(), 3),

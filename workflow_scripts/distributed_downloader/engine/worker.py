@@ -126,6 +126,7 @@ class CoordinatorThread(threading.Thread):
                     "until": message["until"],
                     "level": message.get("level"),
                     "guessed": message.get("guessed", False),
+                    "floor": message.get("floor"),
                 }
                 self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
             self._pushes = [request for request in self._pushes if not request.Test()]
@@ -316,16 +317,18 @@ def _relay_pauses(  # noqa: ANN001
         if thread is not None:
             thread.lane.controller.pause_until(push["until"])
             if push.get("level"):
-                thread.lane.controller.sibling_level(push["level"], bool(push.get("guessed")))
+                thread.lane.controller.sibling_level(push["level"], bool(push.get("guessed")), push.get("floor"))
     for server, thread in lanes.items():
         if thread.lane.spec.lanes < 2:
             continue  # nobody else to tell
         controller = thread.lane.controller
         until = controller.paused_until_epoch()
         congestion = controller.congestion_count()
-        level = None
+        level = floor = None
         if congestion > told.get(server, 0) and controller.level is not None:
             level = controller.level / controller.share  # the whole server's
+            if controller.level_floor is not None:
+                floor = controller.level_floor / controller.share
         told[server] = congestion
         if until > relayed.get(server, 0.0) + 0.5 or level is not None:
             relayed[server] = max(relayed.get(server, 0.0), until)
@@ -336,6 +339,7 @@ def _relay_pauses(  # noqa: ANN001
                     "until": until,
                     "level": level,
                     "guessed": controller.level_guessed,
+                    "floor": floor,
                 }
             )
 
