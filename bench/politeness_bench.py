@@ -18,7 +18,8 @@ img2dataset in bench/.venv-peer, created on demand), on a freshly started farm w
 hosts and URLs, it prints, all measured at the servers (their own request logs):
 
 - makespan (ours: mtime(state/download_round_<last>.done) - mtime(state/round_1_ranks.json), i.e.
-  every download round, the later rounds' scheduling and MPI start included; the peer: its wall
+  every download round that ran (a round that leaves nothing to retry is the last), the later
+  rounds' scheduling and MPI start included; the peer: its wall
   time) over the politeness bound = max over hosts of retrievable URLs / hidden rate, and over the
   floor of this machine, timed in the same run: the larger of the CPU floor (decode + resize +
   encode, ``imaging.process_image``, of the same images on all cores, no network) and the machine
@@ -72,6 +73,7 @@ from rss_util import snakemake_local_cmd
 
 from distributed_downloader import config as config_mod
 from distributed_downloader.demo.testserver import max_requests_in_window
+from distributed_downloader.engine import rounds as rounds_mod
 from distributed_downloader.imaging import process as imaging
 from distributed_downloader.store.jsonfiles import read_json as _read_json
 
@@ -324,9 +326,12 @@ def run_ours(scenario: Scenario, workdir: Path, args: argparse.Namespace) -> Run
         finished = [r for r, end in ends.items() if end is not None]
         last_end = ends[max(finished)] if finished else None
         if finished and max(finished) < args.rounds:
-            notes.append(
-                f"only rounds {finished} of {args.rounds} finished: the makespan ends with round {max(finished)}"
-            )
+            if code == 0 and not rounds_mod.more_rounds(paths.round_done(max(finished))):
+                notes.append(f"round {max(finished)} left nothing to retry: the later rounds were not needed")
+            else:
+                notes.append(
+                    f"only rounds {finished} of {args.rounds} finished: the makespan ends with round {max(finished)}"
+                )
         makespan = last_end - round_start if round_start is not None and last_end is not None else None
         reference = round_start if round_start is not None else started
         time.sleep(0.5)  # the servers log a request just after its response left

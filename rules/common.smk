@@ -11,6 +11,7 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 from distributed_downloader import config as dd_config
 from distributed_downloader.engine import launch as dd_launch
+from distributed_downloader.engine import rounds as dd_rounds
 from distributed_downloader.tools.dataset import ToolPaths
 
 try:
@@ -40,6 +41,14 @@ def schedule_file(round_no):
 
 def round_done(round_no):
     return str(PATHS.round_done(round_no))
+
+
+def final_round_done(wildcards):
+    """The done file of the last round that runs: the first that leaves nothing to retry, else the last."""
+    for round_no in range(1, ROUNDS + 1):
+        done = checkpoints.download.get(round=str(round_no)).output[0]
+        if round_no == ROUNDS or not dd_rounds.more_rounds(Path(done)):
+            return done
 
 
 def log_file(name):

@@ -15,8 +15,9 @@ rule schedule:
 
 
 # One MPI job per round. Images go to an undeclared store (per-batch files + completion markers
-# that the worker skips on rerun); only the small round marker is a declared output.
-rule download:
+# that the worker skips on rerun); only the small round marker is a declared output. A checkpoint:
+# a round that leaves nothing to retry is the last one run (see final_round_done).
+checkpoint download:
     input:
         schedule=schedule_file("{round}"),
     output:

@@ -1,7 +1,7 @@
 rule report_plots:
     input:
         verification=verification_report(),
-        done=round_done(ROUNDS),
+        done=final_round_done,
     output:
         throughput=report(plot_file("throughput"), caption="report/throughput.rst", category="Download"),
         errors=report(plot_file("errors_by_server"), caption="report/errors.rst", category="Download"),

@@ -2,7 +2,7 @@
 rule snapshot_report:
     input:
         verification=verification_report(),
-        done=round_done(ROUNDS),
+        done=final_round_done,
     output:
         json=snapshot_report_file("json"),
         csv=report(snapshot_report_file("csv"), caption="report/snapshot.rst", category="Verification"),

@@ -1,6 +1,6 @@
 rule verify:
     input:
-        done=round_done(ROUNDS),
+        done=final_round_done,
         manifest=urls_manifest(),
     output:
         json=verification_report(),

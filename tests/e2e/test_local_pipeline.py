@@ -52,6 +52,26 @@ def test_pipeline_end_to_end(tmp_path: Path, farm: ImageFarm) -> None:
     assert sum(farm.stats(i).requests for i in range(3)) == requests_before
 
 
+def test_a_round_that_leaves_nothing_to_retry_is_the_last(tmp_path: Path, farm: ImageFarm) -> None:
+    """No URL to try again after round 1 (a 404 is final): rounds 2 and 3 are neither scheduled nor
+    started (rules/download.smk is a checkpoint), verification follows round 1, and a rerun of the
+    same command has nothing to do."""
+    rows = demo.demo_rows(farm, per_host=6, faults=False)
+    rows.append(demo.Expected("gone", farm.url(0, "/status/404"), None, 404))
+    config = demo.write_config(tmp_path, demo.write_input(rows, tmp_path / "urls.csv"), num_downloads=3)
+    log = run(snakemake_cmd(config, tmp_path))
+    output = tmp_path / "output"
+    assert sorted(p.name for p in (output / "state").glob("download_round_*.done")) == ["download_round_1.done"]
+    assert json.loads((output / "state" / "download_round_1.done").read_text())["leaves_work"] is False
+    assert not (output / "schedules" / "round_2.json").exists()
+    assert "Updating checkpoint dependencies" in log.stdout + log.stderr
+    result = check_dataset(output, rows)
+    assert result["successes"] == 18 and result["errors"] == 1
+    assert json.loads((output / "reports" / "verification.json").read_text())["ok"]
+    plan = run(snakemake_cmd(config, tmp_path, "-n"))
+    assert "Nothing to be done" in plan.stdout + plan.stderr
+
+
 def test_kill_and_resume(tmp_path: Path) -> None:
     """kill -9 of the whole workflow mid-download; the same command finishes with nothing lost or doubled."""
     hosts = [HostSpec(f"h{i}", latency=0.02) for i in range(3)]

@@ -254,6 +254,50 @@ def test_an_empty_round_ends_without_mpi_and_without_importing_the_worker(tmp_pa
     assert "worker imported: False" in done.stdout  # its imports cost seconds between rounds
 
 
+def test_a_round_leaves_work_when_a_batch_has_no_marker_or_urls_to_try_again(tmp_path: Path) -> None:
+    from distributed_downloader.engine.rounds import finish_if_empty, more_rounds
+    from distributed_downloader.engine.worker import leaves_work
+
+    cfg, paths, manifest = make_run(tmp_path, {"a.org": 4, "b.org": 2})
+    profiles = {n: profile(n, manifest) for n in manifest["servers"]}
+    plan = schedule.build(manifest, profiles, paths, cfg, 1)
+    assert leaves_work(plan, paths)  # nothing done yet (a failed batch has no marker)
+    mark(paths, manifest, "a.org", 0)
+    mark(paths, manifest, "a.org", 1)
+    assert leaves_work(plan, paths)  # b.org's batch has none
+    mark(paths, manifest, "b.org", 0, transient=1)
+    assert leaves_work(plan, paths)  # one URL to try again
+    mark(paths, manifest, "b.org", 0)
+    assert not leaves_work(plan, paths)
+    # what the next round's schedule agrees with
+    assert schedule.build(manifest, profiles, paths, cfg, 2)["servers"] == []
+
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps(plan))
+    assert finish_if_empty(listed, tmp_path / "r1.done")  # a resumed round whose batches are all done
+    assert json.loads((tmp_path / "r1.done").read_text())["leaves_work"] is False
+    assert not more_rounds(tmp_path / "r1.done")
+
+
+@pytest.mark.parametrize(
+    ("content", "more"),
+    [
+        ('{"round": 1, "leaves_work": false}', False),
+        ('{"round": 1, "leaves_work": true}', True),
+        ('{"round": 1, "ranks": 2}', True),  # written before leaves_work: every round runs, as it did
+        ("not json", True),
+        ("[1]", True),
+    ],
+)
+def test_more_rounds_reads_the_done_file_and_says_yes_when_unsure(tmp_path: Path, content: str, more: bool) -> None:
+    from distributed_downloader.engine.rounds import more_rounds
+
+    done = tmp_path / "download_round_1.done"
+    done.write_text(content)
+    assert more_rounds(done) is more
+    assert more_rounds(tmp_path / "missing.done") is True
+
+
 @pytest.mark.parametrize(
     ("known_rate", "expected"),
     [

@@ -375,6 +375,19 @@ def _todo(paths: config_mod.Paths, server: str, batch: Mapping, mode: str) -> in
     return rows
 
 
+def leaves_work(schedule: Mapping, paths: config_mod.Paths) -> bool:
+    """Whether the next round would have anything to do once this round's batches are in place: a
+    batch without its marker (it failed) or with URLs to try again (``schedule.batch_mode``). The
+    batches this round did not schedule had nothing to do, and nothing changed them."""
+    next_round = int(schedule["round"]) + 1
+    for server in schedule["servers"]:
+        for batch in server["batches"]:
+            folder = paths.batch_images(server["server_name"], batch["partition_id"])
+            if batch_mode(folder, batch["fingerprint"], next_round, ignored=False) is not None:
+                return True
+    return False
+
+
 def unfinished_batches(schedule: Mapping, paths: config_mod.Paths) -> list[str]:
     """Scheduled batches without a marker proving this round's work is in place."""
     missing = []
@@ -490,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ranks": size,
                 "progress": coordinator_thread.coordinator.progress(),
                 "failed_batches": failed,
+                "leaves_work": bool(failed) or leaves_work(schedule, paths),
             },
         )
     return 0
