@@ -1064,6 +1064,29 @@ def test_a_level_relayed_with_its_low_end_is_remembered_at_the_low_end() -> None
     assert ctl.level == pytest.approx(6.0) and ctl.remembered_level() == pytest.approx(6.0)
 
 
+def test_a_low_end_is_forgotten_with_the_level_it_bounded() -> None:
+    """A level read through a pause keeps its low end (9.6 req/s) for the server memory. Once that
+    level is dropped (LEVEL_HOLD quiet seconds) and the lane has regrown to 50 req/s, all accepted, a
+    burst of resets sets a new level at the rate: the memory still kept the stale low end, 9.6, and
+    the next run would start at a fifth of what the server took."""
+    ctl, clock = controller(start=12.0, level=12.0)
+    t0 = clock.t
+    ctl.on_response(429, {"Retry-After": "1"}, 0.02, sent_at=t0)
+    ctl.rate = 12.0
+    ctl.accepted.extend(t0 + 1.0 + i * (4.0 / 48) for i in range(48))
+    ctl.sends.extend(t0 + 1.0 + i * (4.0 / 49) for i in range(49))
+    clock.t = t0 + 5.0
+    ctl.on_response(429, {}, 0.02, sent_at=clock.t)
+    assert ctl.remembered_level() == pytest.approx(48 / 5.0)
+    send_saturated(ctl, clock, RateController.LEVEL_HOLD + 30.0)
+    assert ctl.level is None and ctl.rate == pytest.approx(50.0)
+    for _ in range(RateController.OUTCOME_WINDOW):
+        clock.advance(0.01)
+        ctl.on_network_error(clock.t)
+    assert ctl.level == pytest.approx(50.0)
+    assert ctl.remembered_level() == pytest.approx(50.0) and ctl.state().level == pytest.approx(50.0)
+
+
 def test_a_gap_without_a_pause_reads_what_was_accepted_in_it() -> None:
     ctl, clock = controller(start=11.0, level=11.0)
     t0 = clock.t

@@ -788,7 +788,12 @@ class RateController:
             self.regrowing_to_peak = False
         else:
             target = self.rate * (factor if factor is not None else 1.0 - self.limits.decrease)
-            self.level = min(self.level, self.rate) if self.level is not None else self.rate
+            if self.level is None:
+                # A new level, not read through a pause: the low end of a level dropped since (stale,
+                # or regrown past) bounds nothing now. Kept, the memory held a 50/s lane at 9.6.
+                self.level, self.level_floor = self.rate, None
+            else:
+                self.level = min(self.level, self.rate)
         # Measured only if we really sent at our rate: a lane held back by its connections or by
         # the CPU measures itself, not the server, and must not hold that level for minutes.
         self.level_measured = sent >= 0.8 * self.rate
