@@ -334,6 +334,18 @@ def test_server_memory_learns_only_what_a_server_was_seen_to_accept(tmp_path: Pa
     assert coord.memory[server]["rate"] == 4.5
 
 
+def test_server_memory_keeps_the_low_end_of_a_level_and_what_the_lane_ran_at(tmp_path: Path) -> None:
+    """A level read through a pause is remembered at its low end (lane snapshot "level") with the
+    reading the lane ran at beside it, so the next run probes up from the low end."""
+    coord = Coordinator(build_schedule(tmp_path), decrease=0.5)
+    server = coord.order[0]
+    base = {"server": server, "share": 0.5, "connection_cap": None, "paused_until": 0.0, "answers": 50, "peak": 5.0}
+    coord.learn([{**base, "rate": 2.0, "level": 1.0, "level_reading": 2.1}, {**base, "rate": 2.0, "level": 2.0}])
+    assert coord.memory[server]["level"] == 2.0 and coord.memory[server]["level_reading"] == 4.2
+    coord.learn([{**base, "rate": 2.0, "level": 1.5, "level_reading": 1.5}])  # read without a pause
+    assert coord.memory[server]["level"] == 3.0 and coord.memory[server]["level_reading"] is None
+
+
 def test_server_memory_keeps_measured_levels_not_guesses(tmp_path: Path) -> None:
     """Slow start's step back (0.8 of what it sent when first refused: 5.6 for a 4/s host) is a guess:
     remembered as a level, the next monthly run started above the limit."""

@@ -523,6 +523,8 @@ def simulate(
     retry_after: bool = False,
     seed: int = 7,
     controllers: list[RateController] | None = None,
+    level: float | None = None,
+    level_guessed: bool = False,
 ) -> list[tuple[float, int | str]]:
     """`lanes` controllers (one server's lanes, each with its share) sending as fast as allowed.
 
@@ -537,13 +539,21 @@ def simulate(
     share = 1.0 / lanes
     ctls = [
         RateController(
-            LaneLimits(start * share, 80.0 * share, lane_connections(8, lanes, i), floor=share / 30),
+            LaneLimits(
+                start * share,
+                80.0 * share,
+                lane_connections(8, lanes, i),
+                floor=share / 30,
+                level=None if level is None else level * share,
+            ),
             clock=clock,
             share=share,
             wall_clock=lambda: clock.t + WALL,
         )
         for i in range(lanes)
     ]
+    for ctl in ctls:
+        ctl.level_guessed = level_guessed
     if controllers is not None:
         controllers.extend(ctls)
     pending: list[tuple[float, int, int, int | str, float, int, int, dict]] = []
@@ -1085,6 +1095,22 @@ def test_a_low_end_is_forgotten_with_the_level_it_bounded() -> None:
         ctl.on_network_error(clock.t)
     assert ctl.level == pytest.approx(50.0)
     assert ctl.remembered_level() == pytest.approx(50.0) and ctl.state().level == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("guessed", [False, True])
+def test_a_remembered_low_end_is_probed_like_a_guess(guessed: bool) -> None:
+    """A 4/s server with a burst of 4 that answers Retry-After: 5: a run keeps the low end of its
+    reading, ~0.4 of the limit. The next run starts there; held as measured, it sat at 0.4 of the
+    limit for LEVEL_HOLD (300 s); probed like a guess (lane_controller marks it so when the lane
+    ran well above it), one refusal measures the limit."""
+
+    log = simulate(Server(4.0, 4.0, 429, faults=0.02), seconds=60.0, start=1.6, level=1.7, level_guessed=guessed)
+    held = sum(1 for t, o in log if t >= 30.0 and o not in (429, 503)) / 30.0
+    assert worst_window([t for t, _ in log]) <= 8
+    if guessed:
+        assert held >= 0.85 * 4.0, held
+    else:
+        assert held < 0.5 * 4.0, held  # what the memory's low end alone gave
 
 
 def test_a_gap_without_a_pause_reads_what_was_accepted_in_it() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from distributed_downloader.plan import previous
 from distributed_downloader.plan.server_memory import read_memory
 
@@ -94,6 +96,22 @@ def test_a_lane_starts_just_below_its_remembered_level_not_at_a_remembered_probe
     ctl = lane_controller(LaneSpec("h", 0, 1, 3.0, 50.0, 8, 0.3, memory={"rate": 3.84, "level": 3.69}))
     assert ctl.level == 3.69 and not ctl.slow_start
     assert abs(ctl.rate - 3.69 * (1 - RateController.HEADROOM)) < 1e-9
+
+
+@pytest.mark.parametrize(("reading", "guessed"), [(6.0, True), (4.2, False), (None, False)])
+def test_a_remembered_low_end_far_below_its_reading_is_probed_like_a_guess(reading, guessed) -> None:  # noqa: ANN001
+    """The low end of a reading through a long pause may lie at half the limit: held as a measured
+    level, the next run sat there for 300 s; far below what its lane ran at, it is probed like a guess."""
+    from distributed_downloader.engine.lane import LaneSpec, lane_controller
+
+    memory = {"rate": 3.8, "level": 4.0, "level_reading": reading}
+    ctl = lane_controller(LaneSpec("h", 0, 1, 3.0, 50.0, 8, 0.3, memory=memory))
+    assert ctl.level == 4.0 and ctl.level_guessed is guessed
+
+
+def test_the_reading_beside_a_level_carries_to_the_next_monthly_run(tmp_path: Path) -> None:
+    out = _run(tmp_path / "march", {"a.org": {"rate": 3.8, "level": 4.0, "level_reading": 6.0}})
+    assert previous.learned_limits([str(out)]) == {"a.org": {"rate": 3.8, "level": 4.0, "level_reading": 6.0}}
 
 
 def test_a_previous_dataset_under_home_carries_its_limits(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

@@ -202,11 +202,14 @@ class Coordinator:
             # Measured levels only (slow start's step back is a guess: 5.6 req/s for a 4/s host, from
             # which the next monthly run started above the limit). Without a new one, the last
             # measured level stays.
-            levels = [
-                lane["level"] / lane["share"] for lane in group if lane.get("level") and not lane.get("level_guessed")
-            ]
-            if levels:
-                entry["level"] = round(min(levels), 4)
+            measured = [lane for lane in group if lane.get("level") and not lane.get("level_guessed")]
+            if measured:
+                lowest = min(measured, key=lambda lane: lane["level"] / lane["share"])
+                entry["level"] = round(lowest["level"] / lowest["share"], 4)
+                # A level read through a pause is kept at its low end; what the lane ran at is kept
+                # beside it, so the next run knows the low end may lie well below the limit.
+                reading = (lowest.get("level_reading") or 0.0) / lowest["share"]
+                entry["level_reading"] = round(reading, 4) if reading > entry["level"] else None
             else:
                 entry.setdefault("level", None)
             caps = [lane["connection_cap"] / lane["share"] for lane in group if lane.get("connection_cap")]

@@ -325,6 +325,8 @@ class Lane:
             # What the server memory keeps: the low end of a level read through a pause.
             "level": None if (level := self.controller.remembered_level()) is None else round(level, 3),
             "level_guessed": self.controller.level_guessed,
+            # The level it runs at: above "level" when read through a pause (the next run probes up to it).
+            "level_reading": None if self.controller.level is None else round(self.controller.level, 3),
             "connection_cap": self.controller.connection_cap,
             "paused_until": round(self.controller.paused_until_epoch(), 3),
             "share": self.controller.share,
@@ -921,6 +923,9 @@ _NOT_SENT = frozenset(
 )
 
 
+WIDE_READING = 1.1  # a remembered level this far below what its lane ran at is probed like a guess
+
+
 def lane_controller(spec: LaneSpec) -> RateController:
     """The lane's controller: its share of the server's budget, started from the server's memory."""
     share = 1.0 / max(1, spec.lanes)
@@ -942,6 +947,12 @@ def lane_controller(spec: LaneSpec) -> RateController:
         share=share,
         name=spec.key,
     )
+    reading = memory.get("level_reading")
+    if level and reading and reading > level * WIDE_READING:
+        # The level is the low end of a reading through a long pause (Retry-After of seconds, a
+        # small burst): it may lie at half the limit. Held there, a next run sat at 0.4-0.5 of it
+        # for LEVEL_HOLD (300 s); probed like a guess (5% a second), one refusal measures it.
+        controller.level_guessed = True
     cap = memory.get("connection_cap")
     if cap:
         controller.connection_cap = max(1, int(cap * share))

@@ -28,7 +28,7 @@ from distributed_downloader.store.jsonfiles import read_json
 log = logging.getLogger(__name__)
 DEFAULT_IMAGES_FOLDER = "downloaded_images"
 MEMORY_FILE = Path("state") / "server_memory.json"  # what an earlier run learned of each server
-LEARNED = ("rate", "level", "connection_cap")  # what carries over to a new run (pauses do not)
+LEARNED = ("rate", "level", "level_reading", "connection_cap")  # what carries over to a new run (pauses do not)
 _BATCH_DIR = re.compile(r"^partition_id=(\d+)$")
 SUCCESS_NEEDS = ("identifier", "source_id", "hashsum_original")  # columns the match cannot do without
 ERROR_NEEDS = ("identifier", "error_code")

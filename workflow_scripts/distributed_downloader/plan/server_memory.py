@@ -38,7 +38,7 @@ def _usable(entry: object) -> dict:
         return {}
     return {
         key: float(value) if key != "connection_cap" else int(value)
-        for key in ("rate", "level", "connection_cap", "paused_until")
+        for key in ("rate", "level", "level_reading", "connection_cap", "paused_until")
         if isinstance(value := entry.get(key), (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
