@@ -1113,6 +1113,22 @@ def test_a_remembered_low_end_is_probed_like_a_guess(guessed: bool) -> None:
         assert held < 0.5 * 4.0, held  # what the memory's low end alone gave
 
 
+@pytest.mark.parametrize("measured", [True, False])
+def test_a_level_relayed_from_a_lane_held_back_is_not_held_as_measured(measured: bool) -> None:
+    """A lane that sent far below its rate when refused (its connections held by stalled requests)
+    read itself, not the server; relayed as a measurement, the other lane of a 43/s host held
+    4.5 req/s for 75 s after the first lane's batch was done. Relayed as such, it is regrown from."""
+    ctl, clock = controller(start=4.0, share=0.5)
+    ctl.slow_start = False
+    ctl.sibling_level(9.46, measured=measured)
+    assert ctl.level_measured is measured
+    send_saturated(ctl, clock, 30.0)  # everything accepted
+    if measured:
+        assert ctl.rate <= 4.73 * 1.02, ctl.rate  # gentle probes only
+    else:
+        assert ctl.rate > 4.73 * 1.3, ctl.rate
+
+
 def test_a_gap_without_a_pause_reads_what_was_accepted_in_it() -> None:
     ctl, clock = controller(start=11.0, level=11.0)
     t0 = clock.t

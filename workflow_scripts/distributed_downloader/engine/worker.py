@@ -127,6 +127,7 @@ class CoordinatorThread(threading.Thread):
                     "level": message.get("level"),
                     "guessed": message.get("guessed", False),
                     "floor": message.get("floor"),
+                    "measured": message.get("measured", True),
                 }
                 self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
             self._pushes = [request for request in self._pushes if not request.Test()]
@@ -317,7 +318,9 @@ def _relay_pauses(  # noqa: ANN001
         if thread is not None:
             thread.lane.controller.pause_until(push["until"])
             if push.get("level"):
-                thread.lane.controller.sibling_level(push["level"], bool(push.get("guessed")), push.get("floor"))
+                thread.lane.controller.sibling_level(
+                    push["level"], bool(push.get("guessed")), push.get("floor"), bool(push.get("measured", True))
+                )
     for server, thread in lanes.items():
         if thread.lane.spec.lanes < 2:
             continue  # nobody else to tell
@@ -340,6 +343,7 @@ def _relay_pauses(  # noqa: ANN001
                     "level": level,
                     "guessed": controller.level_guessed,
                     "floor": floor,
+                    "measured": controller.level_measured,
                 }
             )
 

@@ -521,7 +521,9 @@ class RateController:
             now = self.clock()
             self._pause(now, epoch - self.wall_clock())
 
-    def sibling_level(self, server_level: float, guessed: bool = False, server_floor: float | None = None) -> None:
+    def sibling_level(
+        self, server_level: float, guessed: bool = False, server_floor: float | None = None, measured: bool = True
+    ) -> None:
         """Another lane of this server (on another rank) met congestion at ``server_level`` req/s for
         the whole server: this lane takes its share of it as its level at once, instead of finding
         the same limit again with refusals of its own (two lanes in slow start each refused 3-4
@@ -541,8 +543,11 @@ class RateController:
             if self.level is None or level <= self.level:
                 self.level_guessed = guessed
                 self.level_floor = None if server_floor is None else server_floor * self.share
+                # Read by a lane held back (its connections or the CPU): it measured that lane, not
+                # the server. Taken as measured here, a 43/s host's other lane held 4.5 req/s for 75 s
+                # after the first lane's batch was done (its own level regrew, this one never did).
+                self.level_measured = measured
             self.level = min(self.level, level) if self.level is not None else level
-            self.level_measured = True
             self.level_since = self.last_decrease = self.last_increase = now
             self.sent_since_increase = 0
             before = self.rate
