@@ -709,8 +709,9 @@ def save_timelines(run: RunFigures, path: Path) -> None:
             "capacity": h.plan.capacity,
             "max_connections": h.plan.max_connections,
             "statuses": {str(k): v for k, v in h.statuses.items()},
-            "requests": [  # the host's log: [start, end] in s since the reference, status, path
-                [round(r.start - h.reference, 4), round(r.end - h.reference, 4), r.status, r.path] for r in h.log
+            "requests": [  # the host's log: [start, end] in s since the reference, status, path, connection
+                [round(r.start - h.reference, 4), round(r.end - h.reference, 4), r.status, r.path, r.connection]
+                for r in h.log
             ],
         }
         for h in run.hosts

@@ -550,7 +550,25 @@ def test_connections_are_counted(farm: ImageFarm) -> None:
     with requests.Session() as keep_alive:
         for _ in range(3):
             get(keep_alive, farm.url(2, f"/img/conn.jpg?{SMALL}"))
-    assert farm.stats(2).connections == 1 and farm.stats(2).requests == 3
+    with requests.Session() as another:
+        get(another, farm.url(2, f"/img/conn.jpg?{SMALL}"))
+    assert farm.stats(2).connections == 2 and farm.stats(2).requests == 4
+    # The request log names each request's connection: three on the first, one on the second. A
+    # handler logs its request after the answer is sent: give the last one a moment.
+    deadline = time.monotonic() + 5.0
+    while len(farm.request_log(2)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [entry.connection for entry in farm.request_log(2)] == [1, 1, 1, 2]
+
+
+def test_hosts_on_chosen_addresses(session: requests.Session) -> None:
+    with ImageFarm(2, addresses=["127.0.0.9", "127.0.0.7"]) as farm:
+        assert [url.split("//")[1].split(":")[0] for url in farm.base_urls] == ["127.0.0.9", "127.0.0.7"]
+        assert get(session, farm.url(1, "/status/200")).status_code == 200
+    with pytest.raises(ValueError, match="loopback"):
+        ImageFarm(2, addresses=["127.0.0.9"])
+    with pytest.raises(ValueError, match="loopback"):
+        ImageFarm(1, addresses=["10.0.0.1"])
 
 
 def test_stop_ends_stalled_and_trickling_handlers_at_once() -> None:

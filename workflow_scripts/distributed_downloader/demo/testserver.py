@@ -262,6 +262,7 @@ class LogEntry(NamedTuple):
     status: int  # the status sent (0: none, e.g. the farm stopped first)
     path: str  # the request target as sent (query string included)
     user_agent: str
+    connection: int = 0  # the TCP connection's serial number on its host, from 1 (keep-alive reuse)
 
 
 @dataclass
@@ -660,9 +661,11 @@ class _Host:
         if spec.rate_limit is not None and spec.bucket_capacity is not None:
             self.bucket = _TokenBucket(spec.rate_limit, spec.bucket_capacity)
 
-    def connected(self) -> None:
+    def connected(self) -> int:
+        """Count a TCP connection in; its serial number on this host."""
         with self.lock:
             self.stats.connections += 1
+            return self.stats.connections
 
     def arrive(self, user_agent: str) -> float:
         """Count a request in; its arrival time (time.monotonic())."""
@@ -676,11 +679,12 @@ class _Host:
             stats.max_in_flight = max(stats.max_in_flight, self.in_flight)
             return now
 
-    def leave(self, start: float, status: int, path: str, user_agent: str) -> None:
+    def leave(self, start: float, status: int, path: str, user_agent: str, connection: int = 0) -> None:
         with self.lock:
             self.in_flight -= 1
             if len(self.log) < self.max_log_entries:
-                self.log.append(LogEntry(start, time.monotonic(), status, path, sys.intern(user_agent)))
+                entry = LogEntry(start, time.monotonic(), status, path, sys.intern(user_agent), connection)
+                self.log.append(entry)
             else:
                 self.stats.log_dropped += 1
 
@@ -774,6 +778,9 @@ class _Host:
 # --------------------------------------------------------------------------- HTTP
 
 
+_connection = threading.local()  # .serial: the connection the current handler thread serves
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     server_version = "ImageFarm/1.0"
@@ -800,7 +807,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._admit_and_route(host)
         finally:
-            host.leave(start, self._sent_status, self.path, user_agent)
+            host.leave(start, self._sent_status, self.path, user_agent, getattr(_connection, "serial", 0))
 
     def _record(self, status: int) -> None:
         """The response's status, for the stats and the request log (the first one sent wins)."""
@@ -1159,7 +1166,7 @@ class _FarmServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         me = threading.current_thread()
-        self.host.connected()
+        _connection.serial = self.host.connected()  # this thread serves that one connection
         with self._live_lock:
             self._live[me] = request
         try:
@@ -1205,16 +1212,22 @@ class ImageFarm:
         seed: int = 0,
         first_address: int = 2,
         max_log_entries: int = 1_000_000,
+        addresses: Sequence[str] | None = None,
     ) -> None:
+        """``addresses``: one loopback address per host (default: consecutive from 127.0.0.``first_address``)."""
         specs = [HostSpec(f"h{i + 1}") for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         if not specs:
             raise ValueError("an ImageFarm needs at least one host")
-        first = int(ipaddress.IPv4Address("127.0.0.0")) + first_address
-        if first_address < 1 or first + len(specs) - 1 > int(ipaddress.IPv4Address("127.255.255.254")):
-            raise ValueError("host addresses must stay inside 127.0.0.1-127.255.255.254")
+        if addresses is None:
+            first = int(ipaddress.IPv4Address("127.0.0.0")) + first_address
+            if first_address < 1 or first + len(specs) - 1 > int(ipaddress.IPv4Address("127.255.255.254")):
+                raise ValueError("host addresses must stay inside 127.0.0.1-127.255.255.254")
+            addresses = [str(ipaddress.IPv4Address(first + i)) for i in range(len(specs))]
+        if len(addresses) != len(specs) or not all(ipaddress.IPv4Address(a).is_loopback for a in addresses):
+            raise ValueError("an ImageFarm needs one loopback address per host")
         self.specs = specs
         self.seed = seed
-        self.addresses = [str(ipaddress.IPv4Address(first + i)) for i in range(len(specs))]
+        self.addresses = list(addresses)
         self.base_urls: list[str] = []
         # Bookkeeping outlives start/stop so stats can be read after the farm stopped.
         self._revisions = _Revisions()
