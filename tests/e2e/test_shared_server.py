@@ -92,3 +92,44 @@ def test_two_lanes_on_two_ranks_share_one_servers_limits(tmp_path: Path) -> None
     assert max_concurrency(log) <= CONNECTIONS, report
     assert max_requests_in_window(starts) <= RATE + BURST + 1, report
     assert refused <= 10, report
+
+
+CEILING = 10.0  # max_rate_limit: the server's budget, split between its lanes
+
+
+def test_the_last_lane_running_takes_the_whole_servers_budget(tmp_path: Path) -> None:
+    """Two lanes on two ranks split a server's budget; when one lane's (smaller) batch is done and
+    no batch is left for it, the other lane runs at the whole budget, not at its half: measured at
+    the server, the tail runs near the budget and never above it."""
+    with ImageFarm([HostSpec("tail")], seed=22) as farm:  # no hidden limit: our own ceiling binds
+        rows = []
+        for i in range(130):  # batches of 100 and 30, one per lane
+            path = f"/img/tail{i}.jpg?w=32&h=24"
+            rows.append(
+                demo.Expected(f"tail-{i}", farm.url(0, path), hashlib.md5(farm.expected_bytes(path)).hexdigest(), None)
+            )
+        config = demo.write_config(
+            tmp_path,
+            demo.write_input(rows, tmp_path / "urls.csv"),
+            batch_size=100,
+            default_rate_limit=4,
+            max_rate_limit=CEILING,
+        )
+        data = yaml.safe_load(config.read_text())
+        data["schedule_rules"] = {"1": 2}  # two lanes
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        run(snakemake_cmd(config, tmp_path), timeout=600)
+        log = [entry for entry in farm.request_log(0) if entry.path != "/robots.txt"]
+    output = tmp_path / "output"
+    check_dataset(output, rows, image_size=720)
+    texts = [p.read_text() for p in (output / "logs" / "download" / "round_1").glob("rank_*.log")]
+    assert sum("(of 2)" in text for text in texts) == 2, "both ranks held a lane of the server"
+    assert any("now 100% of the server" in text for text in texts), "the remaining lane was told its new share"
+
+    starts = sorted(entry.start for entry in log)
+    tail = starts[-40:]  # the 100-URL lane alone: the 30-URL one was done after ~60 requests
+    tail_rate = (len(tail) - 1) / (tail[-1] - tail[0])
+    report = f"{len(starts)} requests; tail {tail_rate:.1f} req/s; worst 1-s window {max_requests_in_window(starts)}"
+    print(report)
+    assert tail_rate >= 0.75 * CEILING, report  # at half the budget it ran at ~5 req/s
+    assert max_requests_in_window(starts) <= CEILING + 1, report

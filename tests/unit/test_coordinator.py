@@ -359,3 +359,37 @@ def test_server_memory_keeps_measured_levels_not_guesses(tmp_path: Path) -> None
     coord.learn([{**base, "rate": 3.9, "level": 5.6, "level_guessed": True}])  # a later guess: the measurement stays
     coord.learn([{**base, "rate": 3.9, "level": None}])
     assert coord.memory[server]["level"] == 4.0
+
+
+def test_running_lanes_take_the_whole_server_once_no_lane_can_open(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 2}), decrease=0.5)
+    coord.request_lanes(0, free=3, held=set())  # lane 0 of long.org (6 batches), mid.org (4), short.org (1)
+    coord.request_lanes(1, free=2, held={"short.org"})  # lane 1 of long.org and of mid.org
+    assert sorted(coord.servers["long.org"].running.items()) == [(0, 0), (1, 1)]
+    # long.org: batches 2-5 go to its two lanes; while both run, each keeps half of the server.
+    for lane in (0, 1, 0, 1):
+        assert coord.next_batch("long.org", lane, stats()) is not None
+        assert coord.reshares("long.org") == []
+    # Lane 0 asks for more and is closed, but its last batch still runs: nothing changes yet.
+    assert coord.next_batch("long.org", 0, stats()) is None
+    assert coord.reshares("long.org") == []
+    # It ended: the lane on rank 1 takes the whole server, told once.
+    coord.lane_closed("long.org", 0)
+    assert coord.reshares("long.org") == [(1, 1.0)]
+    assert coord.reshares("long.org") == []
+    # A lane that died leaves its share to the others too.
+    assert coord.next_batch("mid.org", 0, stats()) is not None
+    assert coord.next_batch("mid.org", 1, stats()) is not None  # mid.org's 4 batches are all out
+    assert coord.reshares("mid.org") == []
+    coord.lane_failed("mid.org", 1, "boom")
+    assert coord.reshares("mid.org") == [(0, 1.0)]
+
+
+def test_a_lane_alone_because_the_batches_ran_out_takes_the_whole_server(tmp_path: Path) -> None:
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 2}), decrease=0.5)
+    coord.request_lanes(0, free=3, held=set())  # lane 0 of each server; no second rank ever asks
+    for _ in range(3):  # mid.org's 4 batches all go to lane 0: no second lane can open after this
+        assert coord.reshares("mid.org") == []
+        assert coord.next_batch("mid.org", 0, stats()) is not None
+    assert coord.reshares("mid.org") == [(0, 1.0)]
+    assert coord.request_lanes(1, free=3, held=set())[0].lane["server_name"] == "long.org"

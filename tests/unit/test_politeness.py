@@ -1229,3 +1229,33 @@ def test_a_siblings_higher_level_leaves_this_lanes_own_guess_a_guess() -> None:
     assert ctl.level_guessed
     send_saturated(ctl, clock, 20.0)
     assert ctl.rate >= 2 * 3.42
+
+
+def test_a_lane_whose_siblings_closed_takes_their_share_and_no_more() -> None:
+    """Reshare: every rate figure scales with the lane's share, so the server sees what all its
+    lanes sent together before, now from one; a share never shrinks this way."""
+    ctl, clock = controller(start=5.0, ceiling=20.0, share=0.5, level=8.0)
+    ctl.level_floor = 6.0
+    ctl.peak = 9.0
+    ctl.cap_rate(4.0)  # half of a robots.txt Request-rate of 8/s
+    assert ctl.rate == 4.0
+    ctl.reshare(1.0)
+    assert ctl.share == 1.0
+    assert ctl.rate == pytest.approx(8.0)  # the robots.txt ceiling, now whole: 8/s
+    assert ctl.robots_ceiling == pytest.approx(8.0) and ctl.ceiling == pytest.approx(8.0)
+    assert (ctl.level, ctl.level_floor, ctl.peak) == (pytest.approx(16.0), pytest.approx(12.0), pytest.approx(18.0))
+    ctl.reshare(0.5)  # never smaller
+    ctl.reshare(1.0)  # nor again
+    assert ctl.rate == pytest.approx(8.0) and ctl.share == 1.0
+    # At the server: no more than the whole robots.txt rate, from this lane alone.
+    starts = send_saturated(ctl, clock, 10.0)
+    assert len(starts) <= 8 * 10 + 1
+
+
+def test_reshare_keeps_the_lane_under_its_new_ceiling() -> None:
+    ctl, clock = controller(start=15.0, ceiling=20.0, share=1 / 3)
+    ctl.reshare(0.5)
+    assert ctl.ceiling == pytest.approx(30.0) and ctl.rate == pytest.approx(22.5)
+    ctl.reshare(1.0)
+    assert ctl.ceiling == pytest.approx(60.0) and ctl.rate == pytest.approx(45.0)
+    assert ctl.floor == pytest.approx(1 / 30 * 3)

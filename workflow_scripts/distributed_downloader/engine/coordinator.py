@@ -26,6 +26,8 @@ class _ServerState:
     failed: bool = False
     failed_reason: str = ""  # why its batches are set aside for the round
     given: dict[int, list[int]] = field(default_factory=dict)  # lane index -> partition ids it holds
+    running: dict[int, int] = field(default_factory=dict)  # lane index -> rank, until the lane has exited
+    share_told: float = 0.0  # the share each running lane was last told (reshares)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Coordinator:
                 index = min(set(range(self._lane_limit(state))) - state.open_lanes)
                 state.open_lanes.add(index)
                 state.holders[index] = rank
+                state.running[index] = rank
                 batch = state.pending.popleft()
                 state.given.setdefault(index, []).append(batch["partition_id"])
                 out.append(Assignment(self._lane_spec(state, index), batch))
@@ -175,6 +178,28 @@ class Coordinator:
             self.failed_batches[f"{server}/{batch['partition_id']}"] = f"set aside: {reason}"
         state.open_lanes.discard(lane_index)
         state.holders.pop(lane_index, None)
+        state.running.pop(lane_index, None)
+
+    def lane_closed(self, server: str, lane_index: int) -> None:
+        """A lane ended (its last batch committed): it sends nothing more."""
+        self.servers[server].running.pop(lane_index, None)
+
+    def reshares(self, server: str) -> list[tuple[int, float]]:
+        """(rank, share) for each lane of ``server`` still running, when their share of it grew.
+
+        A server's lanes each run at 1/lanes of its budget. Once no lane can open for it any more
+        (no batch left to hand out) and fewer are running, the running ones split the whole of it:
+        the server then sees from them what all its lanes sent before (a lane closed, or never
+        opened because the batches ran out first). Told once per growth.
+        """
+        state = self.servers[server]
+        if state.pending or not state.running:
+            return []
+        share = 1.0 / len(state.running)
+        if share <= max(state.share_told, 1.0 / self._lane_limit(state)) + 1e-9:
+            return []
+        state.share_told = share
+        return [(rank, share) for rank in sorted(set(state.running.values()))]
 
     @property
     def exhausted(self) -> bool:

@@ -103,6 +103,8 @@ class CoordinatorThread(threading.Thread):
         kind = message["kind"]
         if kind == "lanes":
             given = self.coordinator.request_lanes(rank, message["free"], set(message["held"]))
+            for server in {a.lane["server_name"] for a in given}:
+                self._push_shares(server)  # its last batch handed out: no more lanes will open for it
             return {
                 "assignments": [{"lane": a.lane, "batch": a.batch} for a in given],
                 "exhausted": self.coordinator.exhausted,
@@ -111,12 +113,18 @@ class CoordinatorThread(threading.Thread):
             batch = self.coordinator.next_batch(
                 message["server"], message["lane_index"], message["stats"], message.get("lane")
             )
+            self._push_shares(message["server"])
             return {"batch": batch}
+        if kind == "lane_closed":
+            self.coordinator.lane_closed(message["server"], message["lane_index"])
+            self._push_shares(message["server"])
+            return {}
         if kind == "done":
             self.coordinator.finished_batch(message["server"], message["stats"], message.get("lane"))
             return {}
         if kind == "lane_failed":
             self.coordinator.lane_failed(message["server"], message["lane_index"], message["reason"])
+            self._push_shares(message["server"])
             return {}
         if kind == "pause":
             for other in self.coordinator.pause(message["server"], message["until"], rank):
@@ -135,6 +143,13 @@ class CoordinatorThread(threading.Thread):
         if kind == "status":
             self.coordinator.update_live(rank, message["lanes"])
         return {}
+
+    def _push_shares(self, server: str) -> None:
+        """Tell the ranks running the server's other lanes their grown share (Coordinator.reshares)."""
+        for rank, share in self.coordinator.reshares(server):
+            push = {"kind": "share", "server": server, "share": share}
+            self._pushes.append(self.comm.isend(push, dest=rank, tag=TAG_PUSH))
+        self._pushes = [request for request in self._pushes if not request.Test()]
 
     def report(self) -> None:
         progress = self.coordinator.progress()
@@ -266,6 +281,8 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             elif kind == "exit":
                 thread.join()
                 del lanes[spec.server_name]
+                if spec.lanes > 1:  # its server's other lanes may take its share
+                    rpc({"kind": "lane_closed", "server": spec.server_name, "lane_index": spec.lane_index})
             try:
                 spec, kind, payload = events.get_nowait()
             except queue.Empty:
@@ -313,8 +330,12 @@ def _relay_pauses(  # noqa: ANN001
     """
     while comm.Iprobe(source=0, tag=TAG_PUSH):
         push = comm.recv(source=0, tag=TAG_PUSH)
-        relayed[push["server"]] = max(relayed.get(push["server"], 0.0), push["until"])
         thread = lanes.get(push["server"])
+        if push["kind"] == "share":
+            if thread is not None:
+                thread.lane.controller.reshare(push["share"])
+            continue
+        relayed[push["server"]] = max(relayed.get(push["server"], 0.0), push["until"])
         if thread is not None:
             thread.lane.controller.pause_until(push["until"])
             if push.get("level"):
@@ -322,7 +343,7 @@ def _relay_pauses(  # noqa: ANN001
                     push["level"], bool(push.get("guessed")), push.get("floor"), bool(push.get("measured", True))
                 )
     for server, thread in lanes.items():
-        if thread.lane.spec.lanes < 2:
+        if thread.lane.controller.share >= 1.0:
             continue  # nobody else to tell
         controller = thread.lane.controller
         until = controller.paused_until_epoch()

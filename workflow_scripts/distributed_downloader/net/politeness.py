@@ -561,6 +561,37 @@ class RateController:
                 self.rate,
             )
 
+    def reshare(self, share: float) -> None:
+        """The server's other lanes closed: this lane now holds ``share`` of it (more than before).
+
+        Every rate figure is per lane and scales with the share: the server sees what all its lanes
+        sent together before, now from this one. Held at its old share, the last lane of a 49.5/s
+        host ran its 500-URL batch at half of what the two lanes had sent (5.8 req/s for 70 s after
+        its sibling's batch was done: the background bench's makespan). Connections stay: the pool
+        was sized for them.
+        """
+        with self._lock:
+            if not 0 < share <= 1.0 or share <= self.share:
+                return  # only ever grows: a lane opens for a server before its first batch, never later
+            factor = share / self.share
+            self.share = share
+            self.limits.ceiling *= factor
+            self.limits.floor *= factor
+            if self.robots_ceiling is not None:
+                self.robots_ceiling *= factor
+            if self.announced_ceiling is not None:
+                self.announced_ceiling *= factor
+            before = self.rate
+            self.rate *= factor
+            self._set_ceiling()  # clamps the rate to the new ceiling
+            self.rate = max(self.floor, self.rate)
+            for name in ("level", "level_floor"):
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, value * factor)
+            self.peak *= factor
+            log.info("%s: now %.0f%% of the server: %.2f -> %.2f req/s", self.name, 100 * share, before, self.rate)
+
     def congestion_count(self) -> int:
         """Congestion reactions so far (jitter trims included): a new one is relayed to the server's other lanes."""
         return self.events["congestion"] + self.events["jitter"]
