@@ -394,6 +394,7 @@ class Request:
     end: float
     status: int
     path: str
+    connection: int = 0  # the TCP connection's serial number on its host (0: not known)
 
 
 class RunningFarm:
@@ -429,7 +430,7 @@ class _Loopback(RunningFarm):
         return self.farm.url(url.host, url.path)
 
     def log(self, host: int) -> list[Request]:
-        return [Request(e.start, e.end, e.status, e.path) for e in self.farm.request_log(host)]
+        return [Request(e.start, e.end, e.status, e.path, e.connection) for e in self.farm.request_log(host)]
 
     def requests(self) -> int:
         return sum(self.farm.stats(h.index).requests for h in self.scenario.hosts)
@@ -476,7 +477,7 @@ class _Nginx(RunningFarm):
 
     def log(self, host: int) -> list[Request]:
         shift = self._epoch_to_mono
-        return [Request(e.start - shift, e.end - shift, e.status, e.path) for e in self.farm.log(host)]
+        return [Request(e.start - shift, e.end - shift, e.status, e.path, e.connection) for e in self.farm.log(host)]
 
     def describe_host(self, host: int) -> str:
         return self.farm.url(host, "").split("//", 1)[1].rstrip("/")
