@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 from distributed_downloader import config as config_mod
 from distributed_downloader import inputs
 from distributed_downloader.engine.coordinator import Coordinator
+from distributed_downloader.engine.lane import Lane, LaneSpec, lane_controller
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.plan import partition, schedule
 from distributed_downloader.plan.profiling import ServerProfile
@@ -382,7 +384,39 @@ def test_running_lanes_take_the_whole_server_once_no_lane_can_open(tmp_path: Pat
     assert coord.next_batch("mid.org", 1, stats()) is not None  # mid.org's 4 batches are all out
     assert coord.reshares("mid.org") == []
     coord.lane_failed("mid.org", 1, "boom")
+    assert coord.reshares("mid.org") == []  # its fetches may still be sending until the rank joined it
+    coord.lane_closed("mid.org", 1)
     assert coord.reshares("mid.org") == [(0, 1.0)]
+
+
+def test_a_lane_closed_for_batches_but_still_running_is_told_pauses_and_levels(tmp_path: Path) -> None:
+    """Lane 0 asked for more and got none, but its last batch still runs (and will be reshared to
+    the whole server): a Retry-After or level another lane found must reach it too."""
+    coord = Coordinator(build_schedule(tmp_path, rules={"1": 2}), decrease=0.5)
+    coord.request_lanes(0, free=3, held=set())
+    coord.request_lanes(1, free=2, held={"short.org"})
+    for lane in (0, 1, 0, 1):
+        assert coord.next_batch("long.org", lane, stats()) is not None
+    assert coord.next_batch("long.org", 0, stats()) is None
+    assert coord.pause("long.org", until=2e9, from_rank=1) == [0]
+    coord.lane_closed("long.org", 0)
+    assert coord.pause("long.org", until=2e9, from_rank=1) == []
+
+
+def test_a_reshared_lane_remembers_the_whole_servers_connection_cap(tmp_path: Path) -> None:
+    """Connections stay per lane when a lane takes a grown share of the rate: the server memory
+    divides a lane's connection cap by its share of the connections, not of the rate."""
+    spec = LaneSpec("s.org", 0, 2, 4.0, 20.0, 8, 0.5, memory={"rate": 4.0, "connection_cap": 4})
+    ctl = lane_controller(spec)
+    assert ctl.connection_cap == 2  # half of the server's 4
+    lane = SimpleNamespace(spec=spec, controller=ctl, current=None, server_failed=False)
+    ctl.answers = 10
+    coord = Coordinator({"servers": []}, decrease=0.5)
+    coord.learn([Lane.snapshot(lane)])  # type: ignore[arg-type]
+    assert coord.memory["s.org"]["connection_cap"] == 4
+    ctl.reshare(1.0)
+    coord.learn([Lane.snapshot(lane)])  # type: ignore[arg-type]
+    assert coord.memory["s.org"]["connection_cap"] == 4
 
 
 def test_a_lane_alone_because_the_batches_ran_out_takes_the_whole_server(tmp_path: Path) -> None:

@@ -1259,3 +1259,24 @@ def test_reshare_keeps_the_lane_under_its_new_ceiling() -> None:
     ctl.reshare(1.0)
     assert ctl.ceiling == pytest.approx(60.0) and ctl.rate == pytest.approx(45.0)
     assert ctl.floor == pytest.approx(1 / 30 * 3)
+
+
+def test_ceilings_set_after_a_reshare_are_taken_at_the_new_share() -> None:
+    ctl, clock = controller(start=5.0, ceiling=10.0, share=0.5)
+    ctl.reshare(1.0)
+    ctl.cap_rate(3.0 * ctl.share)  # lane.py: robots.txt's rate x the controller's share
+    assert ctl.rate <= 3.0 and ctl.ceiling == pytest.approx(3.0)
+    assert len(send_saturated(ctl, clock, 10.0)) <= 31
+    other, clock = controller(start=5.0, ceiling=10.0, share=0.5)
+    other.reshare(1.0)
+    other.on_response(200, {"RateLimit-Policy": "6;w=1"}, 0.01, clock.t)
+    assert other.ceiling == pytest.approx(6.0) and other.rate <= 6.0
+
+
+def test_a_reshare_keeps_slow_start_and_a_pause() -> None:
+    ctl, clock = controller(start=2.0, ceiling=10.0, share=0.5)
+    assert ctl.slow_start
+    ctl.pause_until(clock.t + WALL + 5.0)
+    ctl.reshare(1.0)
+    assert ctl.rate == pytest.approx(4.0) and ctl.ceiling == pytest.approx(20.0)
+    assert ctl.slow_start and ctl.paused_for() == pytest.approx(5.0)

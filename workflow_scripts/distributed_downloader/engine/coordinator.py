@@ -178,10 +178,10 @@ class Coordinator:
             self.failed_batches[f"{server}/{batch['partition_id']}"] = f"set aside: {reason}"
         state.open_lanes.discard(lane_index)
         state.holders.pop(lane_index, None)
-        state.running.pop(lane_index, None)
+        # Still in `running` until the rank says lane_closed (after its fetch threads stopped).
 
     def lane_closed(self, server: str, lane_index: int) -> None:
-        """A lane ended (its last batch committed): it sends nothing more."""
+        """A lane ended (its batches done, or it died and its fetches are over): it sends nothing more."""
         self.servers[server].running.pop(lane_index, None)
 
     def reshares(self, server: str) -> list[tuple[int, float]]:
@@ -237,7 +237,11 @@ class Coordinator:
                 entry["level_reading"] = round(reading, 4) if reading > entry["level"] else None
             else:
                 entry.setdefault("level", None)
-            caps = [lane["connection_cap"] / lane["share"] for lane in group if lane.get("connection_cap")]
+            caps = [
+                lane["connection_cap"] / (lane.get("connection_share") or lane["share"])
+                for lane in group
+                if lane.get("connection_cap")
+            ]
             entry["connection_cap"] = int(min(caps)) if caps else None
             entry["paused_until"] = max([entry.get("paused_until") or 0.0] + [lane["paused_until"] for lane in group])
 
@@ -248,7 +252,7 @@ class Coordinator:
         entry["paused_until"] = max(entry.get("paused_until") or 0.0, until)
         if state is None:
             return []
-        return sorted({rank for rank in state.holders.values() if rank != from_rank})
+        return sorted({rank for rank in state.running.values() if rank != from_rank})
 
     def backing_off(self) -> list[str]:
         """Servers pausing (Retry-After, quota) or that slowed down since the last look."""

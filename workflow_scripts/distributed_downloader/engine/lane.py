@@ -330,6 +330,7 @@ class Lane:
             "connection_cap": self.controller.connection_cap,
             "paused_until": round(self.controller.paused_until_epoch(), 3),
             "share": self.controller.share,
+            "connection_share": self.controller.connection_share,
             "paused_for": round(self.controller.paused_for(), 1),
             "congestion": self.controller.events["congestion"],
             "answers": self.controller.answers,

@@ -250,8 +250,10 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
                 rpc(
                     {"kind": "lane_failed", "server": spec.server_name, "lane_index": spec.lane_index, "reason": reason}
                 )
-                thread.join()
+                thread.join()  # Lane.close: its in-flight fetches (and their redirect hops) are over
                 del lanes[spec.server_name]
+                if spec.lanes > 1:  # only now may its server's other lanes take its share
+                    rpc({"kind": "lane_closed", "server": spec.server_name, "lane_index": spec.lane_index})
             elif kind == "done":
                 if payload.get("failed"):
                     log.error(

@@ -287,6 +287,7 @@ class RateController:
         self.clock = clock
         self.wall_clock = wall_clock
         self.share = share  # this lane's fraction of the server (1/lanes)
+        self.connection_share = share  # its fraction of the server's connections (reshare keeps it)
         self.ceiling = limits.ceiling
         self.floor = min(limits.floor, limits.ceiling)
         # Ceilings beyond our own, each kept apart so one never lifts the other: robots.txt's rate
