@@ -128,17 +128,7 @@ class CoordinatorThread(threading.Thread):
             return {}
         if kind == "pause":
             for other in self.coordinator.pause(message["server"], message["until"], rank):
-                push = {
-                    "kind": "pause",
-                    "server": message["server"],
-                    "until": message["until"],
-                    "level": message.get("level"),
-                    "guessed": message.get("guessed", False),
-                    "floor": message.get("floor"),
-                    "measured": message.get("measured", True),
-                }
-                self._pushes.append(self.comm.isend(push, dest=other, tag=TAG_PUSH))
-            self._pushes = [request for request in self._pushes if not request.Test()]
+                self._push(other, dict(message))  # the pause and level as the lane relayed them
             return {}
         if kind == "status":
             self.coordinator.update_live(rank, message["lanes"])
@@ -147,9 +137,12 @@ class CoordinatorThread(threading.Thread):
     def _push_shares(self, server: str) -> None:
         """Tell the ranks running the server's other lanes their grown share (Coordinator.reshares)."""
         for rank, share in self.coordinator.reshares(server):
-            push = {"kind": "share", "server": server, "share": share}
-            self._pushes.append(self.comm.isend(push, dest=rank, tag=TAG_PUSH))
+            self._push(rank, {"kind": "share", "server": server, "share": share})
+
+    def _push(self, rank: int, message: dict) -> None:
+        """Send a rank an unasked message (TAG_PUSH); its request is kept until it completed."""
         self._pushes = [request for request in self._pushes if not request.Test()]
+        self._pushes.append(self.comm.isend(message, dest=rank, tag=TAG_PUSH))
 
     def report(self) -> None:
         progress = self.coordinator.progress()
@@ -234,6 +227,11 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
         comm.send(message, dest=0, tag=TAG_REQUEST)
         return _wait_for(comm, 0, TAG_REPLY)  # type: ignore[return-value]
 
+    def lane_ended(spec: LaneSpec) -> None:
+        """Joined, it sends nothing more: only now may its server's other lanes take its share."""
+        if spec.lanes > 1:
+            rpc({"kind": "lane_closed", "server": spec.server_name, "lane_index": spec.lane_index})
+
     while True:
         try:
             # Every 50 ms while lanes run: relayed pauses and levels reach them within one poll (0.5 s
@@ -252,8 +250,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
                 )
                 thread.join()  # Lane.close: its in-flight fetches (and their redirect hops) are over
                 del lanes[spec.server_name]
-                if spec.lanes > 1:  # only now may its server's other lanes take its share
-                    rpc({"kind": "lane_closed", "server": spec.server_name, "lane_index": spec.lane_index})
+                lane_ended(spec)
             elif kind == "done":
                 if payload.get("failed"):
                     log.error(
@@ -283,8 +280,7 @@ def run_rank(comm, schedule: Mapping, paths: config_mod.Paths, slots: int, owner
             elif kind == "exit":
                 thread.join()
                 del lanes[spec.server_name]
-                if spec.lanes > 1:  # its server's other lanes may take its share
-                    rpc({"kind": "lane_closed", "server": spec.server_name, "lane_index": spec.lane_index})
+                lane_ended(spec)
             try:
                 spec, kind, payload = events.get_nowait()
             except queue.Empty:

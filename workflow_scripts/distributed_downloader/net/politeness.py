@@ -586,10 +586,10 @@ class RateController:
             self.rate *= factor
             self._set_ceiling()  # clamps the rate to the new ceiling
             self.rate = max(self.floor, self.rate)
-            for name in ("level", "level_floor"):
-                value = getattr(self, name)
-                if value is not None:
-                    setattr(self, name, value * factor)
+            if self.level is not None:
+                self.level *= factor
+            if self.level_floor is not None:
+                self.level_floor *= factor
             self.peak *= factor
             log.info("%s: now %.0f%% of the server: %.2f -> %.2f req/s", self.name, 100 * share, before, self.rate)
 
