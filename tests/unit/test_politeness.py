@@ -442,6 +442,63 @@ def test_stalled_requests_do_not_starve_the_others_but_the_share_holds() -> None
     assert ctl.in_flight == 0
 
 
+def test_a_silent_server_gets_no_more_requests_until_it_answers() -> None:
+    """ACK clocking: requests waiting beyond SILENCE_MIN with nothing answered hold the next one back."""
+    ctl, clock = controller(start=20.0, connections=8)
+    open_limit = ctl.concurrency_limit()  # ceil(20 * 0.05 * 1.5) + 1
+    assert open_limit == 3
+    ctl.started()
+    clock.advance(0.02)
+    ctl.started()
+    assert ctl.concurrency_limit() == open_limit  # answers are not due yet
+    clock.advance(RateController.SILENCE_MIN + 0.05)  # a stalled server: nothing comes back
+    assert ctl.concurrency_limit() == 2  # the two in flight, no third
+    assert ctl.events["silences"] == 1
+    ctl.on_response(200, {}, 0.2, clock.t, wire_latency=0.2)
+    assert ctl.concurrency_limit() > 2  # it answered: the clock ticks again
+
+
+def test_silence_holds_each_late_request_for_a_while_only() -> None:
+    """One stuck URL on a slow host must not stop it: after SILENCE_HOLD the next request goes."""
+    ctl, clock = controller(start=2.0, connections=8)
+    ctl.started()
+    clock.advance(RateController.SILENCE_MIN + 0.01)
+    assert ctl.concurrency_limit() == 1
+    clock.advance(RateController.SILENCE_HOLD)
+    assert ctl.concurrency_limit() > 1
+
+
+def test_answers_flowing_around_one_stuck_url_are_no_silence() -> None:
+    ctl, clock = controller(start=20.0, connections=8)
+    ctl.started()  # stuck for good
+    limits = []
+    for _ in range(20):
+        ticket, _ = ctl.started()
+        clock.advance(0.05)
+        ctl.on_response(200, {}, 0.05, clock.t, wire_latency=0.05)
+        ctl.finished(ticket)
+        limits.append(ctl.concurrency_limit())
+    assert min(limits) > ctl.in_flight == 1
+    assert ctl.events["silences"] == 0
+
+
+def test_a_late_answer_spaces_the_next_request_from_the_answer() -> None:
+    """The server counted a late request when it answered it: the next goes one interval after that."""
+    ctl, clock = controller(start=4.0, ceiling=4.0)
+    ctl.slow_start = False
+    slept: list[float] = []
+    ctl.space_send(slept.append)
+    clock.advance(0.6)
+    ctl.on_response(200, {}, 0.6, clock.t, wire_latency=0.6)
+    ctl.space_send(slept.append)
+    assert slept == [pytest.approx(0.25)]
+    clock.advance(0.6)
+    slept.clear()
+    ctl.on_response(200, {}, 0.01, clock.t, wire_latency=0.01)  # on time: our own spacing only
+    ctl.space_send(slept.append)
+    assert slept == []
+
+
 def test_connection_cap_is_learned_only_from_evidence_and_recovers() -> None:
     ctl, clock = controller(start=20.0, connections=8, level=20.0)
     for _ in range(30):  # requests with 1-2 in flight pass

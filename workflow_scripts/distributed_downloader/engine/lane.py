@@ -971,6 +971,7 @@ class _LaneGate(HopGate):
         self.sent_at = sent_at
         self.concurrency = concurrency
         self.tickets: list[tuple[RateController, int]] = []
+        self.wire_at: float | None = None  # when this hop's request was written (after our spacing)
         self.waiting = False  # in before_hop, waiting for robots.txt or a slot (silent, but not stalled)
         self.finished = False  # the fetch is over: its answer is being decoded or waits for the lane thread
 
@@ -1007,9 +1008,11 @@ class _LaneGate(HopGate):
         ticket, concurrency = controller.started()
         self.tickets.append((controller, ticket))
         self.controller, self.sent_at, self.concurrency = controller, time.monotonic(), concurrency
+        self.wire_at = None
 
     def on_wire(self) -> None:
         self.controller.space_send()  # waits out our spacing and any pause of up to 5 s
+        self.wire_at = time.monotonic()
         if self.controller.paused_for() > 0:
             # A longer pause came after this request took its slot (another answer's Retry-After):
             # nothing is written; as a cancelled copy it goes back to the queue, which waits it out.
@@ -1022,7 +1025,9 @@ class _LaneGate(HopGate):
         time.sleep(seconds)
 
     def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
-        self.controller.on_response(status, headers, time.monotonic() - self.sent_at, self.sent_at, self.concurrency)
+        now = time.monotonic()
+        wire_latency = now - self.wire_at if self.wire_at is not None else None
+        self.controller.on_response(status, headers, now - self.sent_at, self.sent_at, self.concurrency, wire_latency)
 
     def on_network_error(self, url: str) -> None:
         if not self.cancelled:  # a hedge we ended ourselves says nothing about the server

@@ -42,6 +42,18 @@ server's connections. A connection cap is learned only from evidence that concur
 server refuses (refusals only at >= k requests in flight, none below), and it recovers by one
 connection per ``CAP_RECOVERY_SECONDS`` without refusals.
 
+**A silent server gets no more requests (ACK clocking).** When nothing has come back for
+``SILENCE_MIN`` (or 4x the usual latency) while a request waits that long, the server is stuck
+(overloaded, or its process is not scheduled), not one URL: the lane sends nothing more until an
+answer comes, for at most ``SILENCE_HOLD`` per late request (then one more goes: a per-URL stall
+must not stop a slow host). Little's law would instead open a connection per interval of the
+stall, and the server would take them all at once when it wakes: over its connection cap, and a
+burst its rate limiter refuses (measured on the background farm: 40 of 128 refusals were
+connection refusals during such stalls, in every run at the same instants on many hosts). Like TCP,
+which sends only as acknowledgements come back. An answer that came late says the server took
+the request when it answered it: the next request goes a full interval after it, not after our
+send (a burst-of-one host refused the pair otherwise).
+
 **Jitter is not congestion.** A server with a tiny burst allowance refuses any two requests that
 arrive closer than its interval, and our sends reach the wire with some jitter (threads, the GIL, a
 busy CPU). So requests are spaced again right before they are written (``space_send``: a token
@@ -273,6 +285,8 @@ class RateController:
     LATENCY_RISE = 5.0  # median latency this many times its baseline...
     LATENCY_MIN_RISE = 1.0  # ...and at least this many seconds above it...
     LATENCY_SUSTAIN = 10.0  # ...for this long: congestion
+    SILENCE_MIN = 0.1  # seconds without any answer (and 4x the usual latency) that make a server silent...
+    SILENCE_HOLD = 1.0  # ...which holds new requests this long per late one at most
 
     def __init__(
         self,
@@ -318,6 +332,8 @@ class RateController:
         self.last_increase = now
         self.created = now
         self._flying: dict[int, float] = {}  # ticket -> send time
+        self.last_answer = now  # when the server last answered anything (a network error included)
+        self._silence_counted = -math.inf
         self._tickets = itertools.count()
         self.connection_cap: int | None = None
         self.cap_guessed = False  # the cap came from one refusal while pressed, not from CAP_EVIDENCE
@@ -333,7 +349,7 @@ class RateController:
         self.forbidden_streak = 0
         self.bans = 0
         self.answers = 0  # HTTP answers this controller saw (server memory learns only from lanes that had some)
-        self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0, "jitter": 0}
+        self.events = {"congestion": 0, "pauses": 0, "increases": 0, "caps": 0, "bans": 0, "jitter": 0, "silences": 0}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ sending
@@ -349,9 +365,29 @@ class RateController:
         added on top, so a few stalls do not starve the server's other URLs; the share and any
         learned connection cap still bound the total.
         """
+        now = self.clock()
         needed = math.ceil(self.rate * max(self.latency, 0.05) * 1.5) + 1
         cap = self.limits.max_connections if self.connection_cap is None else self.connection_cap
-        return max(1, min(self.limits.max_connections, cap, needed + self._stalled(self.clock())))
+        limit = max(1, min(self.limits.max_connections, cap, needed + self._stalled(now)))
+        flying = len(self._flying)
+        if flying and flying < limit and self._silent(now):
+            return flying  # nothing more until the server answers (see "A silent server" above)
+        return limit
+
+    def _silence_gap(self) -> float:
+        return max(self.SILENCE_MIN, 4 * self.latency)
+
+    def _silent(self, now: float) -> bool:
+        """Nothing came back for a while and a request is late: hold (at most SILENCE_HOLD per late one)."""
+        gap = self._silence_gap()
+        if now - self.last_answer < gap:
+            return False
+        # A copy: the lane thread calls this without the lock while fetch threads finish requests.
+        silent = any(gap < now - t <= gap + self.SILENCE_HOLD for t in list(self._flying.values()))
+        if silent and self._silence_counted != self.last_answer:  # one count per silence
+            self._silence_counted = self.last_answer
+            self.events["silences"] += 1
+        return silent
 
     def _stalled(self, now: float) -> int:
         slow = max(1.0, 4 * self.latency)
@@ -473,11 +509,17 @@ class RateController:
         latency: float,
         sent_at: float | None = None,
         concurrency: int = 1,
+        wire_latency: float | None = None,
     ) -> None:
-        """Any HTTP answer (a redirect hop, a 200, a 404, a 429...): classify it and react."""
+        """Any HTTP answer (a redirect hop, a 200, a 404, a 429...): classify it and react.
+
+        ``wire_latency``: seconds from the request's bytes to this answer (``latency`` counts from
+        its slot); a late one spaces our next request from now.
+        """
         with self._lock:
             now = self.clock()
             self.answers += 1
+            self._answered(now, wire_latency)
             self._apply_headers(now, headers)
             sent_at = now if sent_at is None else sent_at
             if status in REFUSAL_STATUSES:
@@ -510,7 +552,16 @@ class RateController:
         """A reset, a timeout or a refused connection: a per-URL fault unless many URLs fail together."""
         with self._lock:
             now = self.clock()
+            self.last_answer = now
             self._outcome(now, now if sent_at is None else sent_at, "net")
+
+    def _answered(self, now: float, wire_latency: float | None) -> None:
+        self.last_answer = now
+        if wire_latency is not None and wire_latency > self._silence_gap():
+            # The server took it late (a stall), and its limiter counts it from about now: the next
+            # request goes one interval after this answer, not after our send.
+            self.wire_tokens = min(0.0, self.wire_tokens + (now - self.wire_at) * self.rate)
+            self.wire_at = now
 
     def is_banned(self) -> bool:
         """True while a ban's pause lasts (the lane writes refused URLs as transient, not 403)."""
