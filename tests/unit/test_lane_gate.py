@@ -34,3 +34,17 @@ def test_a_long_pause_after_the_slot_was_taken_keeps_the_request_off_the_wire() 
     assert info.value.code == ErrorCode.SERVER_PAUSED
     assert gate.cancelled
     assert controller.try_take() > 25  # the queue waits for the pause's end
+
+
+def test_a_write_that_left_late_is_told_to_the_controller_and_lateness_counts_from_it() -> None:
+    gate, controller = _gate()
+    told: list[float] = []
+    controller.wrote = told.append  # type: ignore[method-assign]
+    answers: list[float | None] = []
+    controller.on_response = lambda *args, **kwargs: answers.append(args[5])  # type: ignore[method-assign]
+    gate.on_wire()
+    time.sleep(0.05)  # the GIL held the write back
+    gate.wrote()
+    gate.on_response("http://h/x", 200, {}, 0.0)
+    assert len(told) == 1 and told[0] >= 0.05
+    assert answers[0] is not None and answers[0] < 0.05  # the answer's lateness runs from the real write

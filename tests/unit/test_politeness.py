@@ -499,6 +499,42 @@ def test_a_late_answer_spaces_the_next_request_from_the_answer() -> None:
     assert slept == []
 
 
+def test_a_write_that_left_late_moves_the_next_one_back() -> None:
+    ctl, clock = controller(start=4.0, ceiling=4.0)
+    ctl.slow_start = False
+    slept: list[float] = []
+    ctl.space_send(slept.append)
+    clock.advance(0.1)
+    ctl.wrote(0.1)  # the GIL held the write 0.1 s after the spacing let it go
+    clock.advance(0.2)  # one interval after the spacing let it go, 0.15 s after the real write
+    ctl.space_send(slept.append)
+    assert slept == [pytest.approx(0.05)]  # one interval after the real write
+
+
+def test_after_jitter_an_answer_later_than_usual_moves_the_next_request_back() -> None:
+    """A burst-of-one server: once it refused us below its level, lateness is taken as its reading time."""
+    ctl, clock = controller(start=2.0, ceiling=2.0)
+    ctl.slow_start = False
+    for _ in range(10):  # the usual: answers 10 ms after the write
+        ctl.space_send(lambda seconds: clock.advance(seconds))
+        clock.advance(0.01)
+        ctl.on_response(200, {}, 0.01, clock.t, wire_latency=0.01)
+        clock.advance(0.49)
+    slept: list[float] = []
+    ctl.space_send(slept.append)
+    clock.advance(0.06)  # answered 50 ms late (a busy server): no effect yet
+    ctl.on_response(200, {}, 0.06, clock.t, wire_latency=0.06)
+    clock.advance(0.44)
+    ctl.space_send(slept.append)
+    assert slept == []
+    ctl.tight_burst = True  # what a jitter refusal sets (see the jitter tests)
+    clock.advance(0.06)
+    ctl.on_response(200, {}, 0.06, clock.t, wire_latency=0.06)
+    clock.advance(0.44)
+    ctl.space_send(slept.append)
+    assert slept == [pytest.approx(0.05)]
+
+
 def test_connection_cap_is_learned_only_from_evidence_and_recovers() -> None:
     ctl, clock = controller(start=20.0, connections=8, level=20.0)
     for _ in range(30):  # requests with 1-2 in flight pass
@@ -816,7 +852,7 @@ def test_a_lone_refusal_below_the_level_lowers_it_a_few_percent_only() -> None:
     ctl.on_response(429, {}, 0.05, clock.t)  # one refusal: the pair arrived too close together
     assert ctl.level == pytest.approx(level * (1 - RateController.JITTER_STEP))
     assert ctl.rate >= 0.9 * level
-    assert ctl.events["jitter"] == 1
+    assert ctl.events["jitter"] == 1 and ctl.tight_burst
     clock.advance(0.5)
     ctl.on_response(429, {}, 0.05, clock.t)  # a second one within the window: congestion, not jitter
     assert ctl.events["jitter"] == 1 and ctl.events["congestion"] == 1

@@ -1012,12 +1012,18 @@ class _LaneGate(HopGate):
 
     def on_wire(self) -> None:
         self.controller.space_send()  # waits out our spacing and any pause of up to 5 s
-        self.wire_at = time.monotonic()
         if self.controller.paused_for() > 0:
             # A longer pause came after this request took its slot (another answer's Retry-After):
             # nothing is written; as a cancelled copy it goes back to the queue, which waits it out.
             self.cancelled = True
             raise DownloadError(ErrorCode.SERVER_PAUSED, "the server asked for a pause before this request was sent")
+        self.wire_at = time.monotonic()
+
+    def wrote(self) -> None:
+        if self.wire_at is not None:
+            now = time.monotonic()
+            self.controller.wrote(now - self.wire_at)
+            self.wire_at = now  # the answer's lateness counts from the real write
 
     def _sleep(self, seconds: float) -> None:
         if self.cancelled:  # a copy no longer wanted leaves the queue without spending a slot

@@ -144,6 +144,9 @@ class HopGate:
     def on_wire(self) -> None:
         """Called right before a request's bytes are written to its connection (may wait a moment)."""
 
+    def wrote(self) -> None:
+        """Called right after a request's bytes were handed to the kernel."""
+
     def on_response(self, url: str, status: int, headers: Mapping[str, str], elapsed: float) -> None:
         """Called with every answer's status line and headers, redirects included."""
 
@@ -375,6 +378,8 @@ class _ConnectionHooks:
             if _current.headers_deadline < watch.deadline:
                 _WATCHDOG.limit(watch, _current.headers_deadline)
         super().request(*args, **kwargs)  # type: ignore[misc]
+        if gate is not None:
+            gate.wrote()  # a write that went out late (the GIL, a busy CPU) moves our next one back
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         watch = getattr(_current, "watch", None)

@@ -61,7 +61,10 @@ bucket of our own rate holding ``WIRE_BURST_SECONDS`` of burst). A lone refusal 
 last ``ACCEPTED_WINDOW``, or under ``JITTER_SHARE`` of our sends) that comes while we send no faster
 than the level the server showed lowers that level by ``JITTER_STEP`` only, a lone refusal lowers it
 by 10% at most and any refusal event by ``MAX_CUT``: the accepted rate is believed only as far as
-the refusals say we were above it. Without this, a few jitter refusals ratcheted a slow server down
+the refusals say we were above it. Such a refusal also marks the server as one with a burst of
+about one (``tight_burst``): from then on an answer later than usual moves our next request back by
+its lateness (the server read it late: a busy farm or network), and everywhere a write that left
+late (``wrote``) moves the next one back too. Without this, a few jitter refusals ratcheted a slow server down
 to half of what it allows (measured: 2-req/s hosts held at 1.2-1.4 req/s for a whole run). A refusal
 that comes while the lane presses all its connections is read as a connection limit only if one
 connection less still carries the rate (Little's law); otherwise a 2-connection lane took a jittered
@@ -333,6 +336,8 @@ class RateController:
         self.created = now
         self._flying: dict[int, float] = {}  # ticket -> send time
         self.last_answer = now  # when the server last answered anything (a network error included)
+        self.wire_latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)  # from our write to the answer
+        self.tight_burst = False  # it refused us below its level (jitter): its burst is about one
         self._silence_counted = -math.inf
         self._tickets = itertools.count()
         self.connection_cap: int | None = None
@@ -440,6 +445,14 @@ class RateController:
             if not 0 < later <= 5.0:
                 return
             sleep(later)
+
+    def wrote(self, late: float) -> None:
+        """The request ``space_send`` let go reached the kernel ``late`` seconds after it (the GIL, a
+        busy CPU): the next one waits that much longer, or the server sees the pair closer than we
+        spaced them (a burst-of-one host refused the next one at 0.8 of its rate)."""
+        if late > 0:
+            with self._lock:
+                self.wire_tokens -= late * self.rate
 
     def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep, connection: bool = False) -> bool:
         """Block until a slot is taken (True), or return False at once if it is further than max_wait.
@@ -557,11 +570,22 @@ class RateController:
 
     def _answered(self, now: float, wire_latency: float | None) -> None:
         self.last_answer = now
-        if wire_latency is not None and wire_latency > self._silence_gap():
+        if wire_latency is None:
+            return
+        usual = statistics.median(self.wire_latencies) if self.wire_latencies else wire_latency
+        self.wire_latencies.append(wire_latency)
+        if wire_latency > self._silence_gap():
             # The server took it late (a stall), and its limiter counts it from about now: the next
             # request goes one interval after this answer, not after our send.
-            self.wire_tokens = min(0.0, self.wire_tokens + (now - self.wire_at) * self.rate)
-            self.wire_at = now
+            cap = 0.0
+        elif self.tight_burst and wire_latency > usual:
+            # A server that refuses a pair closer than its interval: an answer later than usual says
+            # it read the request that much later, so the next one moves back by as much.
+            cap = usual * self.rate
+        else:
+            return
+        self.wire_tokens = min(cap, self.wire_tokens + (now - self.wire_at) * self.rate)
+        self.wire_at = now
 
     def is_banned(self) -> bool:
         """True while a ban's pause lasts (the lane writes refused URLs as transient, not 403)."""
@@ -984,6 +1008,7 @@ class RateController:
         self.rate = max(self.floor, min(self.rate, self.level * (1.0 - self.HEADROOM)))
         self.last_decrease = now
         self.events["jitter"] += 1
+        self.tight_burst = True
         log.info(
             "%s: lone refusal at %.2f req/s, below the %.2f/s level: jitter, %.2f -> %.2f req/s",
             self.name,
