@@ -11,6 +11,7 @@ import email.utils
 import heapq
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -1373,3 +1374,87 @@ def test_a_reshare_keeps_slow_start_and_a_pause() -> None:
     ctl.reshare(1.0)
     assert ctl.rate == pytest.approx(4.0) and ctl.ceiling == pytest.approx(20.0)
     assert ctl.slow_start and ctl.paused_for() == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------- the wire's debt (fresh-eyes hunt)
+
+
+def _backlogged_lane(
+    ctl: RateController, clock: FakeClock, seconds: float, wire_latency: object, write_late: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """A backlogged lane: slots from try_take within concurrency_limit(), space_send before each write,
+    wrote(write_late) after it, the answer `wire_latency` after the write. Returns (writes, waits)."""
+    latency_of = wire_latency if callable(wire_latency) else (lambda n: wire_latency)
+    ev, seq, writes, waits = [], 0, [], []
+    end, pump = clock.t + seconds, clock.t
+    while clock.t < end:
+        if ev and ev[0][0] <= pump:
+            t, _, kind, data = heapq.heappop(ev)
+            clock.t = t
+            if kind == "write":
+                ctl.wrote(write_late)
+                writes.append(t)
+                lat = latency_of(len(writes))
+                heapq.heappush(ev, (t + lat, seq, "answer", (*data, lat)))
+                seq += 1
+            else:
+                ticket, slot, lat = data
+                ctl.on_response(200, {}, t - slot, slot, 1, wire_latency=lat)
+                ctl.finished(ticket)
+            continue
+        clock.t = pump
+        if ctl.in_flight < ctl.concurrency_limit():
+            wait = ctl.try_take()
+            if wait <= 0:
+                ticket, _ = ctl.started()
+                slept: list[float] = []
+                ctl.space_send(slept.append)
+                waits.append(sum(slept))
+                heapq.heappush(ev, (clock.t + sum(slept) + write_late, seq, "write", (ticket, clock.t)))
+                seq += 1
+                pump = clock.t + 1e-6
+            else:
+                pump = clock.t + min(wait, 0.25) + 0.0002
+        else:
+            pump = min(ev[0][0] if ev else clock.t + 0.25, clock.t + 0.25)
+    return writes, waits
+
+
+def test_a_constant_write_time_does_not_cut_the_rate() -> None:
+    """Every write takes 50 ms (a plain-http:// host that closes its connections: the TCP connect runs
+    inside request(), between space_send and wrote()). The server sees requests exactly 1/rate apart,
+    yet each wrote() debits 0.05*rate tokens and the bucket never recovers: 10/s -> ~5/s."""
+    ctl, clock = controller(start=10.0, ceiling=10.0, connections=4, level=10.0)
+    ctl.slow_start = False
+    writes, waits = _backlogged_lane(ctl, clock, 120.0, wire_latency=0.05, write_late=0.05)
+    rate = len([t for t in writes if t > writes[0] + 60]) / 60
+    assert rate > 9.0, (rate, ctl.wire_tokens, statistics.mean(waits[-50:]))
+
+
+def test_a_few_slow_urls_do_not_leave_every_request_waiting() -> None:
+    """A 2/s host answers in 50 ms, every 10th URL in 0.8 s (a cache miss: that URL, not the server).
+    Each such answer is "late" (> the 0.2-s silence gap) and re-phases the wire bucket one interval
+    after itself; slots keep coming at the rate, so the debt never drains and from then on every request
+    waits ~0.3 s between its slot and its write. The latency median (slot -> answer) follows, x5, and
+    the silence gap with it (0.2 -> 1.3 s): ACK clocking no longer sees a stall shorter than that."""
+    ctl, clock = controller(start=2.0, ceiling=2.0, connections=4, level=2.0)
+    ctl.slow_start = False
+    _, waits = _backlogged_lane(ctl, clock, 300.0, wire_latency=lambda n: 0.8 if n % 10 == 5 else 0.05)
+    assert statistics.mean(waits[-100:]) < 0.05, (statistics.mean(waits[-100:]), ctl.latency, ctl._silence_gap())
+
+
+def test_the_wire_spacing_holds_when_the_deficit_is_deep() -> None:
+    """One write that left 6 s late (a 5-s DNS retry or SYN retransmits on a plain-http:// connect) at
+    2/s: 12 tokens of debt. space_send then sleeps its 5-s maximum whatever the debt, so two sends whose
+    threads reached it 0.3 s apart (jitter) go out 0.3 s apart: the burst-of-one refusal the bucket exists
+    to prevent."""
+    ctl, clock = controller(start=2.0, ceiling=2.0, level=2.0)
+    ctl.slow_start = False
+    ctl.wrote(6.0)
+    released = []
+    for gap in (0.0, 0.3):
+        clock.advance(gap)
+        slept: list[float] = []
+        ctl.space_send(slept.append)
+        released.append(clock.t + sum(slept))
+    assert released[1] - released[0] >= 0.5 - 1e-9, released

@@ -274,6 +274,7 @@ class RateController:
     CAP_SAMPLES = 64
     CAP_RECOVERY_SECONDS = 30.0
     WIRE_BURST_SECONDS = 0.1  # at the wire, at most this much of our rate back to back (>= 1 request)
+    WIRE_MAX_DEBT = 4.0  # seconds of wire debt a late write may leave at most (space_send waits 5 s at most)
     JITTER_SHARE = 0.005  # refusals per send (last ACCEPTED_WINDOW) below which one is jitter...
     JITTER_STEP = 0.03  # ...and lowers the level by this much only
     MAX_CUT = 0.25  # the most one refusal event lowers the level by...
@@ -337,6 +338,7 @@ class RateController:
         self._flying: dict[int, float] = {}  # ticket -> send time
         self.last_answer = now  # when the server last answered anything (a network error included)
         self.wire_latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)  # from our write to the answer
+        self.write_lates: deque[float] = deque(maxlen=16)  # how long after space_send each write left
         self.tight_burst = False  # it refused us below its level (jitter): its burst is about one
         self._silence_counted = -math.inf
         self._tickets = itertools.count()
@@ -448,11 +450,27 @@ class RateController:
 
     def wrote(self, late: float) -> None:
         """The request ``space_send`` let go reached the kernel ``late`` seconds after it (the GIL, a
-        busy CPU): the next one waits that much longer, or the server sees the pair closer than we
-        spaced them (a burst-of-one host refused the next one at 0.8 of its rate)."""
-        if late > 0:
-            with self._lock:
-                self.wire_tokens -= late * self.rate
+        busy CPU, a new connection): the next one waits as much longer than a write usually takes,
+        or the server sees the pair closer than we spaced them (a burst-of-one host refused the next
+        one at 0.8 of its rate). What every write takes (request()'s own time, a connect on a server
+        that closes each one) spaces nothing and is not charged."""
+        with self._lock:
+            usual = min(self.write_lates) if self.write_lates else 0.0
+            self.write_lates.append(late)
+            excess = late - usual
+            if excess <= 0:
+                return
+            # No deeper than space_send waits (5 s at most): beyond, a pair would leave unspaced.
+            deepest = 1.0 - self.WIRE_MAX_DEBT * self.rate
+            self.wire_tokens = max(self.wire_tokens - excess * self.rate, min(self.wire_tokens, deepest))
+            self._slots_follow_the_wire()
+
+    def _slots_follow_the_wire(self) -> None:
+        """The wire's debt moves the lane's next slot too, once: else every later request, its slot
+        still due at our rate, would wait the debt at the wire (a latency the server never caused,
+        which fed Little's law, the silence gap and the latency rule)."""
+        if self.wire_tokens < 1.0:
+            self.next_start = max(self.next_start, self.wire_at + (1.0 - self.wire_tokens) / self.rate)
 
     def acquire(self, max_wait: float, sleep: Callable[[float], None] = time.sleep, connection: bool = False) -> bool:
         """Block until a slot is taken (True), or return False at once if it is further than max_wait.
@@ -586,6 +604,7 @@ class RateController:
             return
         self.wire_tokens = min(cap, self.wire_tokens + (now - self.wire_at) * self.rate)
         self.wire_at = now
+        self._slots_follow_the_wire()
 
     def is_banned(self) -> bool:
         """True while a ban's pause lasts (the lane writes refused URLs as transient, not 403)."""
