@@ -512,28 +512,53 @@ def test_a_write_that_left_late_moves_the_next_one_back() -> None:
     assert slept == [pytest.approx(0.05)]  # one interval after the real write
 
 
-def test_after_jitter_an_answer_later_than_usual_moves_the_next_request_back() -> None:
-    """A burst-of-one server: once it refused us below its level, lateness is taken as its reading time."""
-    ctl, clock = controller(start=2.0, ceiling=2.0)
-    ctl.slow_start = False
+def _usual_answers(ctl: RateController, clock: FakeClock, interval: float) -> None:
     for _ in range(10):  # the usual: answers 10 ms after the write
         ctl.space_send(lambda seconds: clock.advance(seconds))
         clock.advance(0.01)
         ctl.on_response(200, {}, 0.01, clock.t, wire_latency=0.01)
-        clock.advance(0.49)
+        clock.advance(interval - 0.01)
+
+
+def _wait_after_a_late_answer(ctl: RateController, clock: FakeClock, late: float) -> list[float]:
     slept: list[float] = []
     ctl.space_send(slept.append)
-    clock.advance(0.06)  # answered 50 ms late (a busy server): no effect yet
-    ctl.on_response(200, {}, 0.06, clock.t, wire_latency=0.06)
-    clock.advance(0.44)
+    clock.advance(0.01 + late)
+    ctl.on_response(200, {}, 0.01 + late, clock.t, wire_latency=0.01 + late)
+    clock.advance(1.0 / ctl.rate - 0.01 - late)  # the next one's turn by our own spacing
     ctl.space_send(slept.append)
-    assert slept == []
+    return [seconds for seconds in slept if seconds > 1e-9]  # float dust is no wait
+
+
+def test_after_jitter_an_answer_later_than_usual_moves_the_next_request_back() -> None:
+    """A burst-of-one server: once it refused us below its level, lateness is taken as its reading time."""
+    ctl, clock = controller(start=20.0, ceiling=20.0)
+    ctl.slow_start = False
+    _usual_answers(ctl, clock, 0.05)
+    assert _wait_after_a_late_answer(ctl, clock, 0.03) == []  # a fast server: its burst absorbs it
     ctl.tight_burst = True  # what a jitter refusal sets (see the jitter tests)
-    clock.advance(0.06)
-    ctl.on_response(200, {}, 0.06, clock.t, wire_latency=0.06)
-    clock.advance(0.44)
-    ctl.space_send(slept.append)
-    assert slept == [pytest.approx(0.05)]
+    _usual_answers(ctl, clock, 0.05)
+    assert _wait_after_a_late_answer(ctl, clock, 0.03) == [pytest.approx(0.03)]
+
+
+def test_on_a_slow_server_an_answer_later_than_usual_always_moves_the_next_request_back() -> None:
+    ctl, clock = controller(start=2.0, ceiling=2.0)
+    ctl.slow_start = False
+    _usual_answers(ctl, clock, 0.5)
+    assert _wait_after_a_late_answer(ctl, clock, 0.05) == [pytest.approx(0.05)]
+
+
+def test_a_late_write_to_a_fast_server_costs_nothing_until_it_refused_us_below_its_level() -> None:
+    ctl, clock = controller(start=40.0, ceiling=40.0)
+    ctl.slow_start = False
+    ctl.wrote(0.0)
+    ctl.space_send(lambda seconds: None)
+    ctl.wrote(0.005)
+    assert ctl.wire_tokens == pytest.approx(0.0) and ctl.next_start == 0.0
+    ctl.tight_burst = True
+    ctl.space_send(lambda seconds: None)
+    ctl.wrote(0.005)
+    assert ctl.wire_tokens < 0 and ctl.next_start > clock.t
 
 
 def test_connection_cap_is_learned_only_from_evidence_and_recovers() -> None:
