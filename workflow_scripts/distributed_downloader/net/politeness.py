@@ -63,9 +63,10 @@ than the level the server showed lowers that level by ``JITTER_STEP`` only, a lo
 by 10% at most and any refusal event by ``MAX_CUT``: the accepted rate is believed only as far as
 the refusals say we were above it. Such a refusal also marks the server as one with a burst of
 about one (``tight_burst``): from then on an answer later than usual moves our next request back by
-its lateness (the server read it late: a busy farm or network), and so does a write that left later
-than writes usually do (``wrote``); both also on any server we send to at 10 req/s or less, where
-that costs a few percent at most (``_spacing_matters``). Without this, a few jitter refusals
+its lateness (the server read it late: a busy farm or network). A write that left later than writes
+usually do (``wrote``: the GIL, a busy CPU) moves the next one back on such a server and on any we
+send to at 10 req/s or less (``_spacing_matters``), where it costs little of so long an interval.
+The wire's debt is kept in seconds across rate changes. Without this, a few jitter refusals
 ratcheted a slow server down to half of what it allows (measured: 2-req/s hosts held at 1.2-1.4
 req/s for a whole run). A refusal that comes while the lane presses all its connections is read as
 a connection limit only if one connection less still carries the rate (Little's law); otherwise a
@@ -364,6 +365,25 @@ class RateController:
     # ------------------------------------------------------------------ sending
 
     @property
+    def rate(self) -> float:
+        """Our pace for this lane, req/s."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        old = getattr(self, "_rate", None)
+        self._rate = value
+        if old is None or value == old or not hasattr(self, "wire_tokens"):
+            return
+        # The wire's debt (or credit) is time: kept in tokens, a cut turned 4 s of debt into more
+        # than space_send waits (a jittered pair left unspaced) and left a wait every later request
+        # carried while its slots came at the new rate.
+        now = self.clock()
+        tokens = min(max(1.0, old * self.WIRE_BURST_SECONDS), self.wire_tokens + (now - self.wire_at) * old)
+        self.wire_tokens = min(max(1.0, value * self.WIRE_BURST_SECONDS), 1.0 - (1.0 - tokens) * value / old)
+        self.wire_at = now
+
+    @property
     def latency(self) -> float:
         return statistics.median(self.latencies) if self.latencies else 0.0
 
@@ -384,7 +404,14 @@ class RateController:
         return limit
 
     def _silence_gap(self) -> float:
-        return max(self.SILENCE_MIN, 4 * self.latency)
+        """How long without any answer is silence: well beyond the usual latency, the slow end of
+        this server's answers (some URLs are slow: a cache miss is not a stall) and the gap between
+        two answers at our rate."""
+        slow_end = 0.0
+        if self.wire_latencies:
+            ordered = sorted(self.wire_latencies)
+            slow_end = ordered[int(0.9 * (len(ordered) - 1))]
+        return max(self.SILENCE_MIN, 4 * self.latency, 2 * slow_end, 2.0 / self.rate)
 
     def _silent(self, now: float) -> bool:
         """Nothing came back for a while and a request is late: hold (at most SILENCE_HOLD per late one)."""
@@ -468,10 +495,10 @@ class RateController:
             self._slots_follow_the_wire()
 
     def _spacing_matters(self) -> bool:
-        """Whether a few ms of lateness can cost a refusal here: a server that refused us below its
-        level (a burst of about one), or one we send to at most 1/TIGHT_INTERVAL req/s. Elsewhere
-        the server's burst absorbs it, and moving each next request back by its write's lateness
-        cost the 66/s host 10-15% of its rate (makespan 1.20 of the floor, was 1.04)."""
+        """Whether a write's few ms of lateness can cost a refusal here: a server that refused us
+        below its level (a burst of about one), or one we send to at most 1/TIGHT_INTERVAL req/s.
+        Elsewhere the server's burst absorbs it, and moving each next request back by its write's
+        lateness cost the 66/s host 10-15% of its rate (makespan 1.20 of the floor, was 1.04)."""
         return self.tight_burst or self.rate * self.TIGHT_INTERVAL <= 1.0
 
     def _slots_follow_the_wire(self) -> None:
@@ -596,19 +623,24 @@ class RateController:
             self._outcome(now, now if sent_at is None else sent_at, "net")
 
     def _answered(self, now: float, wire_latency: float | None) -> None:
-        self.last_answer = now
+        previous, self.last_answer = self.last_answer, now
         if wire_latency is None:
             return
         usual = statistics.median(self.wire_latencies) if self.wire_latencies else wire_latency
+        gap = self._silence_gap()
         self.wire_latencies.append(wire_latency)
-        if wire_latency > self._silence_gap():
-            # The server took it late (a stall), and its limiter counts it from about now: the next
-            # request goes one interval after this answer, not after our send.
-            cap = 0.0
-        elif self._spacing_matters() and wire_latency > usual:
+        # The bucket counts from space_send, the lateness from the real write: what a write takes
+        # anyway is no lateness.
+        write = min(self.write_lates) if self.write_lates else 0.0
+        if wire_latency > gap and previous <= now - wire_latency:
+            # Nothing else was answered since this one was written: the server stalled, and its
+            # limiter counts the request from about now. The next one goes one interval after this
+            # answer. (One slow URL among answers that kept coming says nothing of the kind.)
+            cap = write * self.rate
+        elif self.tight_burst and wire_latency > usual:
             # A server that refuses a pair closer than its interval: an answer later than usual says
             # it read the request that much later, so the next one moves back by as much.
-            cap = usual * self.rate
+            cap = (usual + write) * self.rate
         else:
             return
         self.wire_tokens = min(cap, self.wire_tokens + (now - self.wire_at) * self.rate)
