@@ -487,12 +487,18 @@ def test_answers_flowing_around_one_stuck_url_are_no_silence() -> None:
     assert ctl.events["silences"] == 0
 
 
-def test_a_late_answer_spaces_the_next_request_from_the_answer() -> None:
-    """The server counted a late request when it answered it: the next goes one interval after that."""
+def _one_sent_at_4_per_second() -> tuple[RateController, FakeClock, list[float]]:
+    """A 4/s lane past slow start whose first request just left the wire; the list gets its waits."""
     ctl, clock = controller(start=4.0, ceiling=4.0)
     ctl.slow_start = False
     slept: list[float] = []
     ctl.space_send(slept.append)
+    return ctl, clock, slept
+
+
+def test_a_late_answer_spaces_the_next_request_from_the_answer() -> None:
+    """The server counted a late request when it answered it: the next goes one interval after that."""
+    ctl, clock, slept = _one_sent_at_4_per_second()
     clock.advance(0.6)
     ctl.on_response(200, {}, 0.6, clock.t, wire_latency=0.6)
     ctl.space_send(slept.append)
@@ -505,10 +511,7 @@ def test_a_late_answer_spaces_the_next_request_from_the_answer() -> None:
 
 
 def test_a_write_that_left_late_moves_the_next_one_back() -> None:
-    ctl, clock = controller(start=4.0, ceiling=4.0)
-    ctl.slow_start = False
-    slept: list[float] = []
-    ctl.space_send(slept.append)
+    ctl, clock, slept = _one_sent_at_4_per_second()
     clock.advance(0.1)
     ctl.wrote(0.1)  # the GIL held the write 0.1 s after the spacing let it go
     clock.advance(0.2)  # one interval after the spacing let it go, 0.15 s after the real write
