@@ -43,16 +43,16 @@ server refuses (refusals only at >= k requests in flight, none below), and it re
 connection per ``CAP_RECOVERY_SECONDS`` without refusals.
 
 **A silent server gets no more requests (ACK clocking).** When nothing has come back for
-``SILENCE_MIN`` (or 4x the usual latency) while a request waits that long, the server is stuck
-(overloaded, or its process is not scheduled), not one URL: the lane sends nothing more until an
-answer comes, for at most ``SILENCE_HOLD`` per late request (then one more goes: a per-URL stall
-must not stop a slow host). Little's law would instead open a connection per interval of the
-stall, and the server would take them all at once when it wakes: over its connection cap, and a
-burst its rate limiter refuses (measured on the background farm: 40 of 128 refusals were
+``SILENCE_MIN`` (or 4x the usual latency, or two intervals of our rate) while a request waits that
+long, the server is stuck (overloaded, or its process is not scheduled), not one URL: the lane sends
+nothing more until an answer comes, for at most ``SILENCE_HOLD`` per late request (then one more
+goes: a per-URL stall must not stop a slow host). Little's law would instead open a connection per
+interval of the stall, and the server would take them all at once when it wakes: over its connection
+cap, and a burst its rate limiter refuses (measured on the background farm: 40 of 128 refusals were
 connection refusals during such stalls, in every run at the same instants on many hosts). Like TCP,
-which sends only as acknowledgements come back. An answer that came late says the server took
-the request when it answered it: the next request goes a full interval after it, not after our
-send (a burst-of-one host refused the pair otherwise).
+which sends only as acknowledgements come back. An answer that came late says the server took the
+request when it answered it: the next request goes a full interval after it, not after our send (a
+burst-of-one host refused the pair otherwise).
 
 **Jitter is not congestion.** A server with a tiny burst allowance refuses any two requests that
 arrive closer than its interval, and our sends reach the wire with some jitter (threads, the GIL, a
@@ -379,9 +379,16 @@ class RateController:
         # than space_send waits (a jittered pair left unspaced) and left a wait every later request
         # carried while its slots came at the new rate.
         now = self.clock()
-        tokens = min(max(1.0, old * self.WIRE_BURST_SECONDS), self.wire_tokens + (now - self.wire_at) * old)
-        self.wire_tokens = min(max(1.0, value * self.WIRE_BURST_SECONDS), 1.0 - (1.0 - tokens) * value / old)
+        tokens = self._wire_tokens_at(now, old)
+        self.wire_tokens = min(self._wire_capacity(value), 1.0 - (1.0 - tokens) * value / old)
         self.wire_at = now
+
+    def _wire_capacity(self, rate: float) -> float:
+        return max(1.0, rate * self.WIRE_BURST_SECONDS)
+
+    def _wire_tokens_at(self, now: float, rate: float) -> float:
+        """space_send's bucket as of ``now``, refilled at ``rate`` up to its capacity."""
+        return min(self._wire_capacity(rate), self.wire_tokens + (now - self.wire_at) * rate)
 
     @property
     def latency(self) -> float:
@@ -456,8 +463,7 @@ class RateController:
         """
         with self._lock:
             now = self.clock()
-            capacity = max(1.0, self.rate * self.WIRE_BURST_SECONDS)
-            tokens = min(capacity, self.wire_tokens + (now - self.wire_at) * self.rate)
+            tokens = self._wire_tokens_at(now, self.rate)
             wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
             paused = self.paused_until - now
             if 0 < paused <= 5.0:  # a pause that came after the slot was taken (longer ones: the lane stops)
@@ -641,7 +647,7 @@ class RateController:
             cap = (usual + write) * self.rate
         else:
             return
-        self.wire_tokens = min(cap, self.wire_tokens + (now - self.wire_at) * self.rate)
+        self.wire_tokens = min(cap, self._wire_tokens_at(now, self.rate))
         self.wire_at = now
         self._slots_follow_the_wire()
 
